@@ -1,0 +1,1 @@
+"""The coordinator and everything broker-side."""

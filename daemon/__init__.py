@@ -1,0 +1,1 @@
+"""The edge daemon that runs on each site's device."""

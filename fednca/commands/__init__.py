@@ -1,0 +1,1 @@
+"""Handlers of the `fednca` subcommands: argument parsing and printing around the library."""

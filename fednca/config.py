@@ -1,0 +1,165 @@
+"""Model and training configuration: small frozen objects, validated on construction.
+
+Two named presets:
+
+* ``fednca`` (default): the configuration FedNCA published, 7,262 parameters.
+* ``mednca``: the original Med-NCA (IPMI 2023), 70,016 parameters.
+
+Every size is a field; a bad value raises :class:`~fednca.errors.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+Perception = Literal["depthwise", "dual3x3"]
+Loss = Literal["bce", "dice_bce"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "fednca"
+    input_size: int = 64  # side of the square input image, in pixels
+    channels: int = 16  # state channels; channel 0 is the image and is never updated
+    hidden: int = 64  # width of the 1x1 update network
+    pool: int = 2  # stage 1 runs on the image average-pooled by this factor
+    steps: tuple[int, int] = (40, 20)  # NCA steps of stage 1 and stage 2
+    kernels: tuple[int, int] = (7, 3)  # perception kernel size of stage 1 and stage 2
+    perception: Perception = "depthwise"  # depthwise conv + identity, or two full 3x3 convs + identity
+    batch_norm: bool = True  # BatchNorm2d(hidden) on batch statistics, no running stats
+    hidden_bias: bool = False  # bias of the first 1x1 conv
+    out_bias: bool = True  # bias of the last 1x1 conv
+    full_update: bool = False  # last conv also outputs channel 0 (discarded), as Med-NCA does
+    fire_rate: float = 0.5  # probability that a cell updates at a step
+    train_patch: int = 0  # >0: stage 2 trains on random patches of this side (Med-NCA)
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+
+        if self.preset not in PRESETS:
+            raise ConfigError("preset", f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        for name in ("input_size", "channels", "hidden", "pool"):
+            positive(name, getattr(self, name))
+        if self.channels < 2:
+            raise ConfigError("channels", "needs at least 2 (the image and the output)")
+        for name in ("steps", "kernels"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) != 2:
+                raise ConfigError(name, f"must be a pair (stage 1, stage 2), got {value!r}")
+            for i, v in enumerate(value):
+                positive(f"{name}[{i}]", v)
+        for i, k in enumerate(self.kernels):
+            if k % 2 == 0:
+                raise ConfigError(f"kernels[{i}]", f"must be odd so the cell stays centred, got {k}")
+        if self.perception not in ("depthwise", "dual3x3"):
+            raise ConfigError("perception", f"must be 'depthwise' or 'dual3x3', got {self.perception!r}")
+        if not isinstance(self.fire_rate, (int, float)) or not 0.0 < self.fire_rate <= 1.0:
+            raise ConfigError("fire_rate", f"must be in (0, 1], got {self.fire_rate!r}")
+        if self.input_size % self.pool:
+            raise ConfigError("input_size", f"{self.input_size} is not divisible by pool={self.pool}")
+        small = self.input_size // self.pool
+        for i, (k, side) in enumerate(zip(self.kernels, (small, self.input_size))):
+            if k // 2 >= side:
+                raise ConfigError(f"kernels[{i}]", f"kernel {k} is too large for a {side}x{side} grid")
+        if not isinstance(self.train_patch, int) or self.train_patch < 0:
+            raise ConfigError("train_patch", f"must be 0 or a positive integer, got {self.train_patch!r}")
+        if self.train_patch and (self.train_patch > self.input_size or self.train_patch % 2):
+            raise ConfigError("train_patch", f"must be even and at most input_size, got {self.train_patch}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data, "model")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 4
+    loss: Loss = "bce"
+    local_epochs: int = 3  # per federated round
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
+            raise ConfigError("lr", f"must be in (0, 1), got {self.lr!r}")
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2 or not all(
+            isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas
+        ):
+            raise ConfigError("betas", f"must be a pair of numbers in [0, 1), got {self.betas!r}")
+        for name in ("batch_size", "local_epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        if self.loss not in ("bce", "dice_bce"):
+            raise ConfigError("loss", f"must be 'bce' or 'dice_bce', got {self.loss!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, data, "train")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "fednca": {},
+    "mednca": dict(
+        channels=32,
+        hidden=128,
+        pool=4,
+        steps=(64, 64),
+        kernels=(3, 3),
+        perception="dual3x3",
+        batch_norm=False,
+        hidden_bias=True,
+        out_bias=False,
+        full_update=True,
+        input_size=256,
+        train_patch=64,
+    ),
+}
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "fednca": {},
+    "mednca": dict(lr=1.6e-3, betas=(0.5, 0.5), loss="dice_bce"),
+}
+
+
+def preset(name: str = "fednca", **overrides: Any) -> ModelConfig:
+    """The model configuration of a named preset, with some fields overridden."""
+    if name not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides, "preset": name})
+
+
+def train_preset(name: str = "fednca", **overrides: Any) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ConfigError("preset", f"unknown preset {name!r}; known: {', '.join(TRAIN_PRESETS)}")
+    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", "unknown field")
+    values = {}
+    for name, value in data.items():
+        if isinstance(value, list):  # JSON and YAML have no tuples
+            value = tuple(value)
+        values[name] = value
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.{e.field}", e.why) from None
