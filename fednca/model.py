@@ -84,8 +84,12 @@ class SegmentationNCA(nn.Module):
         generator: torch.Generator | None = None,
         low_memory: bool = False,
         crop: tuple[int, int, int] | None = None,
+        masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Run both stages; fire masks are drawn from ``generator``.
+        """Run both stages; fire masks are drawn from ``generator``, or given as ``masks``.
+
+        ``masks=(fire1, fire2)``: one mask per step and stage, shaped (steps, B, 1, H, W), true
+        where a cell updates (the inputs of the exported ONNX graph).
 
         ``low_memory`` recomputes each step during the backward pass instead of keeping its
         activations. ``crop=(top, left, side)`` runs stage 2 only on that patch (Med-NCA training).
@@ -97,24 +101,25 @@ class SegmentationNCA(nn.Module):
             shape = (b, 1, state.shape[2], state.shape[3])
             return (torch.rand(shape, generator=generator, device=state.device) < cfg.fire_rate).to(state.dtype)
 
-        def run(nca: NCA, state: torch.Tensor, steps: int) -> torch.Tensor:
-            for _ in range(steps):
-                mask = fire(state)
+        def run(nca: NCA, state: torch.Tensor, steps: int, given: torch.Tensor | None) -> torch.Tensor:
+            for t in range(steps):
+                mask = fire(state) if given is None else given[t].to(state.dtype)
                 if low_memory and torch.is_grad_enabled():
                     state = checkpoint(nca, state, mask, use_reentrant=False)
                 else:
                     state = nca(state, mask)
             return state
 
+        fire1, fire2 = (None, None) if masks is None else masks
         small = F.avg_pool2d(image, cfg.pool)
         state = torch.cat([small, small.new_zeros(b, cfg.channels - 1, *small.shape[2:])], 1)
-        state = run(self.stage1, state, cfg.steps[0])  # (B, C, S/pool, S/pool)
+        state = run(self.stage1, state, cfg.steps[0], fire1)  # (B, C, S/pool, S/pool)
         hidden = F.interpolate(state[:, 1:], scale_factor=cfg.pool, mode="nearest")
         state = torch.cat([image, hidden], 1)  # (B, C, S, S)
         if crop is not None:
             top, left, side = crop
             state = state[:, :, top : top + side, left : left + side]
-        state = run(self.stage2, state, cfg.steps[1])
+        state = run(self.stage2, state, cfg.steps[1], fire2)
         return state[:, 1:2]
 
 
