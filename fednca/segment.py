@@ -1,0 +1,212 @@
+"""Segmentation on a device with onnxruntime, numpy and Pillow: PyTorch is never imported here.
+
+An image is decoded and resized exactly as for training (:mod:`fednca.data`), run through the
+exported graph (:mod:`fednca.onnx_export`) in ``passes`` stochastic passes, and the sigmoid outputs
+are averaged; the mask is the mean probability above 0.5 (logit 0), resized back to the image's own
+size. The spread between passes is the image's NQM quality score (:func:`fednca.metrics.nqm`); an
+image whose NQM is above a threshold is flagged: do not trust that mask without a look.
+
+Batch statistics: the model normalises with the statistics of its batch, also at inference. The
+passes of one image run together as one batch, and images never share a batch, so an image's mask
+never depends on which other images were segmented with it (the same choice as
+:func:`fednca.train.evaluate`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from . import atomic
+from .config import ModelConfig
+from .data import _read_grey, _resize  # the very decoding and resizing that training used
+from .errors import ConfigError, DataError
+from .metrics import nqm
+from .modelfile import ModelFileError
+
+# The contract between the exporter and this module.
+FORMAT = "fednca-scan/1"
+META_FORMAT, META_MODEL, META_SHA256, META_VERSION = "fednca.format", "fednca.model", "fednca.model_sha256", "fednca.version"
+INPUTS = ("image", "fire1", "fire2")
+OUTPUT = "logits"
+
+DEFAULT_PASSES = 10
+# NQM above which an image is flagged. A settled model varies only along the mask's border: with a
+# border band of a few pixels the score stays a few hundredths for a target of useful size. 0.1
+# means the passes disagree on a tenth of the predicted area; docs/inference.md says how to
+# calibrate it on a site's own validation images.
+DEFAULT_NQM_THRESHOLD = 0.1
+MAX_MODEL_BYTES = 64 << 20
+
+_ORT_ERRORS = tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, name)
+    for name in ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented",
+                 "RuntimeException")
+)
+
+
+def draw_masks(cfg: ModelConfig, batch: int, rng: np.random.Generator, *, side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fire masks of both stages for ``batch`` images of ``side`` (default: the input size)."""
+    side = cfg.input_size if side is None else side
+    small = side // cfg.pool
+    fire1 = rng.random((cfg.steps[0], batch, 1, small, small), dtype=np.float32) < cfg.fire_rate
+    fire2 = rng.random((cfg.steps[1], batch, 1, side, side), dtype=np.float32) < cfg.fire_rate
+    return fire1, fire2
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
+
+
+class Segmenter:
+    """An exported model opened with onnxruntime, its signature checked."""
+
+    def __init__(self, *, session: ort.InferenceSession, cfg: ModelConfig, model_sha256: str, path: Path) -> None:
+        self.session, self.cfg, self.model_sha256, self.path = session, cfg, model_sha256, path
+
+    @classmethod
+    def open(cls, path: str | Path, *, threads: int = 1) -> "Segmenter":
+        """Load ``path``; raises :class:`ModelFileError` naming it when it is not this model's export."""
+        path = Path(path)
+        try:
+            if path.stat().st_size > MAX_MODEL_BYTES:
+                raise ModelFileError(f"{path}: larger than {MAX_MODEL_BYTES >> 20} MiB, not an exported model")
+            data = path.read_bytes()
+        except OSError as e:
+            raise ModelFileError(f"{path}: cannot read ({e.strerror})") from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        except _ORT_ERRORS as e:
+            raise ModelFileError(f"{path}: not an ONNX model onnxruntime can load ({str(e).splitlines()[0]})") from None
+        meta = session.get_modelmeta().custom_metadata_map
+        if META_FORMAT not in meta:
+            raise ModelFileError(f"{path}: an ONNX model without FedNCA metadata (write it with 'fednca export')")
+        if meta[META_FORMAT] != FORMAT:
+            raise ModelFileError(f"{path}: graph format {meta[META_FORMAT]!r}, this version reads {FORMAT!r}")
+        try:
+            cfg = ModelConfig.from_dict(json.loads(meta.get(META_MODEL, "")))
+        except (json.JSONDecodeError, ConfigError) as e:
+            raise ModelFileError(f"{path}: bad model configuration in its metadata ({e})") from None
+        _check_signature(session, cfg, path)
+        return cls(session=session, cfg=cfg, model_sha256=meta.get(META_SHA256, ""), path=path)
+
+    def logits(self, image: np.ndarray, fire1: np.ndarray, fire2: np.ndarray) -> np.ndarray:
+        """Raw graph call: image (B, 1, S, S) in [-1, 1] and both stages' masks -> logits (B, 1, S, S)."""
+        return self.session.run([OUTPUT], dict(zip(INPUTS, (image, fire1, fire2))))[0]
+
+    def passes(self, image: np.ndarray, passes: int, rng: np.random.Generator) -> np.ndarray:
+        """Sigmoid outputs (passes, S, S) of one image (S, S) in [-1, 1], the passes as one batch."""
+        batch = np.broadcast_to(image.astype(np.float32), (passes, 1) + image.shape)
+        fire1, fire2 = draw_masks(self.cfg, passes, rng, side=image.shape[-1])
+        return sigmoid(self.logits(np.ascontiguousarray(batch), fire1, fire2))[:, 0]
+
+
+def _check_signature(session: ort.InferenceSession, cfg: ModelConfig, path: Path) -> None:
+    want = {
+        INPUTS[0]: ("tensor(float)", (None, 1, None, None)),
+        INPUTS[1]: ("tensor(bool)", (cfg.steps[0], None, 1, None, None)),
+        INPUTS[2]: ("tensor(bool)", (cfg.steps[1], None, 1, None, None)),
+        OUTPUT: ("tensor(float)", (None, 1, None, None)),
+    }
+    got = {a.name: (a.type, tuple(d if isinstance(d, int) else None for d in a.shape))
+           for a in (*session.get_inputs(), *session.get_outputs())}
+    if got != want:
+        raise ModelFileError(f"{path}: graph inputs/outputs {got} do not match its metadata's model {want}")
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    image: str
+    mask: str
+    overlay: str
+    width: int
+    height: int
+    foreground: float  # fraction of the image's pixels in the mask
+    nqm: float | None  # None with a single pass
+    flagged: bool  # nqm above the threshold
+    seconds: float  # model passes only (decoding and writing excluded)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def output_paths(images: Sequence[Path], out: Path) -> list[tuple[Path, Path]]:
+    """(mask, overlay) file per image; two images that would write the same file are refused."""
+    seen: dict[str, Path] = {}
+    paths = []
+    for image in images:
+        if image.stem in seen:
+            raise DataError(f"{image}: same name as {seen[image.stem]}; their masks would overwrite each other")
+        seen[image.stem] = image
+        paths.append((out / f"{image.stem}_mask.png", out / f"{image.stem}_overlay.png"))
+    return paths
+
+
+def segment_file(
+    seg: Segmenter,
+    image_path: Path,
+    mask_path: Path,
+    overlay_path: Path,
+    *,
+    passes: int,
+    rng: np.random.Generator,
+    nqm_threshold: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> ImageResult:
+    """Segment one image file, write its mask and overlay PNGs, and score it."""
+    grey = _read_grey(image_path)  # (H, W) in [0, 1]; DataError naming the file
+    size = seg.cfg.input_size
+    x = np.clip(_resize(grey, size, nearest=False) * 2.0 - 1.0, -1.0, 1.0)
+    start = clock()
+    probs = seg.passes(x, passes, rng)  # (passes, S, S)
+    seconds = clock() - start
+    score = float(nqm(probs[:, None])[0]) if passes > 1 else None
+    mask = mask_at(probs.mean(0), grey.shape)
+    atomic.write_bytes(mask_path, _png(np.where(mask, 255, 0).astype(np.uint8)))
+    atomic.write_bytes(overlay_path, _png(overlay(grey, mask)))
+    return ImageResult(
+        image=str(image_path), mask=str(mask_path), overlay=str(overlay_path),
+        width=grey.shape[1], height=grey.shape[0], foreground=round(float(mask.mean()), 6),
+        nqm=None if score is None else round(score, 6), flagged=score is not None and score > nqm_threshold,
+        seconds=round(seconds, 6),
+    )
+
+
+def mask_at(probability: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The mean probability map resized (bilinear) to ``shape`` = (H, W), then above 0.5."""
+    if probability.shape != shape:
+        img = Image.fromarray(probability.astype(np.float32), mode="F")
+        probability = np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+    return probability > 0.5
+
+
+def overlay(grey: np.ndarray, mask: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
+    """RGB uint8: the image in grey, the mask tinted red and its border drawn in full red."""
+    base = np.repeat((np.clip(grey, 0.0, 1.0) * 255.0)[..., None], 3, axis=2)
+    red = np.array([255.0, 0.0, 0.0])
+    out = np.where(mask[..., None], (1 - alpha) * base + alpha * red, base)
+    inner = mask.copy()  # a mask pixel is inner when its four neighbours are mask pixels too
+    padded = np.pad(mask, 1, mode="edge")
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        inner &= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
+    out[mask & ~inner] = red
+    return np.rint(out).astype(np.uint8)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
