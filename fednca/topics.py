@@ -100,7 +100,8 @@ class Topics:
         if len(parts) == 1 and parts[0] in _GLOBAL:
             return ParsedTopic(kind=parts[0], site=None)  # type: ignore[arg-type]
         if len(parts) == 2 and parts[0] in _PER_SITE:
-            return ParsedTopic(kind=parts[0], site=check_id(parts[1], what="site"))  # type: ignore[arg-type]
+            site = check_id(parts[1], what="site")
+            return ParsedTopic(kind=parts[0], site=site)  # type: ignore[arg-type]
         raise TopicError(f"topic {topic!r} is not a known {self.federation!r} topic")
 
 

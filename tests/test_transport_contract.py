@@ -250,6 +250,30 @@ def test_qos1_published_while_the_broker_is_down_goes_out_after(broker):
     assert next_message(coordinator).payload == b"queued"
 
 
+def test_publishes_from_several_threads_all_settle_and_arrive(broker):
+    coordinator = broker.connect("coordinator")
+    coordinator.subscribe(T.all_updates)
+    sites = [broker.connect(site) for site in SITES]
+    handles: dict[str, list] = {}
+
+    def burst(client: Client) -> None:
+        topic = T.updates(client.client_id)
+        handles[client.client_id] = [client.publish(topic, b"%d" % i) for i in range(100)]
+
+    threads = [threading.Thread(target=burst, args=(site,)) for site in sites]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    for handle in [h for hs in handles.values() for h in hs]:
+        handle.result(WAIT)
+    got: dict[str, list[bytes]] = {T.updates(site): [] for site in SITES}
+    for _ in range(200):
+        message = next_message(coordinator)
+        got[message.topic].append(message.payload)
+    assert all(payloads == [b"%d" % i for i in range(100)] for payloads in got.values())
+
+
 def test_wrong_password_is_refused(broker):
     with pytest.raises(ConnectRefused):
         broker.connect("site-a", client_id="intruder", password="guess")

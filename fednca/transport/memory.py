@@ -160,7 +160,7 @@ class MemoryBroker:
         return self._running
 
     def stop(self) -> None:
-        """The broker goes away: every connection is lost (no wills: nobody is left to send them)."""
+        """The broker goes away: every connection is lost, and no will is sent."""
         with self._lock:
             self._running = False
             for session in list(self._sessions.values()):
@@ -502,7 +502,7 @@ class MemoryClient(Client):
             if self._state == "connected":
                 self._send(handle, pending)
             elif qos == 0 or self._state == "dead":
-                raise NotConnected(f"client {self.client_id!r} is not connected: {topic!r} not sent")
+                raise NotConnected(f"client {self.client_id!r} is offline: {topic!r} not sent")
             else:
                 self._outbox.append((handle, pending))
         return handle

@@ -73,7 +73,7 @@ def parse_url(url: str) -> BrokerAddress:
     except ValueError:
         raise TransportError(f"broker address {url!r}: the port is not a number from 1 to 65535")
     if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise TransportError(f"broker address {url!r}: expected scheme://host:port and nothing else")
+        raise TransportError(f"broker address {url!r}: expected scheme://host:port, nothing more")
     if parts.username or parts.password:
         raise TransportError(f"broker address {url!r}: give credentials separately, not in the URL")
     return BrokerAddress(host=parts.hostname, port=port, tls=tls)
@@ -183,7 +183,11 @@ class MqttClient(Client):
         else:
             clean = paho.MQTT_CLEAN_START_FIRST_ONLY  # ignored by paho for 3.1.1
         self._paho.connect_async(
-            self.address.host, self.address.port, self._keepalive, clean_start=clean, properties=props
+            self.address.host,
+            self.address.port,
+            self._keepalive,
+            clean_start=clean,
+            properties=props,
         )
         self._paho.loop_start()
 
@@ -255,7 +259,9 @@ class MqttClient(Client):
 
     # -- paho callbacks (network thread: convert, hand over, never block) -----------------------
 
-    def _on_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, props: Any) -> None:
+    def _on_connect(
+        self, client: paho.Client, _u: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
         if client is not self._paho:
             return
         if reason.is_failure:
@@ -368,7 +374,9 @@ class MqttClient(Client):
         self._track(handle, topic, bytes(payload), qos, retain)
         return handle
 
-    def _track(self, handle: PublishHandle, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+    def _track(
+        self, handle: PublishHandle, topic: str, payload: bytes, qos: int, retain: bool
+    ) -> None:
         info = self._paho.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
