@@ -1,0 +1,60 @@
+"""``fednca keys``: generate a site's or the coordinator's keys, and show public keys.
+
+``generate --role site --out DIR`` writes ``signing.key`` (0600) and ``signing.pub``;
+``--role coordinator`` also writes ``box.key`` (0600) and ``box.pub``. The folder is made 0700.
+``show DIR`` prints each public key in hex with its key id: what an operator copies into the
+site registry (a site's ``signing.pub``) or hands to every site (the coordinator's two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .. import keys as k
+from ..errors import FedNCAError
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    gen = sub.add_parser("generate", help="generate new keys into a folder")
+    gen.add_argument("--role", choices=["site", "coordinator"], required=True)
+    gen.add_argument("--out", type=Path, required=True, help="key folder (made with mode 0700)")
+    gen.add_argument("--force", action="store_true", help="replace keys already there")
+    show = sub.add_parser("show", help="print the public keys and key ids in a folder")
+    show.add_argument("folder", type=Path)
+    show.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+
+
+def _public_keys(folder: Path) -> dict[str, dict[str, str]]:
+    found: dict[str, dict[str, str]] = {}
+    readers = {k.SIGNING_PUB_FILE: ("signing (Ed25519)", k.read_verify_key),
+               k.BOX_PUB_FILE: ("box (X25519)", k.read_box_public_key)}
+    for name, (what, read) in readers.items():
+        if (folder / name).exists():
+            key = read(folder / name)
+            found[name] = {"kind": what, "public": bytes(key).hex(), "key_id": k.key_id(key)}
+    if not found:
+        raise FedNCAError(f"{folder}: no {k.SIGNING_PUB_FILE} or {k.BOX_PUB_FILE} here")
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "generate":
+        if args.role == "site":
+            k.write_site_keys(args.out, k.SiteKeys.generate(), force=args.force)
+        else:
+            k.write_coordinator_keys(args.out, k.CoordinatorKeys.generate(), force=args.force)
+        folder = args.out
+    else:
+        folder = args.folder
+    keys = _public_keys(folder)
+    if getattr(args, "json", False):
+        print(json.dumps({"folder": str(folder), "keys": keys}, sort_keys=True))
+        return 0
+    role = "coordinator" if k.BOX_PUB_FILE in keys else "site"
+    print(f"{folder} ({role} keys)")
+    for name, info in keys.items():
+        print(f"  {name:<12} {info['kind']:<18} id {info['key_id']}  {info['public']}")
+    return 0
