@@ -22,6 +22,37 @@ from .config import ModelConfig
 from .errors import ConfigError
 
 
+class _DepthwiseConv(torch.autograd.Function):
+    """A valid depthwise convolution whose backward pass is two fast forward convolutions.
+
+    PyTorch's own depthwise backward on CPU is an order of magnitude slower than its forward
+    (7x7 on a 32x32 grid: ~40 ms against ~2 ms here), and it is most of a training step.
+    """
+
+    @staticmethod
+    def forward(ctx, padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(padded, weight)
+        return F.conv2d(padded, weight, bias, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        padded, weight = ctx.saved_tensors
+        b, c, h, w = grad.shape
+        grad = grad.contiguous()
+        grad_in = F.conv_transpose2d(grad, weight, groups=c)
+        # Correlate each (image, channel) plane with its own gradient: one group per plane.
+        planes = padded.reshape(1, b * c, *padded.shape[2:])
+        grad_w = F.conv2d(planes, grad.reshape(b * c, 1, h, w), groups=b * c)
+        grad_w = grad_w.reshape(b, c, *weight.shape[2:]).sum(0).unsqueeze(1)
+        return grad_in, grad_w, grad.sum((0, 2, 3))
+
+
+def depthwise_conv(padded: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    if torch.is_grad_enabled() and conv.weight.requires_grad:
+        return _DepthwiseConv.apply(padded, conv.weight, conv.bias)
+    return F.conv2d(padded, conv.weight, conv.bias, groups=conv.groups)
+
+
 class NCA(nn.Module):
     """One cellular automaton: perception, 1x1 update network, stochastic residual update."""
 
@@ -49,14 +80,16 @@ class NCA(nn.Module):
     def forward(self, state: torch.Tensor, fire: torch.Tensor) -> torch.Tensor:
         """One step. state: (B, C, H, W); fire: (B, 1, H, W) of 0.0/1.0. Returns the new state."""
         padded = F.pad(state, (self.pad,) * 4, mode="reflect")
-        parts = [state, self.perceive(padded)]
-        if self.perceive2 is not None:
+        if self.perceive2 is None:
+            parts = [state, depthwise_conv(padded, self.perceive)]
+        else:
+            parts = [state, self.perceive(padded)]
             parts.append(self.perceive2(padded))
-        dx = self.fc1(F.relu(self.norm(self.fc0(torch.cat(parts, 1)))))  # (B, C-1 [+1], H, W)
+        hidden = F.relu(self.norm(self.fc0(torch.cat(parts, 1))))  # (B, hidden, H, W)
+        dx = self.fc1(hidden)  # (B, C-1 [+1], H, W)
         if self.skip:
             dx = dx[:, self.skip :]
-        hidden = torch.addcmul(state[:, 1:], dx, fire)
-        return torch.cat([state[:, :1], hidden], 1)
+        return torch.cat([state[:, :1], torch.addcmul(state[:, 1:], dx, fire)], 1)
 
 
 class SegmentationNCA(nn.Module):

@@ -96,3 +96,13 @@ def test_low_memory_mode_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-6)
+
+
+def test_depthwise_backward_matches_autograd():
+    from fednca.model import _DepthwiseConv
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.double, generator=gen, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, dtype=torch.double, generator=gen, requires_grad=True)
+    b = torch.randn(3, dtype=torch.double, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(_DepthwiseConv.apply, (x, w, b))
