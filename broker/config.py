@@ -1,0 +1,324 @@
+"""The coordinator's configuration: one YAML file per federation, read into frozen dataclasses.
+
+The federation folder (made by ``fednca coordinator init``) holds the file and everything the
+coordinator keeps, at fixed places below it::
+
+    coordinator.yaml    this configuration
+    keys/               the coordinator's signing and box keys (0700, private keys 0600)
+    registry.json       the enrolled sites and their public signing keys
+    secrets/            the coordinator's broker password (0700, file 0600)
+    store/<federation>/ the round store: state, accepted updates, round log, global models
+    mosquitto/          mosquitto.conf, passwd, acl and the broker's persistence folder
+
+:func:`load_config` checks every key and raises one :class:`ConfigFileError` that lists every
+problem, each named by its dotted key (``round.grace_s: must be a finite number >= 0``) and the
+file. Unknown keys are errors. ``FederationConfig`` is what the coordinator service itself needs
+(no paths, no broker), so a coordinator can also be built in-process without a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fednca.aggregate import AggregationConfig
+from fednca.config import PRESETS, ModelConfig, TrainConfig, preset, train_preset
+from fednca.errors import ConfigError, FedNCAError
+from fednca.topics import TopicError, check_id
+from fednca.transport.base import DEFAULT_MAX_PACKET_SIZE, TransportError
+from fednca.transport.mqtt import parse_url
+from fednca.wire import UPDATE_DTYPES
+
+from .mosquitto import MosquittoSettings
+from .rounds import RoundConfig
+
+CONFIG_NAME = "coordinator.yaml"
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+class ConfigFileError(FedNCAError):
+    """The configuration file is unreadable or has invalid keys; ``problems`` lists each one."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{path}: {len(problems)} problem(s) in the configuration:\n{lines}")
+        self.path = path
+        self.problems = problems
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(name, f"must be a positive integer, got {value!r}")
+
+
+def _optional_text(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(name, f"must be a non-empty string or null, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """What the coordinator service needs to run the rounds of one federation."""
+
+    name: str
+    rounds: RoundConfig = RoundConfig()
+    max_rounds: int | None = 200  # stop after this many rounds (None: never)
+    aggregation: AggregationConfig = AggregationConfig()
+    model: ModelConfig = ModelConfig()
+    seed: int = 0  # seed of the initial weights when the federation starts from scratch
+    train: TrainConfig = TrainConfig()
+    update_dtype: str = "float16"  # what sites are told to send; float16 and float32 are both accepted
+
+    def __post_init__(self) -> None:
+        try:
+            check_id(self.name, what="federation")
+        except TopicError as e:
+            raise ConfigError("federation", str(e)) from None
+        if self.max_rounds is not None:
+            _positive_int("max_rounds", self.max_rounds)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError("seed", f"must be an integer >= 0, got {self.seed!r}")
+        if self.update_dtype not in UPDATE_DTYPES:
+            raise ConfigError("update_dtype", f"must be one of {sorted(UPDATE_DTYPES)}, got {self.update_dtype!r}")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How the coordinator reaches the broker."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str = "coordinator"
+    password_file: str = "secrets/mqtt-password"  # relative to the federation folder
+    client_id: str | None = None  # None: fednca-coordinator-<federation>
+    ca_file: str | None = None  # mqtts:// only: the CA that signed the broker's certificate
+    cert_file: str | None = None  # mqtts:// only: a client certificate, if the broker asks for one
+    key_file: str | None = None
+    protocol: str = "auto"  # auto (MQTT 5, else 3.1.1), 5 or 3.1.1
+    keepalive: int = 30
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+
+    def __post_init__(self) -> None:
+        try:
+            address = parse_url(self.url) if isinstance(self.url, str) else None
+        except TransportError as e:
+            raise ConfigError("url", str(e)) from None
+        if address is None:
+            raise ConfigError("url", f"must be a string like mqtt://host:1883, got {self.url!r}")
+        try:
+            check_id(self.username, what="username")
+        except TopicError as e:
+            raise ConfigError("username", str(e)) from None
+        for name in ("password_file", "client_id", "ca_file", "cert_file", "key_file"):
+            _optional_text(name, getattr(self, name))
+        if self.password_file is None:
+            raise ConfigError("password_file", "must be given")
+        tls_files = [n for n in ("ca_file", "cert_file", "key_file") if getattr(self, n) is not None]
+        if tls_files and not address.tls:
+            raise ConfigError(tls_files[0], "is for an mqtts:// broker; the url is mqtt://")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError("protocol", f"must be auto, 5 or 3.1.1, got {self.protocol!r}")
+        _positive_int("keepalive", self.keepalive)
+        _positive_int("max_packet_size", self.max_packet_size)
+
+
+@dataclass(frozen=True)
+class MosquittoConfig:
+    """The listener and limits written into the generated mosquitto.conf."""
+
+    address: str = "127.0.0.1"
+    port: int = 1883
+    max_queued_messages: int = 1000
+    persistent_client_expiration: str = "7d"
+    run_as_root: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_as_root, bool):
+            raise ConfigError("run_as_root", f"must be true or false, got {self.run_as_root!r}")
+        self.settings(federation="check", folder=Path("check"), coordinator_user="coordinator")
+
+    def settings(self, *, federation: str, folder: Path, coordinator_user: str) -> MosquittoSettings:
+        return MosquittoSettings(
+            federation=federation, folder=str(folder), port=self.port, address=self.address,
+            coordinator_user=coordinator_user, max_queued_messages=self.max_queued_messages,
+            persistent_client_expiration=self.persistent_client_expiration, run_as_root=self.run_as_root,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    folder: Path  # the federation folder
+    federation: FederationConfig
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    mosquitto: MosquittoConfig = field(default_factory=MosquittoConfig)
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / CONFIG_NAME
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.folder / "keys"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.folder / "registry.json"
+
+    @property
+    def store_root(self) -> Path:
+        return self.folder / "store"
+
+    @property
+    def mosquitto_dir(self) -> Path:
+        return self.folder / "mosquitto"
+
+    @property
+    def password_path(self) -> Path:
+        return self.folder / self.broker.password_file
+
+    @property
+    def client_id(self) -> str:
+        return self.broker.client_id or f"fednca-coordinator-{self.federation.name}"
+
+    def mosquitto_settings(self) -> MosquittoSettings:
+        return self.mosquitto.settings(federation=self.federation.name, folder=self.mosquitto_dir,
+                                       coordinator_user=self.broker.username)
+
+
+# -------------------------------------------------------------------------------------- the file
+
+
+def to_yaml_dict(cfg: CoordinatorConfig) -> dict[str, Any]:
+    """The configuration as the mapping the YAML file holds (every key, defaults included)."""
+    f = cfg.federation
+    base = PRESETS[f.model.preset]
+    model_overrides = {k: v for k, v in f.model.to_dict().items() if k != "preset" and base.get(k, _DEFAULT_MODEL[k]) != v}
+    return {
+        "federation": f.name,
+        "broker": _plain(dataclasses.asdict(cfg.broker)),
+        "round": {**_plain(f.rounds.to_dict()), "max_rounds": f.max_rounds},
+        "aggregation": _plain(dataclasses.asdict(f.aggregation)),
+        "model": {"preset": f.model.preset, "seed": f.seed, **_plain(model_overrides)},
+        "train": _plain(f.train.to_dict()),
+        "update_dtype": f.update_dtype,
+        "mosquitto": _plain(dataclasses.asdict(cfg.mosquitto)),
+    }
+
+
+_DEFAULT_MODEL = ModelConfig().to_dict()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path) -> CoordinatorConfig:
+    """Read ``coordinator.yaml``; every problem found is listed in one :class:`ConfigFileError`."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigFileError(path, [f"cannot read the file ({e.strerror})"]) from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ConfigFileError(path, [f"larger than {_MAX_CONFIG_BYTES} bytes"])
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigFileError(path, [f"{where}not valid YAML ({getattr(e, 'problem', None) or e})"]) from None
+    return parse_config(data, folder=path.resolve().parent, path=path)
+
+
+_SECTIONS = ("federation", "broker", "round", "aggregation", "model", "train", "update_dtype", "mosquitto")
+
+
+def parse_config(data: Any, *, folder: Path, path: Path | None = None) -> CoordinatorConfig:
+    where = path or folder / CONFIG_NAME
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigFileError(where, ["the file must hold a mapping of keys (federation:, broker:, ...)"])
+    problems += [f"{key}: unknown key" for key in sorted(set(map(str, data)) - set(_SECTIONS))]
+    name = data.get("federation")
+    try:
+        check_id(name, what="federation")
+    except TopicError as e:
+        problems.append(f"federation: {'missing (the federation id)' if name is None else e}")
+        name = None
+    round_data = dict(_mapping(data.get("round"), "round", problems))
+    max_rounds = round_data.pop("max_rounds", FederationConfig.max_rounds)
+    model_data = dict(_mapping(data.get("model"), "model", problems))
+    seed = model_data.pop("seed", 0)
+    preset_name = model_data.pop("preset", "fednca")
+    if not isinstance(preset_name, str) or preset_name not in PRESETS:
+        problems.append(f"model.preset: unknown preset {preset_name!r}; known: {', '.join(PRESETS)}")
+        preset_name = "fednca"
+    sections = {
+        "rounds": _build(RoundConfig, RoundConfig, round_data, "round", problems),
+        "aggregation": _build(AggregationConfig, AggregationConfig, data.get("aggregation"), "aggregation", problems),
+        "model": _build(ModelConfig, lambda **kw: preset(preset_name, **kw), model_data, "model", problems),
+        "train": _build(TrainConfig, lambda **kw: train_preset(preset_name, **kw), data.get("train"), "train", problems),
+    }
+    broker = _build(BrokerConfig, BrokerConfig, data.get("broker"), "broker", problems)
+    mosquitto = _build(MosquittoConfig, MosquittoConfig, data.get("mosquitto"), "mosquitto", problems)
+    top = {"name": name or "check", "max_rounds": max_rounds, "seed": seed,
+           "update_dtype": data.get("update_dtype", FederationConfig.update_dtype)}
+    complete = {key: value for key, value in sections.items() if value is not None}
+    federation = _build(FederationConfig, FederationConfig, {**top, **complete}, "", problems, nested=True)
+    if problems:
+        raise ConfigFileError(where, problems)
+    assert name is not None and federation is not None and broker is not None and mosquitto is not None
+    return CoordinatorConfig(folder=folder, federation=federation, broker=broker, mosquitto=mosquitto)
+
+
+def _mapping(value: Any, where: str, problems: list[str]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"{where}: must be a mapping of keys, got {type(value).__name__}")
+        return {}
+    return value
+
+
+# Fields of FederationConfig that the file holds under another key.
+_KEY_OF_FIELD = {"name": "federation", "max_rounds": "round.max_rounds", "seed": "model.seed"}
+
+
+def _build(cls: type, make: Any, data: Any, where: str, problems: list[str], *, nested: bool = False) -> Any:
+    """``make(**data)`` checked against ``cls``'s fields, collecting every problem.
+
+    A refused field is reported, then left at its default and the rest tried again, so independent
+    mistakes are all named in one go without reporting a field that is only wrong next to another.
+    """
+    values = _mapping(data, where, problems) if not nested else data
+    if where and data is not None and not isinstance(data, dict):
+        return None
+    known = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
+    unknown = sorted(set(map(str, values)) - known)
+    problems += [f"{prefix}{key}: unknown key" for key in unknown]
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
+    failed = bool(unknown)
+    for _ in range(len(values) + 1):
+        try:
+            result = make(**values)
+        except (ConfigError, TypeError, ValueError) as e:
+            field_name, why = (e.field, e.why) if isinstance(e, ConfigError) else ("", str(e))
+            key = field_name.split("[")[0].split(".")[0]
+            label = _KEY_OF_FIELD.get(field_name, field_name) if nested else field_name
+            problems.append(f"{prefix}{label}: {why}" if label else f"{where or 'configuration'}: invalid value ({why})")
+            if key not in values:
+                return None
+            del values[key]
+            failed = True
+            continue
+        return None if failed else result
+    return None
