@@ -39,7 +39,8 @@ class Dataset:
 
     def __post_init__(self) -> None:
         n = len(self.names)
-        if self.images.ndim != 4 or self.images.shape[:2] != (n, 1) or self.images.shape[2] != self.images.shape[3]:
+        shape = self.images.shape
+        if len(shape) != 4 or shape[:2] != (n, 1) or shape[2] != shape[3]:
             raise ValueError(f"images must be (N={n}, 1, S, S), got {self.images.shape}")
         if self.masks.shape != self.images.shape:
             raise ValueError(f"masks {self.masks.shape} and images {self.images.shape} differ in shape")
@@ -54,6 +55,17 @@ class Dataset:
     def subset(self, indices: Sequence[int] | np.ndarray) -> "Dataset":
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return Dataset(images=self.images[idx], masks=self.masks[idx], names=tuple(self.names[i] for i in idx))
+
+
+def concat(parts: Sequence[Dataset]) -> Dataset:
+    """One dataset holding every image of ``parts`` in order (e.g. several sites pooled)."""
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    return Dataset(
+        images=np.concatenate([d.images for d in parts]),
+        masks=np.concatenate([d.masks for d in parts]),
+        names=tuple(n for d in parts for n in d.names),
+    )
 
 
 def from_arrays(images: np.ndarray, masks: np.ndarray, names: Sequence[str]) -> Dataset:
@@ -224,7 +236,8 @@ def save_folder(
         target = root / "images" / f"{name}.png"
         try:
             atomic.write_bytes(target, _png(image))
-            atomic.write_bytes(root / "masks" / f"{name}.png", _png(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8)))
+            binary = np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8)
+            atomic.write_bytes(root / "masks" / f"{name}.png", _png(binary))
         except OSError as e:
             raise DataError(f"{target}: cannot write ({e.strerror or e})") from None
         written.append(target)

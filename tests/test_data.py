@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fednca.data import Dataset, from_arrays, load_folder, patient_of, save_folder, split, to_uint8
+from fednca.data import Dataset, concat, from_arrays, load_folder, patient_of, save_folder, split, to_uint8
 from fednca.errors import ConfigError, DataError
 
 
@@ -213,8 +213,10 @@ def test_split_refuses_bad_fraction() -> None:
         split(tiny(["a", "b"]), test_fraction=1.0, seed=0)
 
 
-def test_subset_and_shape_checks() -> None:
+def test_subset_concat_and_shape_checks() -> None:
     ds = tiny(["a", "b", "c"])
     assert ds.subset([2, 0]).names == ("c", "a")
+    both = concat([ds, tiny(["d"])])
+    assert both.names == ("a", "b", "c", "d") and both.images.shape == (4, 1, 4, 4)
     with pytest.raises(ValueError, match="differ in shape"):
         Dataset(images=np.zeros((1, 1, 4, 4), np.float32), masks=np.zeros((1, 1, 4, 3), np.float32), names=("a",))
