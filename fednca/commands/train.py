@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import ConfigError
 
 
@@ -60,7 +58,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args, size: int):
-    from ..data import Dataset, load_folder, split
+    from ..data import concat, load_folder, split
 
     if args.data is not None:
         data, skipped = load_folder(args.data, size=size, skip_bad=args.skip_bad)
@@ -69,12 +67,7 @@ def _load(args, size: int):
     else:
         from ..phantom import phantom_dataset
 
-        parts = [phantom_dataset(site=s, count=args.count, size=size, seed=args.seed) for s in args.phantom]
-        data = Dataset(
-            images=np.concatenate([d.images for d in parts]),
-            masks=np.concatenate([d.masks for d in parts]),
-            names=sum((d.names for d in parts), ()),
-        )
+        data = concat([phantom_dataset(site=s, count=args.count, size=size, seed=args.seed) for s in args.phantom])
     return split(data, test_fraction=args.test_fraction, seed=args.seed)
 
 
