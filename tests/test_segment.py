@@ -74,16 +74,16 @@ def test_flag_follows_the_threshold_and_one_pass_has_no_score(model_file, capsys
     assert all(r["nqm"] is None and not r["flagged"] for r in single["images"])
 
 
-def test_passes_of_one_image_run_as_one_batch_like_pytorch(model_file):
+def test_each_pass_runs_alone_and_matches_pytorch(model_file):
     model, folder = model_file
     seg = Segmenter.open(folder / "model.onnx")
     image = np.random.default_rng(1).uniform(-1, 1, (32, 32)).astype(np.float32)
-    got = seg.passes(image, 6, np.random.default_rng(9))
-    masks = draw_masks(CFG, 6, np.random.default_rng(9))
-    batch = np.broadcast_to(image, (6, 1, 32, 32)).copy()
-    want = torch.sigmoid(torch.from_numpy(torch_logits(model, batch, *masks))).numpy()[:, 0]
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    got = seg.passes(image, 4, np.random.default_rng(9))
+    rng = np.random.default_rng(9)
+    want = [torch_logits(model, image[None, None], *draw_masks(CFG, 1, rng)) for _ in range(4)]
+    np.testing.assert_allclose(got, torch.sigmoid(torch.from_numpy(np.concatenate(want))).numpy()[:, 0], atol=1e-5)
     assert nqm(got[:, None])[0] > 0
+    np.testing.assert_array_equal(seg.passes(image, 2, np.random.default_rng(9)), got[:2])  # passes are independent
 
 
 def test_segment_never_imports_torch(model_file):
