@@ -130,6 +130,14 @@ def test_model_files_that_are_not_this_models_export_are_named(model_file, tmp_p
         Segmenter.open(tmp_path / "absent.onnx")
 
 
+def test_an_output_folder_that_cannot_be_made_is_named(model_file, capsys, tmp_path):
+    _, folder = model_file
+    (tmp_path / "file").write_text("")
+    argv = ["segment", "--model", str(folder / "model.onnx"), str(folder / "grey.png"), "--out"]
+    assert main([*argv, str(tmp_path / "file" / "out")]) == 2
+    assert "--out: cannot create the folder" in capsys.readouterr().err
+
+
 def test_two_images_with_one_name_are_refused(tmp_path):
     with pytest.raises(DataError, match="same name as"):
         output_paths([tmp_path / "a" / "x.png", tmp_path / "b" / "x.jpg"], tmp_path)

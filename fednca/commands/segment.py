@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..segment import DEFAULT_NQM_THRESHOLD, DEFAULT_PASSES, Segmenter, output_paths, segment_file
 
 
@@ -29,13 +30,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _score(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG, any size, grey or colour")
     p.add_argument("--model", type=Path, required=True, help="ONNX file written by 'fednca export'")
     p.add_argument("--out", type=Path, required=True, help="folder for the masks and overlays (created)")
     p.add_argument("--passes", type=_positive, default=DEFAULT_PASSES,
                    help=f"stochastic passes averaged per image (default {DEFAULT_PASSES}; NQM needs 2 or more)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_NQM_THRESHOLD,
+    p.add_argument("--threshold", type=_score, default=DEFAULT_NQM_THRESHOLD,
                    help=f"flag an image whose NQM is above this (default {DEFAULT_NQM_THRESHOLD})")
     p.add_argument("--seed", type=int, help="seed of the fire masks (default: fresh, printed with --json)")
     p.add_argument("--threads", type=_positive, default=1, help="onnxruntime intra-op threads (default 1)")
@@ -45,7 +56,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     seg = Segmenter.open(args.model, threads=args.threads)
     paths = output_paths(args.images, args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("--out", f"cannot create the folder {args.out} ({e.strerror})") from None
     seed = np.random.SeedSequence().entropy if args.seed is None else args.seed
     rng = np.random.default_rng(seed)
     results = []
