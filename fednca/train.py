@@ -231,15 +231,16 @@ class Evaluation:
 def evaluate(model: SegmentationNCA, data: Dataset, *, passes: int = 1, seed: int = 0) -> Evaluation:
     """Dice per image of the mean of ``passes`` stochastic passes, and NQM when passes > 1.
 
-    Each image is run on its own, its passes batched together: batch statistics then describe
-    that image alone, as at inference on a device.
+    Every pass of every image runs on its own, as ``fednca segment`` runs it on a device: batch
+    statistics then describe that image alone, and the passes are independent samples.
     """
     g = torch.Generator().manual_seed(seed)
     model.eval()
     probs = np.empty((passes, len(data), 1) + data.images.shape[2:], np.float32)
     for i in range(len(data)):
-        x = torch.from_numpy(data.images[i : i + 1]).expand(passes, -1, -1, -1)
-        probs[:, i] = torch.sigmoid(model(x, generator=g)).numpy()
+        x = torch.from_numpy(data.images[i : i + 1])
+        for k in range(passes):
+            probs[k, i] = torch.sigmoid(model(x, generator=g)).numpy()[0]
     mean = probs.mean(0)
     return Evaluation(
         dice=dice(mean > 0.5, data.masks > 0.5),
