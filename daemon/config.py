@@ -1,0 +1,443 @@
+"""The daemon's configuration: one YAML file (``/etc/fednca/daemon.yaml``) -> frozen dataclasses.
+
+Every key is a dataclass field whose metadata carries its check and a one-line description;
+:func:`parse` walks the mapping, converts each value, and collects *every* problem (unknown
+key, wrong type, value out of range, missing required key) before raising one
+:class:`DaemonConfigError` that lists them, each named by its dotted key and the file.
+
+Secrets may come from systemd credentials (``LoadCredential=`` puts them in
+``$CREDENTIALS_DIRECTORY``): a path value may start with ``$CREDENTIALS_DIRECTORY/`` (or
+``${CREDENTIALS_DIRECTORY}/``), and when the file does not name them, the MQTT password is
+read from ``$CREDENTIALS_DIRECTORY/mqtt-password`` and the site key folder is
+``$CREDENTIALS_DIRECTORY`` itself if it holds ``signing.key``. Relative paths are taken
+from the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import stat
+import types
+import typing
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+import yaml
+
+from fednca.errors import FedNCAError
+from fednca.topics import TopicError, check_id
+
+from .gates import WindowError, parse_window
+
+DEFAULT_PATH = Path("/etc/fednca/daemon.yaml")
+CREDENTIALS_VAR = "CREDENTIALS_DIRECTORY"
+PASSWORD_CREDENTIAL = "mqtt-password"
+SITE_KEY_CREDENTIAL = "signing.key"
+_MAX_FILE = 1 << 20
+_MAX_PASSWORD = 4096
+
+Check = Callable[[Any], "str | None"]
+
+
+class DaemonConfigError(FedNCAError):
+    """The configuration file has problems; ``problems`` lists (key, why), all of them."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  {key}: {why}" for key, why in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s):\n{lines}")
+
+
+def key(default: Any = dataclasses.MISSING, *, doc: str, check: Check | None = None, secret: bool = False) -> Any:
+    """A configuration key: a dataclass field with a description and an optional check."""
+    meta = {"doc": doc, "check": check, "secret": secret}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use a tuple or a section class as the default")
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _between(lo: float, hi: float, *, low_open: bool = False) -> Check:
+    def check(v: Any) -> str | None:
+        ok = (lo < v if low_open else lo <= v) and v <= hi
+        return None if ok else f"must be {'>' if low_open else '>='} {lo} and <= {hi}, got {v!r}"
+
+    return check
+
+
+def _site_id(v: Any) -> str | None:
+    try:
+        check_id(v, what="id")
+    except TopicError as e:
+        return str(e)
+    return None
+
+
+def _windows(v: Any) -> str | None:
+    for i, text in enumerate(v):
+        try:
+            parse_window(text)
+        except WindowError as e:
+            return f"[{i}]: {e}"
+    return None
+
+
+# ------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    ca_file: Path | None = key(None, doc="CA certificate that signs the broker's (system CAs when empty)")
+    cert_file: Path | None = key(None, doc="client certificate, when the broker asks for one")
+    key_file: Path | None = key(None, doc="private key of the client certificate")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str = key(doc="mqtt://host:1883 or mqtts://host:8883 (TLS)")
+    username: str | None = key(None, doc="MQTT user name (empty: the site id)")
+    password: str | None = key(None, doc="MQTT password (prefer password_file or a credential)", secret=True)
+    password_file: Path | None = key(
+        None, doc="file holding the MQTT password (empty: $CREDENTIALS_DIRECTORY/mqtt-password if present)")
+    keepalive_s: int = key(30, doc="MQTT keep-alive in seconds", check=_between(5, 3600))
+    tls: TLSConfig = key(TLSConfig, doc="TLS files, for an mqtts:// broker")
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    site: Path = key(Path("/etc/fednca/keys"),
+                     doc="folder holding the site's signing.key (0600); $CREDENTIALS_DIRECTORY if it holds one")
+    coordinator: Path = key(Path("/etc/fednca/coordinator"),
+                            doc="folder holding the coordinator's signing.pub and box.pub")
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    site: int = key(0, doc="phantom site number (its domain shift)", check=_between(0, 10**6))
+    count: int = key(64, doc="phantom images", check=_between(1, 100_000))
+    seed: int = key(0, doc="phantom seed", check=_between(0, 2**32 - 1))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    folder: Path | None = key(None, doc="dataset folder of images/ and masks/")
+    phantom: PhantomConfig | None = key(None, doc="instead of a folder: phantom images (demos)")
+    skip_bad: bool = key(False, doc="skip unreadable image/mask pairs instead of failing")
+    test_fraction: float = key(0.0, doc="share held out for local test Dice (0: none)", check=_between(0.0, 0.9))
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    threads: int = key(1, doc="PyTorch threads while computing", check=_between(1, 256))
+    duty_cycle: float = key(0.5, doc="share of the time spent computing: rests t*(1-d)/d after t seconds of CPU",
+                            check=_between(0.0, 1.0, low_open=True))
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    max_temperature_c: float | None = key(75.0, doc="pause at or above this temperature (empty: no gate)",
+                                          check=_between(20.0, 150.0))
+    temperature_hysteresis_c: float = key(5.0, doc="resume once this far below the maximum",
+                                          check=_between(0.0, 50.0))
+    min_battery_percent: float | None = key(30.0, doc="pause below this charge when not charging (empty: no gate)",
+                                            check=_between(0.0, 100.0))
+    battery_hysteresis_percent: float = key(10.0, doc="resume once this far above the minimum",
+                                            check=_between(0.0, 100.0))
+    windows: tuple[str, ...] = key((), doc='local times when training may run, e.g. ["22:00-06:00"] (empty: always)',
+                                   check=_windows)
+    poll_s: float = key(30.0, doc="seconds between sensor readings", check=_between(0.0, 3600.0, low_open=True))
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    chunk_s: float = key(5.0, doc="seconds of training between checkpoints", check=_between(0.05, 600.0))
+    min_steps: int = key(10, doc="least optimiser steps for a partial update at the deadline",
+                         check=_between(1, 10**9))
+    deadline_margin_s: float = key(60.0, doc="submit this long before the round's deadline",
+                                   check=_between(0.0, 86400.0))
+    low_memory: bool = key(True, doc="recompute NCA steps in the backward pass (less memory, more time)")
+    seed: int | None = key(None, doc="training seed (empty: derived from the site id)", check=_between(0, 2**63 - 1))
+    delta_dtype: Literal["float16", "float32"] = key("float16", doc="dtype of the weight delta on the wire")
+    worker_backoff_s: float = key(10.0, doc="wait after a failed trainer, doubling up to an hour",
+                                  check=_between(0.0, 3600.0))
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    resend_s: float = key(900.0, doc="publish a stored update again after this long without a receipt",
+                          check=_between(1.0, 86400.0 * 7))
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    interval_s: float = key(60.0, doc="seconds between status messages (also sent on every state change)",
+                            check=_between(0.0, 86400.0, low_open=True))
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    site: str = key(doc="this site's id (its MQTT user name by default)", check=_site_id)
+    federation: str = key(doc="federation id", check=_site_id)
+    broker: BrokerConfig = key(doc="the federation's MQTT broker")
+    data: DataConfig = key(doc="the site's images: folder or phantom")
+    keys: KeysConfig = key(KeysConfig, doc="key folders")
+    state_dir: Path = key(Path("/var/lib/fednca"), doc="checkpoint, outbox and round state (0700)")
+    cpu: CpuConfig = key(CpuConfig, doc="CPU budget")
+    gates: GatesConfig = key(GatesConfig, doc="conditions under which training pauses")
+    training: TrainingConfig = key(TrainingConfig, doc="chunked local training")
+    outbox: OutboxConfig = key(OutboxConfig, doc="stored updates awaiting a receipt")
+    telemetry: TelemetryConfig = key(TelemetryConfig, doc="status messages on status/<site>")
+    source: str = field(default="<memory>", compare=False, metadata={"internal": True})
+
+    @property
+    def mqtt_username(self) -> str:
+        return self.broker.username or self.site
+
+    @property
+    def seed(self) -> int:
+        """The training seed: configured, else a stable number derived from the site id."""
+        if self.training.seed is not None:
+            return self.training.seed
+        return zlib.crc32(self.site.encode())
+
+
+# ---------------------------------------------------------------------------------------- parsing
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, where: str, why: str) -> None:
+        self.items.append((where, why))
+
+
+_BAD = object()  # a value that failed; the section is not built but parsing goes on
+
+
+def _type_name(t: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path"}.get(
+        t, getattr(t, "__name__", str(t)))
+
+
+class _Parser:
+    def __init__(self, *, base: Path, env: Mapping[str, str], problems: _Problems) -> None:
+        self.base, self.env, self.problems = base, env, problems
+
+    def section(self, cls: type, data: Any, where: str) -> Any:
+        if not isinstance(data, dict):
+            self.problems.add(where or "(top level)", f"must be a mapping of keys, got {type(data).__name__}")
+            return _BAD
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        for name in sorted(set(data) - set(fields), key=str):
+            known = ", ".join(fields)
+            self.problems.add(_join(where, str(name)), f"unknown key (known here: {known})")
+        values: dict[str, Any] = {}
+        for name, f in fields.items():
+            here = _join(where, name)
+            if name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    self.problems.add(here, "required")
+                    values[name] = _BAD
+                continue
+            value = self.value(hints[name], data[name], here)
+            check = f.metadata.get("check")
+            if value is not _BAD and value is not None and check is not None:
+                why = check(value)
+                if why:
+                    self.problems.add(here, why)
+                    value = _BAD
+            values[name] = value
+        if any(v is _BAD for v in values.values()):
+            return _BAD
+        return cls(**values)
+
+    def value(self, t: Any, v: Any, where: str) -> Any:
+        origin, args = typing.get_origin(t), typing.get_args(t)
+        if origin in (typing.Union, types.UnionType) and type(None) in args:
+            if v is None:
+                return None
+            inner = [a for a in args if a is not type(None)]
+            return self.value(inner[0], v, where)
+        if origin is Literal:
+            if v not in args:
+                self.problems.add(where, f"must be one of {', '.join(map(repr, args))}, got {v!r}")
+                return _BAD
+            return v
+        if origin is tuple:
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                self.problems.add(where, f"must be a list of strings, got {v!r}")
+                return _BAD
+            return tuple(v)
+        if dataclasses.is_dataclass(t):
+            return self.section(t, v, where)
+        if t is bool:
+            ok = isinstance(v, bool)
+        elif t is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif t is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            v = float(v) if ok else v
+        else:  # str and Path
+            ok = isinstance(v, str) and v != "" and "\0" not in v
+        if not ok:
+            self.problems.add(where, f"must be {_type_name(t)}, got {v!r}")
+            return _BAD
+        return self.path(v, where) if t is Path else v
+
+    def path(self, text: str, where: str) -> Any:
+        for form in ("${" + CREDENTIALS_VAR + "}", "$" + CREDENTIALS_VAR):
+            if text == form or text.startswith(form + "/"):
+                creds = self.env.get(CREDENTIALS_VAR)
+                if not creds:
+                    self.problems.add(where, f"refers to ${CREDENTIALS_VAR}, which is not set "
+                                             "(it is set by systemd for a unit with LoadCredential=)")
+                    return _BAD
+                return Path(creds + text[len(form):])
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else self.base / p
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def parse(data: Any, *, source: str = "<memory>", base: Path | None = None,
+          env: Mapping[str, str] | None = None) -> DaemonConfig:
+    """A configuration from a parsed YAML mapping; raises DaemonConfigError listing every problem."""
+    env = os.environ if env is None else env
+    problems = _Problems()
+    base = base if base is not None else Path.cwd()
+    cfg = _Parser(base=base, env=env, problems=problems).section(DaemonConfig, data, "")
+    if cfg is not _BAD:
+        cfg = _cross_checks(cfg, env, problems)
+    if problems.items:
+        raise DaemonConfigError(source, problems.items)
+    return dataclasses.replace(cfg, source=source)
+
+
+def _cross_checks(cfg: DaemonConfig, env: Mapping[str, str], problems: _Problems) -> DaemonConfig:
+    from fednca.transport.mqtt import parse_url  # paho: only once the file is otherwise sound
+
+    from fednca.transport.base import TransportError
+
+    b = cfg.broker
+    try:
+        address = parse_url(b.url)
+        if not address.tls and any(getattr(b.tls, f.name) is not None for f in dataclasses.fields(b.tls)):
+            problems.add("broker.tls", "TLS files are given but the url is mqtt://; use mqtts://")
+    except TransportError as e:
+        problems.add("broker.url", str(e))
+    if b.password is not None and b.password_file is not None:
+        problems.add("broker.password", "give password or password_file, not both")
+    if (cfg.data.folder is None) == (cfg.data.phantom is None):
+        problems.add("data", "give exactly one of folder or phantom")
+    g = cfg.gates
+    if g.max_temperature_c is not None and g.temperature_hysteresis_c >= g.max_temperature_c:
+        problems.add("gates.temperature_hysteresis_c", "must be below max_temperature_c")
+    creds = env.get(CREDENTIALS_VAR)
+    if creds and b.password is None and b.password_file is None and (Path(creds) / PASSWORD_CREDENTIAL).is_file():
+        cfg = dataclasses.replace(cfg, broker=dataclasses.replace(b, password_file=Path(creds) / PASSWORD_CREDENTIAL))
+    if creds and cfg.keys == KeysConfig() and (Path(creds) / SITE_KEY_CREDENTIAL).is_file():
+        cfg = dataclasses.replace(cfg, keys=dataclasses.replace(cfg.keys, site=Path(creds)))
+    return cfg
+
+
+def load(path: str | os.PathLike, *, env: Mapping[str, str] | None = None) -> DaemonConfig:
+    """Read and parse a configuration file; the password file, if any, is read too."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_FILE + 1)
+            mode = os.fstat(f.fileno()).st_mode
+    except OSError as e:
+        raise DaemonConfigError(str(path), [("(file)", f"cannot read: {e.strerror}")]) from None
+    if len(raw) > _MAX_FILE:
+        raise DaemonConfigError(str(path), [("(file)", f"larger than {_MAX_FILE} bytes")])
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DaemonConfigError(str(path), [("(file)", f"not valid YAML: {e}")]) from None
+    cfg = parse(data, source=str(path), base=path.parent.resolve(), env=env)
+    if cfg.broker.password is not None and stat.S_IMODE(mode) & 0o004:
+        raise DaemonConfigError(str(path), [("broker.password", "the file holds a password and anyone can read it: "
+                                             f"chmod o-r {path}, or use password_file")])
+    if cfg.broker.password_file is not None:
+        cfg = dataclasses.replace(cfg, broker=dataclasses.replace(
+            cfg.broker, password=_read_password(cfg.broker.password_file, str(path))))
+    return cfg
+
+
+def _read_password(path: Path, source: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_PASSWORD + 1)
+    except OSError as e:
+        raise DaemonConfigError(source, [("broker.password_file", f"{path}: cannot read: {e.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        text = ""
+    if not text or len(raw) > _MAX_PASSWORD or "\n" in text:
+        raise DaemonConfigError(source, [("broker.password_file", f"{path}: must hold one line, the password")])
+    return text
+
+
+# ------------------------------------------------------------------------------------- printing
+
+
+def to_dict(cfg: Any, *, redact: bool = True) -> dict[str, Any]:
+    """The effective configuration as plain data (paths as strings, secrets shown as ``***``)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("internal"):
+            continue
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v, redact=redact)
+        elif isinstance(v, Path):
+            v = str(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        if redact and f.metadata.get("secret") and v is not None:
+            v = "***"
+        out[f.name] = v
+    return out
+
+
+def reference(cls: type = DaemonConfig, where: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) of every key, for the documentation."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        name = _join(where, f.name)
+        t = hints[f.name]
+        inner = [a for a in typing.get_args(t) if dataclasses.is_dataclass(a)]
+        section = t if dataclasses.is_dataclass(t) else (inner[0] if inner else None)
+        if section is not None:
+            rows.append((name, "(section)", f.metadata["doc"]))
+            rows += reference(section, name)
+            continue
+        if f.default is dataclasses.MISSING:
+            default = "required"
+        else:
+            default = yaml.safe_dump(to_plain(f.default), default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append((name, default, f.metadata["doc"]))
+    return rows
+
+
+def to_plain(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, tuple):
+        return list(v)
+    return v

@@ -1,0 +1,483 @@
+"""The daemon's shell: MQTT, the trainer child, files, sensors and systemd around the pure lifecycle.
+
+Everything that happens becomes one event on one queue: a received message (a network thread
+hands it over), a trainer message (a reader thread), a stop request (a signal handler or another
+thread). The main loop takes events, feeds :func:`fednca_daemon.lifecycle.handle` and performs
+the returned actions in order; timers (gate readings, telemetry, the watchdog, the machine's own
+wake-up) are checked on every turn. Every QoS 1 message is acknowledged once it is handled.
+
+The daemon process imports no PyTorch; training runs in a child (:mod:`.workerproc`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from fednca import __version__
+from fednca.keys import CoordinatorPublicKeys, SiteKeys
+from fednca.tensorcodec import read_document
+from fednca.topics import TopicError, Topics
+from fednca.transport.base import Client, Message, PayloadTooLarge, TransportError
+from fednca.wire import PREFIX, SIGNATURE_BYTES, Announcement, WireError, open_announcement, open_receipt
+
+from . import lifecycle as lc
+from .config import DaemonConfig
+from .gates import GateState, Readings, evaluate
+from .notify import Notifier
+from .outbox import Done, StateError, StateFolder
+from .sensors import Sensors
+from .submission import CheckpointMismatch, build_update, progress_of
+from .telemetry import Snapshot, status_json, status_line
+from .workerproc import WorkerProcess, WorkerSpec
+
+log = logging.getLogger("fednca.daemon")
+
+STOP_GRACE_S = 1.5  # a chunk asked to stop has this long before it is abandoned
+EXIT_GRACE_S = 10.0  # an idle trainer asked to exit has this long
+CONNECT_TIMEOUT_S = 2.0  # then the client goes on trying in the background
+MAX_WAIT_S = 5.0
+
+
+def policy_of(cfg: DaemonConfig) -> lc.Policy:
+    return lc.Policy(chunk_s=cfg.training.chunk_s, min_steps=cfg.training.min_steps,
+                     deadline_margin_s=cfg.training.deadline_margin_s, duty_cycle=cfg.cpu.duty_cycle,
+                     threads=cfg.cpu.threads, resend_s=cfg.outbox.resend_s, backoff_s=cfg.training.worker_backoff_s)
+
+
+def announced_shapes(payload: bytes) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes as an announcement's document lists them (checked against the model by the trainer)."""
+    if len(payload) < PREFIX.size + SIGNATURE_BYTES:
+        return {}
+    doc = read_document(memoryview(payload)[PREFIX.size + SIGNATURE_BYTES:])
+    return {e.name: tuple(e.shape) for e in doc.entries}
+
+
+def _no_probe(point: str) -> None:
+    return None
+
+
+class Service:
+    def __init__(
+        self,
+        *,
+        config: DaemonConfig,
+        client: Client,
+        site_keys: SiteKeys,
+        coordinator: CoordinatorPublicKeys,
+        notifier: Notifier | None = None,
+        sensors: Sensors | None = None,
+        wall: Callable[[], float] = time.time,
+        probe: Callable[[str], None] = _no_probe,
+        python: str = sys.executable,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        self.cfg = config
+        self.client = client
+        self.site_keys = site_keys
+        self.coordinator = coordinator
+        self.notifier = notifier or Notifier(env={})
+        self.sensors = sensors or Sensors()
+        self.wall = wall
+        self.probe = probe
+        self.python = python
+        self.connect_timeout = connect_timeout
+        self.topics = Topics(config.federation)
+        self.folder = StateFolder(config.state_dir)
+        self.policy = policy_of(config)
+        self.state = lc.State(policy=self.policy)
+        self.announcement: Announcement | None = None
+        self._announcement_bytes: bytes | None = None
+        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._pending: collections.deque[lc.Event] = collections.deque()
+        self._worker: WorkerProcess | None = None
+        self._worker_stop_asked = False
+        self._kill_at: float | None = None
+        self._chunk_started = 0.0
+        self._gates = GateState()
+        self._readings: Readings | None = None
+        self._message_error: str | None = None
+        self._closing = threading.Event()
+        self._exited = False
+        self._was_connected = False
+        self.samples_per_s: float | None = None
+        self.chunk_s: float | None = None
+        self.samples_trained = 0
+        self.trainer_peak_rss = 0
+        self.trainer_pids: list[int] = []
+        self._timers = {"gates": 0.0, "telemetry": 0.0, "watchdog": 0.0}
+
+    # -- public -------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the daemon to stop; safe from a signal handler or any thread."""
+        self._events.put(("stop",))
+
+    @property
+    def worker_pid(self) -> int | None:
+        return None if self._worker is None else self._worker.pid
+
+    def run(self) -> int:
+        self.folder.open()
+        pump = threading.Thread(target=self._pump, name="mqtt-inbox", daemon=True)
+        try:
+            self._start()
+            pump.start()
+            self.notifier.ready(status_line(self._snapshot()))
+            while not self._exited:
+                self._turn()
+        finally:
+            self._closing.set()
+            if self._worker is not None and self._worker.returncode is None:
+                self._worker.kill()
+            self.folder.close()
+        self._farewell()
+        return 0
+
+    # -- start and stop -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        done = self.folder.load_done()
+        round_info, steps, planned = None, 0, None
+        saved = self.folder.load_announcement()
+        if saved is not None:
+            try:
+                ann = self._open_announcement(saved, min_round=None)
+                self.announcement, self._announcement_bytes = ann, saved
+                h = ann.header
+                round_info = lc.RoundInfo(h.round, float(h.deadline), h.model_sha256)
+                steps, planned = progress_of(self.folder.load_checkpoint(), round=h.round, base_sha256=h.model_sha256)
+            except WireError as e:
+                log.warning("the saved round announcement no longer verifies (%s); waiting for a new one", e)
+        self.state, actions = lc.initial(self.policy, now=self.wall(), round=round_info, done_round=done.round,
+                                         outbox=self.folder.outbox.entries(), steps=steps, planned=planned)
+        self.client.subscribe(self.topics.round, qos=1)
+        self.client.subscribe(self.topics.receipts(self.cfg.site), qos=1)
+        if not self.client.connect(timeout=self.connect_timeout):
+            log.warning("broker not reachable yet; training goes on from the saved round, and the client retries")
+        self._was_connected = self.client.connected
+        log.info("started: site %s, federation %s, %s", self.cfg.site, self.cfg.federation,
+                 status_line(self._snapshot()))
+        self._read_gates()
+        self._perform_all(actions)
+        self._drain()
+
+    def _farewell(self) -> None:
+        if self.client.connected:
+            try:
+                handle = self.client.publish(self.topics.status(self.cfg.site), status_json(self._snapshot("stopped")),
+                                             qos=1, retain=True)
+                handle.wait(1.0)
+            except TransportError as e:
+                log.warning("final status not sent: %s", e)
+        self.client.disconnect()
+        self.notifier.close()
+        log.info("stopped")
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _turn(self) -> None:
+        try:
+            item = self._events.get(timeout=self._timeout())
+        except queue.Empty:
+            item = None
+        while item is not None:
+            self._dispatch(item)
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                item = None
+        self._check_timers()
+        self._feed(lc.Tick())
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        times = [t for t in self._timers.values() if t > 0]
+        if self._kill_at is not None:
+            times.append(self._kill_at)
+        wait = min((t - now for t in times), default=MAX_WAIT_S)
+        wake = lc.next_wakeup(self.state)
+        if wake is not None:
+            wait = min(wait, wake - self.wall())
+        return min(max(wait, 0.0), MAX_WAIT_S)
+
+    def _check_timers(self) -> None:
+        now = time.monotonic()
+        if now >= self._timers["gates"]:
+            self._read_gates()
+        if now >= self._timers["telemetry"]:
+            self._publish_status()
+        interval = self.notifier.watchdog_interval
+        if interval and now >= self._timers["watchdog"] and self.state.may_ping_watchdog:
+            self.notifier.watchdog()
+            self._timers["watchdog"] = now + interval
+        if self._kill_at is not None and now >= self._kill_at and self._worker is not None:
+            log.warning("trainer %s did not stop in time: killed (its last checkpoint stays)", self._worker.pid)
+            self._worker.kill()
+            self._kill_at = None
+        connected = self.client.connected
+        if connected and not self._was_connected:
+            log.info("connected to the broker")
+            self._publish_status()
+        self._was_connected = connected
+
+    def _dispatch(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        if kind == "stop":
+            if not self.state.stopping:
+                log.info("stopping")
+                self.notifier.stopping()
+            self._feed(lc.StopRequested())
+        elif kind == "msg":
+            self._on_message(item[1])
+        elif kind == "worker":
+            self._on_worker_message(item[1], item[2])
+
+    def _feed(self, event: lc.Event) -> None:
+        self._pending.append(event)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Handle queued events, including those that performing an action produced."""
+        while self._pending:
+            self.state, actions = lc.handle(self.state, self._pending.popleft(), self.wall())
+            self._perform_all(actions)
+
+    def _perform_all(self, actions: list[lc.Action]) -> None:
+        for action in actions:
+            self._perform(action)
+
+    def _pump(self) -> None:
+        while not self._closing.is_set():
+            message = self.client.receive(timeout=0.5)
+            if message is not None:
+                self._events.put(("msg", message))
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def _perform(self, a: lc.Action) -> None:
+        if isinstance(a, lc.StartWorker):
+            self._start_worker(a.round)
+        elif isinstance(a, lc.RunChunk):
+            assert self._worker is not None
+            self._chunk_started = time.monotonic()
+            self._worker.run_chunk(a.seconds)
+            self.probe("chunk-started")
+        elif isinstance(a, lc.StopWorker):
+            if self._worker is not None:
+                self._worker_stop_asked = True
+                if a.interrupt:
+                    self._worker.interrupt()
+                else:
+                    self._worker.close_input()
+                self._kill_at = time.monotonic() + (STOP_GRACE_S if a.interrupt else EXIT_GRACE_S)
+        elif isinstance(a, lc.Submit):
+            self._pending.append(self._submit(a.round))
+        elif isinstance(a, lc.Publish):
+            try:
+                payload = self.folder.outbox.get(a.round, a.update_id)
+            except StateError as e:
+                log.error("outbox: %s", e)
+            else:
+                self._publish_update(a.round, a.update_id, payload)
+                log.info("round %d: update %s published again", a.round, a.update_id[:8])
+                self.probe("update-republished")
+        elif isinstance(a, lc.DropUpdate):
+            if self.folder.outbox.remove(a.round, a.update_id):
+                log.info("outbox: update %s of round %d removed", a.update_id[:8], a.round)
+        elif isinstance(a, lc.SaveDone):
+            self.folder.save_done(Done(round=a.round, result=a.result))
+            self.probe("done-saved")
+        elif isinstance(a, lc.PingWatchdog):
+            if self.notifier.watchdog_interval:
+                self.notifier.watchdog()
+                self._timers["watchdog"] = time.monotonic() + self.notifier.watchdog_interval
+        elif isinstance(a, lc.Telemetry):
+            self._publish_status()
+        elif isinstance(a, lc.Exit):
+            self._exited = True
+
+    def _start_worker(self, rnd: int) -> None:
+        d = self.cfg.data
+        data: dict[str, Any] = {"skip_bad": d.skip_bad, "test_fraction": d.test_fraction}
+        if d.folder is not None:
+            data["folder"] = str(d.folder)
+        else:
+            assert d.phantom is not None
+            data["phantom"] = {"site": d.phantom.site, "count": d.phantom.count, "seed": d.phantom.seed}
+        spec = WorkerSpec(state_dir=str(self.folder.path), round=rnd, federation=self.cfg.federation,
+                          coordinator_verify_key=bytes(self.coordinator.verify).hex(), data=data,
+                          threads=self.cfg.cpu.threads, low_memory=self.cfg.training.low_memory, seed=self.cfg.seed)
+        self._worker = WorkerProcess(spec=spec, listener=self._from_worker, python=self.python)
+        self._worker_stop_asked = False
+        self._kill_at = None
+        self._worker.start()
+        assert self._worker.pid is not None
+        self.trainer_pids.append(self._worker.pid)
+        self.sensors.follow_trainer(self._worker.pid)
+        log.info("trainer %d started for round %d", self._worker.pid, rnd)
+
+    def _submit(self, rnd: int) -> lc.Event:
+        ann = self.announcement
+        try:
+            if ann is None or ann.header.round != rnd:
+                raise CheckpointMismatch(f"no announcement of round {rnd} at hand")
+            blob = self.folder.load_checkpoint()
+            if blob is None:
+                raise CheckpointMismatch("no checkpoint to submit")
+            uid, payload, progress = build_update(
+                announcement=ann, checkpoint=blob, site=self.cfg.site, signing_key=self.site_keys.signing,
+                coordinator_box=self.coordinator.box, dtype=self.cfg.training.delta_dtype)
+        except (CheckpointMismatch, WireError, StateError) as e:
+            log.error("cannot make the update of round %d: %s", rnd, e)
+            return lc.SubmitFailed(str(e))
+        self.folder.outbox.put(rnd, uid, payload)
+        log.info("round %d: update %s stored (%d steps of %d%s, %d bytes)", rnd, uid[:8], progress.steps,
+                 progress.planned, ", partial" if progress.steps < progress.planned else "", len(payload))
+        self.probe("update-stored")
+        self._publish_update(rnd, uid, payload)
+        self.probe("update-published")
+        return lc.UpdateStored(rnd, uid)
+
+    def _publish_update(self, rnd: int, uid: str, payload: bytes) -> None:
+        try:
+            self.client.publish(self.topics.updates(self.cfg.site), payload, qos=1)
+        except PayloadTooLarge as e:
+            log.error("round %d: update %s can never be delivered: %s", rnd, uid[:8], e)
+            self._pending.append(lc.ReceiptArrived(rnd, uid, False, "too_large"))
+        except TransportError as e:
+            log.warning("round %d: update %s not published now (%s); it stays in the outbox", rnd, uid[:8], e)
+
+    # -- messages -------------------------------------------------------------------------------
+
+    def _open_announcement(self, payload: bytes, *, min_round: int | None) -> Announcement:
+        return open_announcement(payload, coordinator_verify_key=self.coordinator.verify,
+                                 federation=self.cfg.federation, shapes=announced_shapes(payload),
+                                 min_round=min_round)
+
+    def _on_message(self, m: Message) -> None:
+        try:
+            parsed = self.topics.parse(m.topic)
+            if parsed.kind == "round":
+                self._on_announcement(m.payload)
+            elif parsed.kind == "receipts" and parsed.site == self.cfg.site:
+                self._on_receipt(m.payload)
+        except TopicError as e:
+            log.warning("message on an unexpected topic: %s", e)
+        finally:
+            self.client.ack(m)
+
+    def _on_announcement(self, payload: bytes) -> None:
+        if not payload or payload == self._announcement_bytes:
+            return  # cleared, or the retained copy again
+        s = self.state
+        min_round = s.round.round if s.round is not None else (s.done_round if s.done_round >= 0 else None)
+        try:
+            ann = self._open_announcement(payload, min_round=min_round)
+        except WireError as e:
+            self._message_error = f"round announcement refused: {e.reason}"
+            log.warning("round announcement refused (%s): %s", e.reason, e)
+            return
+        self.folder.save_announcement(payload)
+        self.announcement, self._announcement_bytes = ann, payload
+        self._message_error = None
+        h = ann.header
+        log.info("round %d announced (deadline %s, model %s)", h.round,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.deadline)), h.model_sha256[:12])
+        self._feed(lc.Announced(h.round, float(h.deadline), h.model_sha256))
+
+    def _on_receipt(self, payload: bytes) -> None:
+        try:
+            r = open_receipt(payload, coordinator_verify_key=self.coordinator.verify,
+                             federation=self.cfg.federation, topic_site=self.cfg.site)
+        except WireError as e:
+            log.warning("receipt refused (%s): %s", e.reason, e)
+            return
+        if r.accepted:
+            log.info("round %d: update %s accepted", r.round, r.update_id[:8])
+        else:
+            log.warning("round %d: update %s rejected: %s", r.round, r.update_id[:8], r.reason)
+        self._feed(lc.ReceiptArrived(r.round, r.update_id, r.accepted, r.reason))
+
+    # -- the trainer ----------------------------------------------------------------------------
+
+    def _from_worker(self, worker: WorkerProcess, msg: dict[str, Any] | None) -> None:
+        self._events.put(("worker", worker, msg))  # reader thread: hand over, never block
+
+    def _on_worker_message(self, worker: WorkerProcess, msg: dict[str, Any] | None) -> None:
+        if worker is not self._worker:
+            return
+        self.trainer_peak_rss = max(self.trainer_peak_rss, worker.peak_rss)
+        now = time.monotonic()
+        if msg is None:
+            error = None if self._worker_stop_asked else worker.error
+            if error:
+                log.error("trainer %s failed: %s", worker.pid, error)
+            self._worker, self._kill_at = None, None
+            self.sensors.follow_trainer(None)
+            self._feed(lc.WorkerExited(error))
+        elif msg["ev"] == "ready":
+            log.info("trainer %s ready: round %d, step %d of %d", worker.pid, msg["round"], msg["steps"],
+                     msg["planned"])
+            self._feed(lc.WorkerReady(int(msg["round"]), int(msg["steps"]), int(msg["planned"]),
+                                      float(msg["cpu_s"]), now - worker.started_at))
+        elif msg["ev"] == "chunk":
+            wall = now - self._chunk_started
+            samples = int(msg["chunk_samples"])
+            self.samples_trained += samples
+            if samples:
+                self.samples_per_s, self.chunk_s = samples / max(wall, 1e-9), wall
+            log.debug("chunk: %d steps in %.2f s, step %d of %d", msg["chunk_steps"], wall, msg["steps"],
+                      msg["planned"])
+            self._feed(lc.ChunkDone(int(msg["round"]), int(msg["steps"]), int(msg["planned"]),
+                                    float(msg["cpu_s"]), wall))
+            self.probe("chunk-done")
+
+    # -- sensors and telemetry ------------------------------------------------------------------
+
+    def _read_gates(self) -> None:
+        self._timers["gates"] = time.monotonic() + self.cfg.gates.poll_s
+        readings = self.sensors.readings()
+        gates = evaluate(self.cfg.gates, self._gates, readings)
+        changed = gates.open != self._gates.open or gates.reasons != self._gates.reasons
+        self._gates = gates
+        self._readings = readings
+        if changed:
+            if gates.open:
+                log.info("gates open: training may run")
+            else:
+                log.info("training paused: %s", ", ".join(gates.reasons))
+            self._feed(lc.GatesChanged(gates.open, gates.reasons))
+
+    def _snapshot(self, state: str | None = None) -> Snapshot:
+        s = self.state
+        procs = self.sensors.processes()
+        r = self._readings
+        return Snapshot(
+            site=self.cfg.site, version=__version__, time=self.wall(), state=state or s.phase.value,
+            round=None if s.round is None else s.round.round, steps=s.steps, planned=s.planned,
+            samples_per_s=self.samples_per_s, chunk_s=self.chunk_s, gates=s.gate_reasons,
+            cpu_percent=procs.cpu_percent, rss_bytes=procs.rss_bytes, memory_percent=self.sensors.memory_percent(),
+            temperature_c=None if r is None else r.temperature_c,
+            battery_percent=None if r is None else r.battery_percent,
+            charging=None if r is None else r.charging,
+            bytes_sent=self.client.bytes_sent, bytes_received=self.client.bytes_received,
+            outbox=len(s.outbox), last_receipt=s.last_receipt, error=s.error or self._message_error,
+        )
+
+    def _publish_status(self) -> None:
+        self._timers["telemetry"] = time.monotonic() + self.cfg.telemetry.interval_s
+        snap = self._snapshot()
+        self.notifier.status(status_line(snap))
+        if not self.client.connected:
+            return  # stale by the time it would arrive; a fresh one goes out on reconnect
+        try:
+            self.client.publish(self.topics.status(self.cfg.site), status_json(snap), qos=1, retain=True)
+        except TransportError as e:
+            log.warning("status not sent: %s", e)
+

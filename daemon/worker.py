@@ -1,0 +1,260 @@
+"""The trainer child process: ``python -m fednca_daemon.worker --events-fd N`` (see workerproc).
+
+It reads its :class:`~fednca_daemon.workerproc.WorkerSpec` from the first line of input, then:
+
+1. takes ``worker.lock`` in the state folder (one trainer per folder, ever);
+2. verifies ``announcement.bin`` again, now against the announced model's own tensor shapes;
+3. loads the site's images at the model's input size (holding out ``test_fraction``);
+4. resumes: a checkpoint of this round continues where it stopped; a checkpoint of an earlier
+   round keeps its Adam moments, RNG and data cursor and takes the new global weights
+   (:meth:`Trainer.set_weights`); no usable checkpoint starts from the global weights;
+5. answers ``ready`` and then trains one chunk per command, at most up to the planned steps,
+   writing the checkpoint atomically after each, and answers ``chunk``.
+
+This is the only place in the daemon that imports PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from fednca.atomic import write_bytes
+from fednca.errors import FedNCAError
+
+from .workerproc import WorkerSpec, encode
+
+log = logging.getLogger("fednca.daemon.worker")
+PR_SET_PDEATHSIG = 1
+LOCK_WAIT_S = 30.0
+_STOP_OFFSET = 1e9  # added to the chunk clock once a stop is asked: the chunk ends after its step
+
+
+class _Stop(Exception):
+    """Raised by the signal handler while the trainer waits between chunks."""
+
+
+class _Signals:
+    def __init__(self) -> None:
+        self.stop = False
+        self.busy = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.stop = True
+        if not self.busy:
+            raise _Stop
+
+    def clock(self) -> float:
+        return time.monotonic() + (_STOP_OFFSET if self.stop else 0.0)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for SIGKILL when the daemon dies, so no orphan trainer writes a checkpoint."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.warning("cannot ask to die with the daemon (prctl unavailable)")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                os.close(fd)
+                raise FedNCAError(f"{path}: another trainer holds the lock") from None
+            time.sleep(0.05)
+
+
+def _load_data(spec: WorkerSpec, size: int) -> tuple[Any, Any]:
+    from fednca.data import load_folder, split
+
+    d = spec.data
+    if d.get("folder"):
+        data, skipped = load_folder(d["folder"], size=size, skip_bad=bool(d.get("skip_bad")))
+        if skipped:
+            log.warning("skipped %d unreadable image/mask pair(s) in %s", skipped, d["folder"])
+    else:
+        from fednca.phantom import phantom_dataset
+
+        p = d["phantom"]
+        data = phantom_dataset(site=p["site"], count=p["count"], size=size, seed=p["seed"])
+    fraction = float(d.get("test_fraction") or 0.0)
+    if fraction > 0 and len(data) >= 2:
+        return split(data, test_fraction=fraction, seed=spec.seed)
+    return data, None
+
+
+class Session:
+    """The trainer of one round, after start-up."""
+
+    def __init__(self, spec: WorkerSpec, events: BinaryIO, signals: _Signals) -> None:
+        import numpy as np
+        import torch
+
+        from fednca.train import CheckpointError, Trainer, evaluate
+        from fednca.wire import open_announcement
+        from nacl.signing import VerifyKey
+
+        torch.set_num_threads(spec.threads)
+        self.spec, self.events, self.signals = spec, events, signals
+        self.evaluate = evaluate
+        state = Path(spec.state_dir)
+        self.checkpoint_path = state / "checkpoint.safetensors"
+        ann = open_announcement((state / "announcement.bin").read_bytes(),
+                                coordinator_verify_key=VerifyKey(bytes.fromhex(spec.coordinator_verify_key)),
+                                federation=spec.federation)
+        h = ann.header
+        if h.round != spec.round:
+            raise FedNCAError(f"the saved announcement is for round {h.round}, not {spec.round}")
+        self.train, self.test = _load_data(spec, h.model.input_size)
+        trainer, extra = None, {}
+        if self.checkpoint_path.exists():
+            try:
+                trainer, extra = Trainer.restore(self.checkpoint_path.read_bytes(), data=self.train)
+            except CheckpointError as e:
+                log.warning("checkpoint not usable (%s): starting from the global model", e)
+            if trainer is not None and (trainer.model_cfg != h.model or trainer.train_cfg != h.train):
+                log.warning("the federation changed the model or training configuration: new optimiser state")
+                trainer, extra = None, {}
+        if trainer is not None and extra.get("round") == h.round and extra.get("base_sha256") == h.model_sha256:
+            trainer.low_memory = spec.low_memory
+            log.info("resuming round %d at step %d of %d", h.round, trainer.steps - extra["round_start"],
+                     extra["planned"])
+        else:
+            global_weights = {k: np.array(v) for k, v in ann.tensors.items()}  # writable copies
+            if trainer is None:
+                trainer = Trainer(model_cfg=h.model, train_cfg=h.train, data=self.train, seed=spec.seed,
+                                  low_memory=spec.low_memory, weights=global_weights)
+            else:
+                trainer.low_memory = spec.low_memory
+                trainer.set_weights(global_weights)  # Adam moments stay
+            extra = {"round": h.round, "base_sha256": h.model_sha256, "round_start": trainer.steps,
+                     "planned": h.train.local_epochs * trainer.batches_per_epoch, "loss_sum": 0.0, "loss_steps": 0}
+            if self.test is not None:
+                extra["dice_global"] = evaluate(trainer.model, self.test).dice_mean
+            self.save(trainer, extra)
+            log.info("round %d: %d steps planned on %d images", h.round, extra["planned"], len(self.train))
+        self.trainer, self.extra = trainer, extra
+
+    @property
+    def steps(self) -> int:
+        return self.trainer.steps - int(self.extra["round_start"])
+
+    @property
+    def planned(self) -> int:
+        return int(self.extra["planned"])
+
+    def save(self, trainer: Any, extra: dict[str, Any]) -> None:
+        write_bytes(self.checkpoint_path, trainer.checkpoint(**extra), mode=0o600)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        msg["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.events.write(encode(msg))
+        self.events.flush()
+
+    def progress(self) -> dict[str, Any]:
+        return {"round": self.spec.round, "steps": self.steps, "planned": self.planned, "samples": len(self.train)}
+
+    def chunk(self, seconds: float) -> None:
+        cpu0 = time.process_time()
+        left = self.planned - self.steps
+        steps = samples = 0
+        loss = float("nan")
+        if left > 0 and not self.signals.stop:
+            c = self.trainer.run(max_steps=left, max_seconds=seconds, clock=self.signals.clock)
+            steps, samples, loss = c.steps, c.samples, c.loss
+            self.extra["loss_sum"] += c.loss * c.steps
+            self.extra["loss_steps"] += c.steps
+            if self.steps >= self.planned and self.test is not None:
+                self.extra["dice_local"] = self.evaluate(self.trainer.model, self.test).dice_mean
+            self.save(self.trainer, self.extra)
+        self.send({"ev": "chunk", **self.progress(), "chunk_steps": steps, "chunk_samples": samples,
+                   "loss": loss if steps and math.isfinite(loss) else None, "cpu_s": time.process_time() - cpu0,
+                   "stopped": self.signals.stop})
+
+
+def serve(spec: WorkerSpec, commands: BinaryIO, events: BinaryIO, signals: _Signals) -> int:
+    # A stop during start-up ends the process at once: an interrupted checkpoint write leaves
+    # the previous file whole, and the next trainer simply starts the round again.
+    session = Session(spec, events, signals)
+    session.send({"ev": "ready", **session.progress(), "cpu_s": time.process_time()})
+    if signals.stop:
+        return 0
+    for line in commands:
+        cmd = _command(line)
+        signals.busy = True
+        session.chunk(float(cmd["seconds"]))
+        signals.busy = False
+        if signals.stop:
+            break
+    return 0
+
+
+def _command(line: bytes) -> dict[str, Any]:
+    try:
+        cmd = json.loads(line)
+        if cmd.get("op") != "chunk" or float(cmd["seconds"]) <= 0:
+            raise ValueError(cmd)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise FedNCAError(f"unknown command from the daemon: {line[:80]!r}") from None
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fednca_daemon.worker")
+    parser.add_argument("--events-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="trainer[%(process)d] %(levelname)s %(message)s")
+    _die_with_parent()
+    signals = _Signals()
+    signal.signal(signal.SIGTERM, signals.handler)
+    signal.signal(signal.SIGINT, signals.handler)
+    events = os.fdopen(args.events_fd, "wb", buffering=0)
+    commands = sys.stdin.buffer
+    lock_fd = None
+    try:
+        spec = WorkerSpec.from_json(commands.readline().decode())
+        lock_fd = _lock(Path(spec.state_dir) / "worker.lock")
+        return serve(spec, commands, events, signals)
+    except _Stop:
+        return 0
+    except FedNCAError as e:
+        log.error("%s", e)
+        events.write(encode({"ev": "error", "message": str(e)}))
+        return 2
+    except Exception as e:  # a bug: say so on the pipe, keep the traceback for the journal
+        traceback.print_exc()
+        events.write(encode({"ev": "error", "message": f"internal error: {type(e).__name__}: {e}"}))
+        return 1
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the checkpoint is on disk: skip PyTorch's slow teardown so a stop stays quick
