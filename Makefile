@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench mosquitto clean
+.PHONY: demo test bench mosquitto clean install-daemon
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP) mosquitto
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# Install the edge daemon on this board (as root): user, venv, /etc/fednca skeleton, systemd unit.
+install-daemon:
+	systemd/install-daemon.sh --source .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -345,7 +345,7 @@ def _cross_checks(cfg: DaemonConfig, env: Mapping[str, str], problems: _Problems
     creds = env.get(CREDENTIALS_VAR)
     if creds and b.password is None and b.password_file is None and (Path(creds) / PASSWORD_CREDENTIAL).is_file():
         cfg = dataclasses.replace(cfg, broker=dataclasses.replace(b, password_file=Path(creds) / PASSWORD_CREDENTIAL))
-    if creds and cfg.keys == KeysConfig() and (Path(creds) / SITE_KEY_CREDENTIAL).is_file():
+    if creds and cfg.keys.site == KeysConfig().site and (Path(creds) / SITE_KEY_CREDENTIAL).is_file():
         cfg = dataclasses.replace(cfg, keys=dataclasses.replace(cfg.keys, site=Path(creds)))
     return cfg
 

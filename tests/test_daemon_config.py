@@ -83,10 +83,10 @@ def test_secrets_from_systemd_credentials(tmp_path):
     cfg = dc.load(conf, env={"CREDENTIALS_DIRECTORY": str(creds)})
     assert cfg.broker.password == "s3cret" and cfg.broker.password_file == creds / "mqtt-password"
     assert cfg.keys.coordinator == creds / "coordinator"
-    assert cfg.keys.site == Path("/etc/fednca/keys"), "a site key folder given in the file is kept"
-    del data["keys"]
+    assert cfg.keys.site == creds, "the default key folder gives way to the credential"
+    data["keys"]["site"] = "/srv/keys"
     conf.write_text(yaml.safe_dump(data))
-    assert dc.load(conf, env={"CREDENTIALS_DIRECTORY": str(creds)}).keys.site == creds
+    assert dc.load(conf, env={"CREDENTIALS_DIRECTORY": str(creds)}).keys.site == Path("/srv/keys")
     data["keys"] = {"site": "$CREDENTIALS_DIRECTORY"}
     with pytest.raises(dc.DaemonConfigError, match=r"keys.site: refers to \$CREDENTIALS_DIRECTORY, which is not set"):
         dc.parse(data, env={})
