@@ -189,7 +189,10 @@ class RoundState:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["config"] = self.config.to_dict()
         data["enrolled"] = sorted(self.enrolled)
-        data["accepted"] = [dataclasses.asdict(a) for a in self.accepted]
+        # Not dataclasses.asdict: it deep-copies every field, and this runs at every save of a
+        # state that may count thousands of updates.
+        names = [f.name for f in dataclasses.fields(AcceptedUpdate)]
+        data["accepted"] = [{name: getattr(a, name) for name in names} for a in self.accepted]
         return data
 
     @classmethod

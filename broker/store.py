@@ -32,7 +32,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import safetensors.numpy
@@ -142,9 +142,15 @@ class RoundStore:
 
     def append_log(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line and fsync it."""
+        self.append_logs([record])
+
+    def append_logs(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Append one JSON line per record with a single write and a single fsync."""
+        if not records:
+            return
         if not self._log_checked:
             self._cut_torn_log_line()
-        line = (_json(dict(record)) + "\n").encode()
+        line = "".join(_json(dict(record)) + "\n" for record in records).encode()
         created = not self.log_path.exists()
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
