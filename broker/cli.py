@@ -1,0 +1,363 @@
+"""``fednca coordinator``: set up a federation folder, enrol and revoke sites, run the coordinator.
+
+    fednca coordinator init DIR --federation NAME [--broker mqtt://127.0.0.1:1883] [--quorum 0.6]
+    fednca coordinator enroll DIR SITE KEYFILE|HEX [--out FOLDER] [--replace]
+    fednca coordinator revoke DIR SITE
+    fednca coordinator run DIR [--log-level info]
+    fednca coordinator show DIR [--json]
+
+The folder layout and every configuration key are described in ``broker/config.py`` and
+docs/coordinator.md. A configuration problem is one error listing every bad key (exit 2).
+
+``run`` handles SIGTERM and SIGINT by finishing the current step and disconnecting, re-reads the
+site registry when ``enroll`` or ``revoke`` changes it, and exits 0 once ``max_rounds`` rounds are
+done. Test hook, not for operators: with ``FEDNCA_COORDINATOR_KILL_AFTER=ACTION[:N]`` in its
+environment, ``run`` kills itself with SIGKILL right after performing the N-th (default first)
+action of that name (``StoreUpdate``, ``SaveState``, ``Ack``, ``SendReceipt``, ``LogEvent``,
+``Announce``, ``SaveModel``, ``LogRound``, ``CloseRound``, ``LogFinished``), so crash tests can
+stop it at an exact point of a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import stat
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from nacl.signing import VerifyKey
+
+from fednca import keys as k
+from fednca.atomic import write_text
+from fednca.config import PRESETS, preset, train_preset
+from fednca.errors import ConfigError, FedNCAError
+from fednca.topics import check_id
+
+from . import mosquitto
+from .config import CONFIG_NAME, BrokerConfig, CoordinatorConfig, FederationConfig, MosquittoConfig, load_config, to_yaml_dict
+from .rounds import RoundConfig
+from .store import RoundStore
+
+KILL_ENV = "FEDNCA_COORDINATOR_KILL_AFTER"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = sub.add_parser("init", help="create a federation folder: keys, configuration, registry, broker files")
+    init.add_argument("folder", type=Path)
+    init.add_argument("--federation", required=True, help="the federation id (a-z 0-9 _ -)")
+    init.add_argument("--broker", default=BrokerConfig.url, help="broker address (default %(default)s)")
+    init.add_argument("--quorum", "--sites-quorum", dest="quorum", default="0.6",
+                      help="sites needed to close a round: a fraction of the enrolled (0.6) or a count (3)")
+    init.add_argument("--preset", choices=sorted(PRESETS), default="fednca", help="model preset")
+    init.add_argument("--model", type=Path, help="start from this model folder instead of fresh weights")
+    init.add_argument("--seed", type=int, default=0, help="seed of the fresh initial weights")
+    init.add_argument("--max-rounds", type=int, default=FederationConfig.max_rounds)
+    enroll = sub.add_parser("enroll", help="enrol a site: its public signing key and broker password")
+    enroll.add_argument("folder", type=Path)
+    enroll.add_argument("site", help="the site id, also its broker user name")
+    enroll.add_argument("key", help="the site's signing.pub file, or its 64 hex digits")
+    enroll.add_argument("--replace", action="store_true", help="give an enrolled site a new key and password")
+    enroll.add_argument("--out", type=Path, help="also write what the site needs into this folder")
+    enroll.add_argument("--json", action="store_true", help="print one JSON object")
+    revoke = sub.add_parser("revoke", help="revoke a site: drop its key and its broker account")
+    revoke.add_argument("folder", type=Path)
+    revoke.add_argument("site")
+    run_p = sub.add_parser("run", help="run the federation's coordinator")
+    run_p.add_argument("folder", type=Path)
+    run_p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run_p.add_argument("--poll", type=float, default=1.0, help="seconds between clock ticks when idle")
+    show = sub.add_parser("show", help="print the federation's configuration, sites and round")
+    show.add_argument("folder", type=Path)
+    show.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"init": _init, "enroll": _enroll, "revoke": _revoke, "run": _run, "show": _show}[args.action](args)
+
+
+# ------------------------------------------------------------------------------------------ init
+
+
+def _quorum(text: str) -> RoundConfig:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError("--quorum", f"must be a fraction like 0.6 or a count like 3, got {text!r}") from None
+    try:
+        if value.is_integer() and value >= 1 and "." not in text:
+            return RoundConfig(quorum_count=int(value))
+        return RoundConfig(quorum_fraction=value)
+    except ConfigError as e:
+        raise ConfigError("--quorum", e.why) from None
+
+
+def _init(args: argparse.Namespace) -> int:
+    folder: Path = args.folder.resolve()  # the broker files name paths: make them absolute
+    if (folder / CONFIG_NAME).exists():
+        raise FedNCAError(f"{folder / CONFIG_NAME}: already exists; this folder holds a federation")
+    try:
+        url = BrokerConfig(url=args.broker).url
+    except ConfigError as e:
+        raise ConfigError("--broker", e.why) from None
+    from fednca.transport.mqtt import parse_url
+
+    address = parse_url(url)
+    listener = MosquittoConfig(
+        address="127.0.0.1" if address.host in _LOOPBACK else "0.0.0.0",
+        port=address.port if not address.tls else 1883,
+    )  # fmt: skip
+    model_cfg, tensors = _initial_model(args)
+    federation = FederationConfig(
+        name=check_id(args.federation, what="federation"), rounds=_quorum(args.quorum), max_rounds=args.max_rounds,
+        model=model_cfg, seed=args.seed, train=train_preset(model_cfg.preset),
+    )  # fmt: skip
+    cfg = CoordinatorConfig(folder=folder, federation=federation, broker=BrokerConfig(url=url), mosquitto=listener)
+    folder.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(24)
+    _write_secret(cfg.password_path, password)
+    mosquitto.write_files(cfg.mosquitto_settings(), coordinator_password=password, site_passwords={})
+    coordinator_keys = k.CoordinatorKeys.generate()
+    k.write_coordinator_keys(cfg.keys_dir, coordinator_keys, force=True)  # no federation yet: nothing to lose
+    RoundStore(root=cfg.store_root, federation=federation.name).save_model(1, tensors)
+    k.write_registry(cfg.registry_path, k.Registry())
+    header = (f"# FedNCA coordinator of federation {federation.name!r}. Every key is described in "
+              "docs/coordinator.md.\n# Changes take effect when the coordinator starts again; "
+              "round settings apply from the next round.\n")
+    write_text(cfg.config_path, header + yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False), mode=0o640)
+    load_config(cfg.config_path)  # what was written must read back
+    pub = coordinator_keys.public
+    print(f"federation {federation.name!r} set up in {folder}")
+    print(f"  coordinator signing key id {pub.verify_id}, box key id {pub.box_id}")
+    print(f"  broker files in {cfg.mosquitto_dir}: run  mosquitto -c {cfg.mosquitto_settings().conf_path}")
+    print(f"  next: fednca coordinator enroll {folder} SITE SITE_SIGNING_PUB, then fednca coordinator run {folder}")
+    return 0
+
+
+def _initial_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    if args.model is not None:
+        from fednca import modelfile
+
+        model_cfg, tensors, _ = modelfile.load(args.model)
+        return model_cfg, tensors
+    from fednca.model import build, tensors as model_tensors  # torch: once, to make the first weights
+
+    model_cfg = preset(args.preset)
+    return model_cfg, {n: t.numpy() for n, t in model_tensors(build(model_cfg, seed=args.seed)).items()}
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_text(path, text + "\n", mode=0o600)
+
+
+def _read_secret(cfg: CoordinatorConfig) -> str:
+    path = cfg.password_path
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError("broker.password_file", f"{path}: cannot read ({e.strerror})") from None
+    if mode & 0o077:
+        raise ConfigError("broker.password_file", f"{path} is readable by group or others "
+                          f"(mode {stat.S_IMODE(mode):04o}); fix it with: chmod 600 {path}")
+    if not text:
+        raise ConfigError("broker.password_file", f"{path} is empty")
+    return text
+
+
+# -------------------------------------------------------------------------------- enroll, revoke
+
+
+def _site_key(text: str) -> VerifyKey:
+    if Path(text).is_file():
+        return k.read_verify_key(text)
+    if _HEX64.fullmatch(text):
+        return VerifyKey(bytes.fromhex(text))
+    raise FedNCAError(f"site key {text!r}: neither a signing.pub file nor 64 lowercase hex digits")
+
+
+def _rewrite_acl(cfg: CoordinatorConfig, registry: k.Registry) -> None:
+    settings = cfg.mosquitto_settings()
+    acl = mosquitto.render_acl(cfg.federation.name, coordinator_user=settings.coordinator_user, sites=registry.sites)
+    write_text(settings.acl_path, acl, mode=0o640)
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    cfg = load_config(args.folder / CONFIG_NAME)
+    site = check_id(args.site, what="site")
+    if site == cfg.broker.username:
+        raise FedNCAError(f"site {site!r}: that is the coordinator's broker user name")
+    registry = k.read_registry(cfg.registry_path)
+    if site in registry.sites and not args.replace:
+        raise FedNCAError(f"site {site!r} is already enrolled; pass --replace to give it a new key and password")
+    enrolled = registry.enrol(site, _site_key(args.key))
+    password = secrets.token_urlsafe(24)
+    mosquitto.set_password(cfg.mosquitto_settings().password_path, site, password)
+    _rewrite_acl(cfg, enrolled)
+    k.write_registry(cfg.registry_path, enrolled)  # last: the site counts from here on
+    pub = k.read_coordinator_public(cfg.keys_dir)
+    sheet = {
+        "federation": cfg.federation.name, "site": site, "site_key_id": k.key_id(enrolled.sites[site]),
+        "broker": cfg.broker.url, "mqtt_username": site, "mqtt_password": password,
+        "coordinator_signing_key": bytes(pub.verify).hex(), "coordinator_signing_key_id": pub.verify_id,
+        "coordinator_box_key": bytes(pub.box).hex(), "coordinator_box_key_id": pub.box_id,
+        "update_dtype": cfg.federation.update_dtype,
+    }  # fmt: skip
+    if args.out is not None:
+        _write_bundle(args.out, cfg, password)
+        sheet["bundle"] = str(args.out)
+    if args.json:
+        print(json.dumps(sheet, sort_keys=True))
+    else:
+        print(f"enrolled site {site!r} in federation {cfg.federation.name!r}; give the site:")
+        for key, value in sheet.items():
+            print(f"  {key:<28} {value}")
+        print(_reload_hint(cfg))
+    return 0
+
+
+def _write_bundle(out: Path, cfg: CoordinatorConfig, password: str) -> None:
+    """The coordinator's two public key files and the site's broker password (0600)."""
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name in (k.SIGNING_PUB_FILE, k.BOX_PUB_FILE):
+        write_text(out / name, (cfg.keys_dir / name).read_text(), mode=0o644)
+    write_text(out / "mqtt-password", password + "\n", mode=0o600)
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    cfg = load_config(args.folder / CONFIG_NAME)
+    site = check_id(args.site, what="site")
+    revoked = k.read_registry(cfg.registry_path).revoke(site)
+    k.write_registry(cfg.registry_path, revoked)  # first: its updates are refused from here on
+    passwd = cfg.mosquitto_settings().password_path
+    if any(line.split(":", 1)[0] == site for line in passwd.read_text().splitlines()):
+        mosquitto.remove_user(passwd, site)
+    _rewrite_acl(cfg, revoked)
+    print(f"revoked site {site!r} of federation {cfg.federation.name!r}")
+    print(_reload_hint(cfg))
+    return 0
+
+
+def _reload_hint(cfg: CoordinatorConfig) -> str:
+    return (f"  reload mosquitto so it reads {cfg.mosquitto_dir}/passwd and acl again: "
+            "kill -HUP $(pidof mosquitto)  (or: systemctl reload mosquitto)")
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+class RegistryWatcher:
+    """Reads the registry file again when its identity, size or modification time changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen = self._signature()
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def changed(self) -> k.Registry | None:
+        signature = self._signature()
+        if signature == self._seen:
+            return None
+        self._seen = signature
+        try:
+            return k.read_registry(self.path)
+        except k.RegistryError as e:
+            logging.getLogger("fednca.coordinator").error("registry not reloaded, the sites stay as they were: %s", e)
+            return None
+
+
+def kill_hook(spec: str | None) -> Callable[[str], None] | None:
+    """The test-only SIGKILL hook of ``FEDNCA_COORDINATOR_KILL_AFTER=ACTION[:N]``."""
+    if not spec:
+        return None
+    name, _, count = spec.partition(":")
+    target, seen = int(count or 1), [0]
+
+    def hook(action: str) -> None:
+        if action == name:
+            seen[0] += 1
+            if seen[0] == target:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fednca.transport.mqtt import MqttClient, TLSOptions
+
+    from .coordinator import Coordinator
+
+    cfg = load_config(args.folder / CONFIG_NAME)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    b = cfg.broker
+    tls = TLSOptions(b.ca_file, b.cert_file, b.key_file) if b.url.startswith("mqtts://") else None
+    client = MqttClient(url=b.url, client_id=cfg.client_id, username=b.username, password=_read_secret(cfg), tls=tls,
+                        keepalive=b.keepalive, max_packet_size=b.max_packet_size, protocol=b.protocol)
+    coordinator = Coordinator(
+        config=cfg.federation, store=RoundStore(root=cfg.store_root, federation=cfg.federation.name),
+        keys=k.read_coordinator_keys(cfg.keys_dir), registry=k.read_registry(cfg.registry_path), client=client,
+        clock=time.time, after_action=kill_hook(os.environ.get(KILL_ENV)),
+    )  # fmt: skip
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: coordinator.stop())
+    watcher = RegistryWatcher(cfg.registry_path)
+    try:
+        coordinator.start()
+        while not coordinator.finished and not coordinator.stopped:
+            coordinator.step(args.poll)
+            registry = watcher.changed()
+            if registry is not None:
+                coordinator.set_registry(registry)
+    finally:
+        if not coordinator.wait_published(10.0):
+            logging.getLogger("fednca.coordinator").warning("the broker did not take every message within 10 s")
+        client.disconnect()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ show
+
+
+def _show(args: argparse.Namespace) -> int:
+    cfg = load_config(args.folder / CONFIG_NAME)
+    registry = k.read_registry(cfg.registry_path)
+    state = RoundStore(root=cfg.store_root, federation=cfg.federation.name).load_state()
+    f = cfg.federation
+    info: dict[str, Any] = {
+        "federation": f.name, "broker": cfg.broker.url, "sites": sorted(registry.sites),
+        "round": None if state is None else {
+            "round": state.round, "status": state.status, "deadline": state.deadline, "quorum": state.quorum,
+            "accepted": [a.site for a in state.accepted], "close_reason": state.close_reason,
+        },
+        "max_rounds": f.max_rounds, "aggregation": f.aggregation.method, "model": f.model.preset,
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+        return 0
+    print(f"federation {f.name!r} at {cfg.folder} (broker {cfg.broker.url})")
+    print(f"  sites ({len(registry.sites)}): {', '.join(sorted(registry.sites)) or 'none enrolled'}")
+    if state is None:
+        print("  no round opened yet")
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.deadline))
+        print(f"  round {state.round} of {f.max_rounds or 'unlimited'}: {state.status}"
+              + (f" ({state.close_reason})" if state.close_reason else f", deadline {when}")
+              + f"; {len(state.accepted)} of {state.quorum} needed accepted")
+    return 0

@@ -1,0 +1,167 @@
+"""``fednca coordinator init / enroll / revoke / show`` on temporary folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+
+import pytest
+import yaml
+
+from fednca.cli import main
+from fednca.keys import SiteKeys, key_id, read_coordinator_public, read_registry, write_site_keys
+from fednca_broker.cli import RegistryWatcher, kill_hook
+from fednca_broker.config import load_config
+from fednca_broker.store import RoundStore
+
+pytestmark = pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="needs mosquitto_passwd")
+
+
+def mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def fed(tmp_path, capsys):
+    folder = tmp_path / "fed"
+    assert main(["coordinator", "init", str(folder), "--federation", "clinics", "--quorum", "3",
+                 "--broker", "mqtt://127.0.0.1:18830", "--max-rounds", "5"]) == 0  # fmt: skip
+    capsys.readouterr()
+    return folder
+
+
+def enroll(folder, site, key, *extra):
+    return main(["coordinator", "enroll", str(folder), site, key, *extra])
+
+
+def users(folder):
+    return [line.split(":", 1)[0] for line in (folder / "mosquitto" / "passwd").read_text().splitlines()]
+
+
+def test_init_makes_a_complete_private_federation_folder(fed, capsys):
+    cfg = load_config(fed / "coordinator.yaml")
+    f = cfg.federation
+    assert (f.name, f.rounds.quorum_count, f.max_rounds, cfg.broker.url) == ("clinics", 3, 5, "mqtt://127.0.0.1:18830")
+    assert cfg.mosquitto.port == 18830 and cfg.mosquitto.address == "127.0.0.1"
+    assert mode(fed / "keys") == 0o700 and mode(fed / "keys" / "box.key") == mode(fed / "keys" / "signing.key") == 0o600
+    assert mode(fed / "secrets" / "mqtt-password") == 0o600
+    assert read_registry(fed / "registry.json").sites == {}
+    assert RoundStore(root=fed / "store", federation="clinics").model_rounds() == [1]
+    conf = (fed / "mosquitto" / "mosquitto.conf").read_text()
+    assert "listener 18830 127.0.0.1" in conf and f"acl_file {fed / 'mosquitto' / 'acl'}" in conf
+    assert users(fed) == ["coordinator"]
+    assert "user coordinator\ntopic read fednca/clinics/updates/+" in (fed / "mosquitto" / "acl").read_text()
+    assert main(["coordinator", "init", str(fed), "--federation", "clinics"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [(["--federation", "Bad Name"], "federation"), (["--federation", "x", "--quorum", "lots"], "--quorum"),
+     (["--federation", "x", "--quorum", "1.5"], "--quorum"), (["--federation", "x", "--broker", "http://h"], "--broker")],
+)
+def test_init_refuses_bad_options_naming_them(tmp_path, capsys, args, named):
+    assert main(["coordinator", "init", str(tmp_path / "f"), *args]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not (tmp_path / "f" / "coordinator.yaml").exists()
+
+
+def test_enroll_with_a_key_file_or_hex_gives_the_site_what_it_needs(fed, tmp_path, capsys):
+    a, b = SiteKeys.generate(), SiteKeys.generate()
+    write_site_keys(tmp_path / "a-keys", a)
+    assert enroll(fed, "site-a", str(tmp_path / "a-keys" / "signing.pub")) == 0
+    printed = capsys.readouterr().out
+    assert "mqtt_password" in printed and "kill -HUP" in printed
+    assert enroll(fed, "site-b", bytes(b.verify_key).hex(), "--json", "--out", str(tmp_path / "bundle")) == 0
+    sheet = json.loads(capsys.readouterr().out)
+    public = read_coordinator_public(fed / "keys")
+    assert sheet["coordinator_box_key"] == bytes(public.box).hex()
+    assert sheet["coordinator_signing_key_id"] == key_id(public.verify)
+    assert (sheet["mqtt_username"], sheet["site_key_id"]) == ("site-b", key_id(b.verify_key))
+    assert read_coordinator_public(tmp_path / "bundle") == public
+    assert (tmp_path / "bundle" / "mqtt-password").read_text().strip() == sheet["mqtt_password"]
+    assert mode(tmp_path / "bundle" / "mqtt-password") == 0o600
+    assert read_registry(fed / "registry.json").sites == {"site-a": a.verify_key, "site-b": b.verify_key}
+    assert users(fed) == ["coordinator", "site-a", "site-b"]
+    acl = (fed / "mosquitto" / "acl").read_text()
+    assert "user site-b\ntopic write fednca/clinics/updates/site-b" in acl
+
+
+def test_enroll_refuses_a_second_enrolment_a_shared_key_and_a_bad_key(fed, capsys):
+    key = bytes(SiteKeys.generate().verify_key).hex()
+    assert enroll(fed, "site-a", key) == 0
+    capsys.readouterr()
+    for site, text, why in [("site-a", bytes(SiteKeys.generate().verify_key).hex(), "--replace"),
+                            ("site-b", key, "share one key"), ("site-c", "abc", "neither"),
+                            ("coordinator", bytes(SiteKeys.generate().verify_key).hex(), "coordinator")]:
+        assert enroll(fed, site, text) == 2
+        assert why in capsys.readouterr().err
+    assert list(read_registry(fed / "registry.json").sites) == ["site-a"]
+    new = SiteKeys.generate().verify_key
+    assert enroll(fed, "site-a", bytes(new).hex(), "--replace") == 0
+    assert read_registry(fed / "registry.json").sites == {"site-a": new}
+
+
+def test_revoke_removes_the_key_the_broker_account_and_the_acl_block(fed, capsys):
+    assert enroll(fed, "site-a", bytes(SiteKeys.generate().verify_key).hex()) == 0
+    assert main(["coordinator", "revoke", str(fed), "site-a"]) == 0
+    assert read_registry(fed / "registry.json").sites == {}
+    assert users(fed) == ["coordinator"] and "site-a" not in (fed / "mosquitto" / "acl").read_text()
+    capsys.readouterr()
+    assert main(["coordinator", "revoke", str(fed), "site-a"]) == 2
+    assert "not enrolled" in capsys.readouterr().err
+
+
+def test_bad_configuration_is_one_error_naming_every_key(fed, capsys):
+    path = fed / "coordinator.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["round"]["grace_s"] = -5
+    data["aggregation"]["method"] = "mean"
+    data["broker"]["colour"] = "blue"
+    path.write_text(yaml.safe_dump(data))
+    for action in ("show", "run"):
+        assert main(["coordinator", action, str(fed)]) == 2
+        err = capsys.readouterr().err
+        assert "3 problem(s)" in err and "Traceback" not in err
+        for key in ("round.grace_s", "aggregation.method: unknown aggregator 'mean'", "broker.colour: unknown key"):
+            assert key in err
+    path.write_text("round: [unclosed\n")
+    assert main(["coordinator", "show", str(fed)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_run_refuses_a_password_file_others_can_read(fed, capsys):
+    (fed / "secrets" / "mqtt-password").chmod(0o644)
+    assert main(["coordinator", "run", str(fed)]) == 2
+    assert "broker.password_file" in capsys.readouterr().err
+
+
+def test_show_prints_the_sites_and_the_round(fed, capsys):
+    assert enroll(fed, "site-a", bytes(SiteKeys.generate().verify_key).hex()) == 0
+    capsys.readouterr()
+    assert main(["coordinator", "show", str(fed), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["federation"], info["sites"], info["round"], info["max_rounds"]) == ("clinics", ["site-a"], None, 5)
+    assert main(["coordinator", "show", str(fed)]) == 0
+    assert "no round opened yet" in capsys.readouterr().out
+
+
+def test_the_registry_watcher_sees_enrolment_and_survives_a_broken_file(fed):
+    watcher = RegistryWatcher(fed / "registry.json")
+    assert watcher.changed() is None
+    assert enroll(fed, "site-a", bytes(SiteKeys.generate().verify_key).hex()) == 0
+    assert list(watcher.changed().sites) == ["site-a"]
+    (fed / "registry.json").write_text("{broken")
+    assert watcher.changed() is None
+
+
+def test_the_test_kill_hook_is_off_unless_asked(monkeypatch):
+    assert kill_hook(None) is None and kill_hook("") is None
+    killed = []
+    monkeypatch.setattr("os.kill", lambda pid, sig: killed.append(sig))
+    hook = kill_hook("Ack:2")
+    for name in ("Ack", "SaveState", "Ack", "Ack"):
+        hook(name)
+    assert len(killed) == 1
