@@ -1,0 +1,254 @@
+"""Coordinator throughput and memory: one round of N simulated sites' real sealed updates.
+
+The parent process builds the federation once (coordinator keys, a registry of 1,000 sites, the
+default model's initial weights and one signed-and-sealed float16 update per site, made with
+fednca.wire) and writes it to a temporary folder. Each measurement runs in a fresh child process,
+so its peak RSS is the coordinator's own:
+
+* ``memory``: the in-memory broker in the child. Every update is published (the broker queues
+  them for the coordinator's session) before the clock starts, then the coordinator starts.
+* ``mosquitto``: a local mosquitto started here with the federation's generated files (ACL and
+  one account per site). The coordinator's session subscribes, every site publishes its update
+  over its own connection while the coordinator is away, then the child starts the coordinator.
+
+Timed in the child: from ``Coordinator.start()`` (open round 1, take the queued updates, open,
+verify, store, count, receipt each) until round 2 is announced (aggregate the round read back from
+the store, save, announce). ``aggregate_s`` is the close alone. Peak RSS is the child's ``VmHWM``;
+the in-memory broker's queue (N x 16 KB of updates) lives in the same process and is part of it.
+
+    .venv/bin/python bench/bench_coordinator.py              # 10 and 1,000 sites, both brokers
+    .venv/bin/python bench/bench_coordinator.py --sites 1000 --broker memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+FEDERATION = "bench"
+PASSWORD = "bench-secret"
+
+
+def site_id(i: int) -> str:
+    return f"site-{i:04d}"
+
+
+# --------------------------------------------------------------------------------------- parent
+
+
+def build_federation(folder: Path, sites: int) -> None:
+    """Keys, registry, initial model and one sealed update per site, written under ``folder``."""
+    from fednca import wire
+    from fednca.config import preset
+    from fednca.keys import CoordinatorKeys, Registry, SiteKeys, write_coordinator_keys, write_registry
+    from fednca.model import build, tensors
+
+    model = {n: t.numpy() for n, t in tensors(build(preset("fednca"), seed=0)).items()}
+    coordinator = CoordinatorKeys.generate()
+    write_coordinator_keys(folder / "keys", coordinator)
+    (folder / "model.safetensors").write_bytes(safetensors.numpy.save(model))
+    base, rng, registry = wire.model_sha256(model), np.random.default_rng(0), {}
+    (folder / "updates").mkdir()
+    started = time.perf_counter()
+    for i in range(sites):
+        keys = SiteKeys.generate()
+        registry[site_id(i)] = keys.verify_key
+        delta = {n: rng.normal(0, 1e-3, a.shape).astype(np.float32) for n, a in sorted(model.items())}
+        payload = wire.make_update(federation=FEDERATION, site=site_id(i), round=1, base_sha256=base,
+                                   samples=int(rng.integers(10, 200)), steps=50, partial=False, metrics={"loss": 0.4},
+                                   delta=delta, signing_key=keys.signing, coordinator_box=coordinator.box.public_key)
+        (folder / "updates" / f"{site_id(i)}.bin").write_bytes(payload)
+    print(f"built {sites} sealed updates in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    write_registry(folder / "registry.json", Registry(sites=registry))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mosquitto(folder: Path, sites: int) -> tuple[subprocess.Popen[bytes], str]:
+    from fednca_broker.mosquitto import MosquittoSettings, write_files
+
+    settings = MosquittoSettings(federation=FEDERATION, folder=str(folder), port=free_port(),
+                                 max_queued_messages=sites + 100, run_as_root=os.geteuid() == 0)
+    write_files(settings, coordinator_password=PASSWORD, site_passwords={site_id(i): PASSWORD for i in range(sites)})
+    process = subprocess.Popen(["mosquitto", "-c", str(settings.conf_path)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", settings.port), timeout=0.2).close()
+            return process, f"mqtt://127.0.0.1:{settings.port}"
+        except OSError:
+            time.sleep(0.02)
+    process.kill()
+    raise RuntimeError("mosquitto did not start")
+
+
+def publish_to_mosquitto(url: str, data: Path, sites: int, client_id: str) -> None:
+    """Make the coordinator's session, then publish every site's update over its own connection."""
+    from fednca.topics import Topics
+    from fednca.transport.mqtt import MqttClient
+
+    topics = Topics(FEDERATION)
+    session = MqttClient(url=url, client_id=client_id, username="coordinator", password=PASSWORD)
+    session.connect(10)
+    session.subscribe(topics.all_updates)
+    session.disconnect()
+    for i in range(sites):
+        site = MqttClient(url=url, client_id=site_id(i), username=site_id(i), password=PASSWORD, clean_start=True)
+        site.connect(10)
+        site.publish(topics.updates(site_id(i)), (data / "updates" / f"{site_id(i)}.bin").read_bytes()).result(10)
+        site.disconnect()
+
+
+def measure(kind: str, sites: int, data: Path, work: Path) -> dict:
+    url, process = "memory://", None
+    client_id = f"coordinator-{kind}-{sites}"
+    if kind == "mosquitto":
+        process, url = start_mosquitto(work / f"mosquitto-{sites}", sites)
+    try:
+        if process is not None:
+            started = time.perf_counter()
+            publish_to_mosquitto(url, data, sites, client_id)
+            print(f"published {sites} updates to mosquitto in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        command = [sys.executable, __file__, "--child", kind, "--sites", str(sites), "--data", str(data),
+                   "--work", str(work / f"{kind}-{sites}"), "--url", url, "--client-id", client_id]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"child {kind} {sites} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------- child
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes. Linux's ``ru_maxrss`` also counts the parent's memory
+    copied at fork (before exec); ``VmHWM`` is this program's own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(kind: str, sites: int, data: Path, work: Path, url: str, client_id: str) -> dict:
+    import psutil
+
+    from fednca.config import preset
+    from fednca.keys import read_coordinator_keys, read_registry
+    from fednca.topics import Topics
+    from fednca_broker.config import FederationConfig
+    from fednca_broker.coordinator import Coordinator
+    from fednca_broker.store import RoundStore
+
+    registry = read_registry(data / "registry.json")
+    registry = type(registry)(sites={site_id(i): registry.sites[site_id(i)] for i in range(sites)})
+    if kind == "memory":
+        from fednca.transport.memory import MemoryBroker
+
+        broker = MemoryBroker(federation=FEDERATION, max_queued_messages=sites + 100)
+        client = broker.client(client_id=client_id)
+        client.connect()
+        client.subscribe(Topics(FEDERATION).all_updates)
+        sender = broker.client(client_id="sites")
+        sender.connect()
+        for i in range(sites):
+            payload = (data / "updates" / f"{site_id(i)}.bin").read_bytes()
+            sender.publish(Topics(FEDERATION).updates(site_id(i)), payload).result(1)
+    else:
+        from fednca.transport.mqtt import MqttClient
+
+        client = MqttClient(url=url, client_id=client_id, username="coordinator", password=PASSWORD)
+    store = RoundStore(root=work, federation=FEDERATION)
+    coordinator = Coordinator(
+        config=FederationConfig(name=FEDERATION, model=preset("fednca"), max_rounds=None),
+        store=store, keys=read_coordinator_keys(data / "keys"),
+        registry=registry, client=client, clock=time.time,
+        initial_model=safetensors.numpy.load((data / "model.safetensors").read_bytes()),
+    )  # fmt: skip
+    rss_before = psutil.Process().memory_info().rss
+    started = time.perf_counter()
+    coordinator.start()
+    closed = coordinator.run_until(lambda c: c.round == 2, poll=1.0, max_steps=100_000)
+    elapsed = time.perf_counter() - started
+    coordinator.wait_published(30)
+    client.disconnect()
+    summary = next(r for r in store.read_log() if r["kind"] == "round_aggregated")
+    assert closed and len(summary["sites"]) == sites, "the round did not close with every site"
+    aggregate_s = summary["seconds"]
+    return {
+        "broker": kind,
+        "sites": sites,
+        "round_close_s": round(elapsed, 3),
+        "aggregate_s": aggregate_s,
+        "verified_per_s": round(sites / max(elapsed - aggregate_s, 1e-9), 1),
+        "aggregated_per_s": round(sites / max(aggregate_s, 1e-9), 1),
+        "rss_before_start_mb": round(rss_before / 2**20, 1),
+        "peak_rss_mb": round(peak_rss() / 2**20, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sites", default="10,1000", help="comma-separated federation sizes")
+    p.add_argument("--broker", default="both", choices=["memory", "mosquitto", "both"])
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--child", choices=["memory", "mosquitto"], help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--client-id", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sites.split(",")]
+    if args.child:
+        print(json.dumps(child(args.child, sizes[0], args.data, args.work, args.url, args.client_id)))
+        return 0
+    kinds = ["memory", "mosquitto"] if args.broker == "both" else [args.broker]
+    if "mosquitto" in kinds and shutil.which("mosquitto") is None:
+        print("mosquitto is not installed: measuring the in-memory broker only", file=sys.stderr)
+        kinds.remove("mosquitto")
+    with tempfile.TemporaryDirectory(prefix="fednca-bench-") as tmp:
+        work = Path(tmp)
+        data = work / "federation"
+        data.mkdir()
+        build_federation(data, max(sizes))
+        runs = [measure(kind, n, data, work) for kind in kinds for n in sizes]
+    result: dict = {"bench": "coordinator", "runs": runs}
+    for kind in kinds:
+        peaks = {r["sites"]: r["peak_rss_mb"] for r in runs if r["broker"] == kind}
+        if len(peaks) > 1:
+            result[f"{kind}_peak_rss_growth_mb"] = round(peaks[max(peaks)] - peaks[min(peaks)], 1)
+    result.update(cores=len(os.sched_getaffinity(0)), machine=platform.machine(), python=platform.python_version(),
+                  note="one run on a shared 2-core machine; figures vary with the load of other processes")
+    text = json.dumps(result, sort_keys=True)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
