@@ -391,3 +391,15 @@ def test_it_must_be_started_once_before_stepping(world, tmp_path):
     fed.start()
     with pytest.raises(CoordinatorError, match="already"):
         fed.coordinator.start()
+
+
+def test_without_a_model_it_starts_from_the_configured_preset_and_seed(world, tmp_path):
+    config = FederationConfig(name=FED, model=world["cfg"], seed=3)
+    coordinator = Coordinator(
+        config=config, store=RoundStore(root=tmp_path, federation=FED), keys=world["keys"],
+        registry=Registry(), client=MemoryBroker(federation=FED).client(client_id="coordinator"), clock=Clock(),
+    )  # fmt: skip
+    coordinator.start()
+    built = {n: t.numpy() for n, t in tensors(build(world["cfg"], seed=3)).items()}
+    assert coordinator.model_sha256 == wire.model_sha256(built) != world["base"]
+    assert coordinator.state.enrolled == frozenset() and coordinator.state.quorum == 1

@@ -189,3 +189,15 @@ def test_an_uninterrupted_run_and_runs_killed_anywhere_give_the_same_model(case)
         assert killed.run_round() == 0, f"after a kill at {point}:\n{killed.log()}"
         assert killed.expected_sha() == expected
         killed.check(expected)
+
+
+def test_sigterm_stops_the_coordinator_cleanly_and_it_resumes(case):
+    c = case("sigterm")
+    c.start()
+    wait_for(c.announced, "round 1 to be announced")
+    c.child.send_signal(signal.SIGTERM)
+    assert c.wait_exit() == 0, c.log()
+    assert c.store.load_state().status == "open"
+    c.publish_updates()
+    assert c.run_round() == 0, c.log()
+    c.check(c.expected_sha())
