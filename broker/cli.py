@@ -299,17 +299,23 @@ def kill_hook(spec: str | None) -> Callable[[str], None] | None:
     return hook
 
 
-def _run(args: argparse.Namespace) -> int:
+def broker_client(cfg: CoordinatorConfig, *, client_id: str | None = None, clean_start: bool = False) -> Any:
+    """An MQTT client with the coordinator's credentials (``client_id`` for a second, read-only view)."""
     from fednca.transport.mqtt import MqttClient, TLSOptions
 
+    b = cfg.broker
+    tls = TLSOptions(b.ca_file, b.cert_file, b.key_file) if b.url.startswith("mqtts://") else None
+    return MqttClient(url=b.url, client_id=client_id or cfg.client_id, username=b.username,
+                      password=_read_secret(cfg), tls=tls, keepalive=b.keepalive,
+                      max_packet_size=b.max_packet_size, protocol=b.protocol, clean_start=clean_start)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .coordinator import Coordinator
 
     cfg = load_config(args.folder / CONFIG_NAME)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    b = cfg.broker
-    tls = TLSOptions(b.ca_file, b.cert_file, b.key_file) if b.url.startswith("mqtts://") else None
-    client = MqttClient(url=b.url, client_id=cfg.client_id, username=b.username, password=_read_secret(cfg), tls=tls,
-                        keepalive=b.keepalive, max_packet_size=b.max_packet_size, protocol=b.protocol)
+    client = broker_client(cfg)
     coordinator = Coordinator(
         config=cfg.federation, store=RoundStore(root=cfg.store_root, federation=cfg.federation.name),
         keys=k.read_coordinator_keys(cfg.keys_dir), registry=k.read_registry(cfg.registry_path), client=client,

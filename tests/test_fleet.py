@@ -1,0 +1,29 @@
+import json
+
+from fednca.fleet import render, row
+
+
+def status(**fields) -> bytes:
+    return json.dumps({"v": 1, "site": "a", "time": 1000, "state": "training", **fields}).encode()
+
+
+def test_row_reads_telemetry_fields():
+    r = row("a", status(round=3, progress=0.4, cpu_percent=48.7, temperature_c=61.2, outbox=1), now=1030)
+    assert (r.state, r.round, r.progress, r.age_s, r.cpu_percent, r.outbox) == ("training", 3, 0.4, 30.0, 48.7, 1)
+
+
+def test_offline_will_and_garbage_do_not_break_the_view():
+    assert row("a", b"offline", now=0).state == "offline"
+    assert row("a", b"\xff\x00{", now=0).state == "unreadable"
+    assert row("a", b"[1, 2]", now=0).state == "unreadable"
+    hostile = row("a", status(round="7", cpu_percent="hot", outbox=True), now=0)
+    assert hostile.round is None and hostile.cpu_percent is None and hostile.outbox is None
+
+
+def test_render_is_one_aligned_line_per_site_sorted():
+    text = render([row("b", b"offline", now=0), row("a", status(round=2, progress=1.0), now=4000)], header="round 2")
+    lines = text.splitlines()
+    assert lines[0] == "round 2"
+    assert lines[1].startswith("site") and lines[3].startswith("a ") and lines[4].startswith("b ")
+    assert "100%" in lines[3] and "50 min ago" in lines[3]
+    assert "no site has reported" in render([])
