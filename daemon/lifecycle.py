@@ -14,7 +14,8 @@ Invariants:
    After each chunk (and after the trainer's start-up) the daemon rests as the CPU budget says.
 4. An update is submitted once per round: when the planned steps are done, or at the deadline
    (less the margin) when at least ``min_steps`` were done. Below that it keeps training: the
-   coordinator extends a round that lacks its quorum.
+   coordinator extends a round that lacks its quorum. A round that arrives after its deadline
+   (the final model of a finished federation) is not trained at all.
 5. A stored update leaves the outbox only after its receipt was saved as ``done_round`` (so a
    crash between the two never trains the round again), or when a newer round opens.
 6. Stopping interrupts a running chunk, waits for the trainer to exit, then emits ``Exit``.
@@ -256,6 +257,10 @@ Action = Union[StartWorker, RunChunk, StopWorker, Submit, Publish, DropUpdate, S
                Exit]
 
 
+PAST_DEADLINE = "past_deadline"  # the result of a round announced after its deadline
+DEADLINE_RESOLUTION_S = 1.0  # deadlines travel as whole seconds, rounded up
+
+
 class IllegalEvent(Exception):
     """The shell passed something that is not an event, or a time that is not a number (a bug)."""
 
@@ -333,8 +338,13 @@ def _on_announced(s: State, e: Announced, now: float, out: list[Action]) -> Stat
             out.append(DropUpdate(p.round, p.update_id))  # its round has closed
         else:
             keep.append(p)
-    return _r(s, round=RoundInfo(e.round, e.deadline, e.model_sha256), outbox=tuple(keep), steps=0,
-              planned=None, failures=0, error=None, rest_until=None, rest_s=0.0, submitting=False)
+    s = _r(s, round=RoundInfo(e.round, e.deadline, e.model_sha256), outbox=tuple(keep), steps=0,
+           planned=None, failures=0, error=None, rest_until=None, rest_s=0.0, submitting=False)
+    if e.deadline <= now + DEADLINE_RESOLUTION_S and e.round > s.done_round:
+        # Over before it reached us (the coordinator's final model comes this way): nothing to train.
+        out.append(SaveDone(e.round, PAST_DEADLINE))
+        s = _r(s, done_round=e.round, last_receipt=PAST_DEADLINE)
+    return s
 
 
 def _on_gates(s: State, e: GatesChanged, now: float, out: list[Action]) -> State:

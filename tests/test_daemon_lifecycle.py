@@ -262,3 +262,14 @@ def test_events_of_a_trainer_for_another_round_do_not_count():
     s = training(steps=0)
     s, _ = lc.handle(s, lc.ChunkDone(7, 99, 100, 0.0, 0.0), T0)
     assert s.steps == 0
+
+
+def test_a_round_announced_after_its_deadline_is_not_trained():
+    s, out = lc.handle(fresh(), lc.Announced(9, T0 - 1, SHA), T0)
+    assert out[0] == lc.SaveDone(9, lc.PAST_DEADLINE) and s.done_round == 9 and s.phase == lc.Phase.IDLE
+    assert not any(isinstance(a, lc.StartWorker) for a in out)
+    s = training(steps=30)  # an extension to a time already past changes nothing of the kind
+    s, out = lc.handle(s, lc.Announced(1, T0 - 5, SHA), T0)
+    assert s.done_round == -1 and not any(isinstance(a, lc.SaveDone) for a in out)
+    s, out = lc.handle(s, lc.ChunkDone(1, 31, 100, 0.0, 0.0), T0)
+    assert lc.Submit(1, partial=True) in out
