@@ -150,3 +150,9 @@ def test_check_config_fails_on_bad_keys_and_on_missing_files(tmp_path, capsys):
     assert main(["daemon", "--check-config", str(conf)]) == 2
     err = capsys.readouterr().err
     assert "keys.site: " in err and "no such key file" in err and "data.folder: /srv/data/images" in err
+
+
+def test_the_documentation_lists_every_key():
+    text = (ROOT / "docs" / "daemon.md").read_text()
+    missing = [key for key, _, _ in dc.reference() if f"| `{key}` |" not in text and f"| **`{key}`** |" not in text]
+    assert missing == []
