@@ -7,6 +7,10 @@ the returned actions in order; timers (gate readings, telemetry, the watchdog, t
 wake-up) are checked on every turn. Every QoS 1 message is acknowledged once it is handled.
 
 The daemon process imports no PyTorch; training runs in a child (:mod:`.workerproc`).
+
+``probe(point)`` is called at the named points where a crash matters (``chunk-started``,
+``chunk-done``, ``update-stored``, ``update-published``, ``update-delivered``,
+``update-republished``, ``done-saved``); the crash tests kill the process there.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from fednca import __version__
 from fednca.keys import CoordinatorPublicKeys, SiteKeys
 from fednca.tensorcodec import read_document
 from fednca.topics import TopicError, Topics
-from fednca.transport.base import Client, Message, PayloadTooLarge, TransportError
+from fednca.transport.base import Client, Message, PayloadTooLarge, PublishHandle, TransportError
 from fednca.wire import PREFIX, SIGNATURE_BYTES, Announcement, WireError, open_announcement, open_receipt
 
 from . import lifecycle as lc
@@ -102,6 +106,7 @@ class Service:
         self._gates = GateState()
         self._readings: Readings | None = None
         self._message_error: str | None = None
+        self._sent_updates: list[tuple[PublishHandle, int, str]] = []  # waiting for the broker's PUBACK
         self._closing = threading.Event()
         self._exited = False
         self._was_connected = False
@@ -186,6 +191,7 @@ class Service:
             item = self._events.get(timeout=self._timeout())
         except queue.Empty:
             item = None
+        self._check_deliveries()
         while item is not None:
             self._dispatch(item)
             try:
@@ -205,6 +211,18 @@ class Service:
         if wake is not None:
             wait = min(wait, wake - self.wall())
         return min(max(wait, 0.0), MAX_WAIT_S)
+
+    def _check_deliveries(self) -> None:
+        """Note updates the broker has taken (its PUBACK); the receipt is what ends the round."""
+        for sent in [x for x in self._sent_updates if x[0].done]:
+            self._sent_updates.remove(sent)
+            handle, rnd, uid = sent
+            if handle.accepted:
+                log.info("round %d: update %s taken by the broker", rnd, uid[:8])
+                self.probe("update-delivered")
+            else:
+                log.warning("round %d: the broker refused update %s (reason code %s); it stays in the outbox",
+                            rnd, uid[:8], handle.reason_code)
 
     def _check_timers(self) -> None:
         now = time.monotonic()
@@ -346,7 +364,8 @@ class Service:
 
     def _publish_update(self, rnd: int, uid: str, payload: bytes) -> None:
         try:
-            self.client.publish(self.topics.updates(self.cfg.site), payload, qos=1)
+            handle = self.client.publish(self.topics.updates(self.cfg.site), payload, qos=1)
+            self._sent_updates.append((handle, rnd, uid))
         except PayloadTooLarge as e:
             log.error("round %d: update %s can never be delivered: %s", rnd, uid[:8], e)
             self._pending.append(lc.ReceiptArrived(rnd, uid, False, "too_large"))

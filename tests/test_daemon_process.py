@@ -171,7 +171,7 @@ def test_sigkill_at_any_point_loses_no_update_and_at_most_one_chunk(tmp_path, mo
     plan = ["chunk-started:3",      # mid-chunk: the chunk in flight is lost, nothing else
             "chunk-done:2",         # right after a chunk's checkpoint
             "update-stored:1",      # update written to the outbox, not yet published
-            "update-republished:1", # published (again), receipt not yet received
+            "update-delivered:1",   # published again and taken by the broker, receipt not yet handled
             "done-saved:1",         # receipt saved, update still in the outbox
             "none"]                 # runs to the end
     logs, resumed_at, last_step = [], [], []
