@@ -269,8 +269,10 @@ class IllegalEvent(Exception):
 
 
 def initial(policy: Policy, *, now: float, round: RoundInfo | None, done_round: int,
-            outbox: list[tuple[int, str]], steps: int = 0, planned: int | None = None) -> tuple[State, list[Action]]:
-    """The state after a (re)start, from what was on disk; re-publishes what waits in the outbox."""
+            outbox: list[tuple[int, str]], steps: int = 0, planned: int | None = None, gates_open: bool = True,
+            gate_reasons: tuple[str, ...] = ()) -> tuple[State, list[Action]]:
+    """The state after a (re)start, from what was on disk and the first sensor readings;
+    re-publishes what waits in the outbox."""
     _check_now(now)
     out: list[Action] = []
     keep: list[Pending] = []
@@ -281,7 +283,7 @@ def initial(policy: Policy, *, now: float, round: RoundInfo | None, done_round: 
             keep.append(Pending(rnd, uid, now))
             out.append(Publish(rnd, uid))
     state = State(policy=policy, round=round, done_round=done_round, outbox=tuple(keep),
-                  steps=steps, planned=planned)
+                  steps=steps, planned=planned, gates_open=gates_open, gate_reasons=tuple(gate_reasons))
     state = _schedule(state, now, out)
     out.append(Telemetry())
     return state, out

@@ -18,7 +18,7 @@ MAX_STATUS = 200
 
 
 class Notifier:
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, *, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         path = env.get("NOTIFY_SOCKET") or None
         if path is not None and path.startswith("@"):

@@ -40,7 +40,7 @@ class StateError(FedNCAError):
 class Outbox:
     """Sealed updates waiting for a receipt, one file each, named by round and update id."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, *, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
 
     def open(self) -> None:
@@ -101,9 +101,9 @@ class Done:
 class StateFolder:
     """The daemon's state folder; ``open`` makes it (0700), locks it and cleans up."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, *, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.outbox = Outbox(self.path / "outbox")
+        self.outbox = Outbox(folder=self.path / "outbox")
         self._lock_fd: int | None = None
 
     @property

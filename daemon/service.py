@@ -92,7 +92,7 @@ class Service:
         self.python = python
         self.connect_timeout = connect_timeout
         self.topics = Topics(config.federation)
-        self.folder = StateFolder(config.state_dir)
+        self.folder = StateFolder(path=config.state_dir)
         self.policy = policy_of(config)
         self.state = lc.State(policy=self.policy)
         self.announcement: Announcement | None = None
@@ -159,8 +159,10 @@ class Service:
                 steps, planned = progress_of(self.folder.load_checkpoint(), round=h.round, base_sha256=h.model_sha256)
             except WireError as e:
                 log.warning("the saved round announcement no longer verifies (%s); waiting for a new one", e)
+        self._read_gates()  # before anything starts: a device that boots hot starts no trainer
         self.state, actions = lc.initial(self.policy, now=self.wall(), round=round_info, done_round=done.round,
-                                         outbox=self.folder.outbox.entries(), steps=steps, planned=planned)
+                                         outbox=self.folder.outbox.entries(), steps=steps, planned=planned,
+                                         gates_open=self._gates.open, gate_reasons=self._gates.reasons)
         self.client.subscribe(self.topics.round, qos=1)
         self.client.subscribe(self.topics.receipts(self.cfg.site), qos=1)
         if not self.client.connect(timeout=self.connect_timeout):
@@ -168,7 +170,6 @@ class Service:
         self._was_connected = self.client.connected
         log.info("started: site %s, federation %s, %s", self.cfg.site, self.cfg.federation,
                  status_line(self._snapshot()))
-        self._read_gates()
         self._perform_all(actions)
         self._drain()
 
@@ -226,8 +227,8 @@ class Service:
 
     def _check_timers(self) -> None:
         now = time.monotonic()
-        if now >= self._timers["gates"]:
-            self._read_gates()
+        if now >= self._timers["gates"] and self._read_gates():
+            self._feed(lc.GatesChanged(self._gates.open, self._gates.reasons))
         if now >= self._timers["telemetry"]:
             self._publish_status()
         interval = self.notifier.watchdog_interval
@@ -459,7 +460,8 @@ class Service:
 
     # -- sensors and telemetry ------------------------------------------------------------------
 
-    def _read_gates(self) -> None:
+    def _read_gates(self) -> bool:
+        """Read the sensors and update the gates; True when they changed."""
         self._timers["gates"] = time.monotonic() + self.cfg.gates.poll_s
         readings = self.sensors.readings()
         gates = evaluate(self.cfg.gates, self._gates, readings)
@@ -471,7 +473,7 @@ class Service:
                 log.info("gates open: training may run")
             else:
                 log.info("training paused: %s", ", ".join(gates.reasons))
-            self._feed(lc.GatesChanged(gates.open, gates.reasons))
+        return changed
 
     def _snapshot(self, state: str | None = None) -> Snapshot:
         s = self.state

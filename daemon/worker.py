@@ -109,7 +109,7 @@ def _load_data(spec: WorkerSpec, size: int) -> tuple[Any, Any]:
 class Session:
     """The trainer of one round, after start-up."""
 
-    def __init__(self, spec: WorkerSpec, events: BinaryIO, signals: _Signals) -> None:
+    def __init__(self, *, spec: WorkerSpec, events: BinaryIO, signals: _Signals) -> None:
         import numpy as np
         import torch
 
@@ -198,7 +198,7 @@ class Session:
 def serve(spec: WorkerSpec, commands: BinaryIO, events: BinaryIO, signals: _Signals) -> int:
     # A stop during start-up ends the process at once: an interrupted checkpoint write leaves
     # the previous file whole, and the next trainer simply starts the round again.
-    session = Session(spec, events, signals)
+    session = Session(spec=spec, events=events, signals=signals)
     session.send({"ev": "ready", **session.progress(), "cpu_s": time.process_time()})
     if signals.stop:
         return 0

@@ -273,3 +273,9 @@ def test_a_round_announced_after_its_deadline_is_not_trained():
     assert s.done_round == -1 and not any(isinstance(a, lc.SaveDone) for a in out)
     s, out = lc.handle(s, lc.ChunkDone(1, 31, 100, 0.0, 0.0), T0)
     assert lc.Submit(1, partial=True) in out
+
+
+def test_a_device_that_starts_hot_starts_no_trainer():
+    s, out = lc.initial(P, now=T0, round=lc.RoundInfo(1, DEADLINE, SHA), done_round=-1, outbox=[],
+                        gates_open=False, gate_reasons=("temperature 90.0 C",))
+    assert s.phase == lc.Phase.PAUSED and not any(isinstance(a, lc.StartWorker) for a in out)

@@ -18,7 +18,7 @@ UID = "0123456789abcdef0123456789abcdef"
 
 
 def test_outbox_stores_lists_and_removes_updates(tmp_path):
-    box = Outbox(tmp_path / "outbox")
+    box = Outbox(folder=tmp_path / "outbox")
     box.open()
     assert stat.S_IMODE(os.stat(tmp_path / "outbox").st_mode) == 0o700
     box.put(12, UID, b"sealed-12")
@@ -36,7 +36,7 @@ def test_outbox_stores_lists_and_removes_updates(tmp_path):
 
 
 def test_opening_the_state_folder_removes_interrupted_writes_and_locks_it(tmp_path):
-    folder = StateFolder(tmp_path / "state")
+    folder = StateFolder(path=tmp_path / "state")
     folder.open()
     (tmp_path / "state" / ".checkpoint.safetensors.abc123.tmp").write_bytes(b"torn")
     (tmp_path / "state" / "outbox" / ".r1-x.update.k2.tmp").write_bytes(b"torn")
@@ -45,12 +45,12 @@ def test_opening_the_state_folder_removes_interrupted_writes_and_locks_it(tmp_pa
     assert sorted(os.listdir(tmp_path / "state")) == ["daemon.lock", "outbox"]
     assert os.listdir(tmp_path / "state" / "outbox") == []
     with pytest.raises(StateError, match="another daemon"):
-        StateFolder(tmp_path / "state").open()
+        StateFolder(path=tmp_path / "state").open()
     folder.close()
 
 
 def test_done_record_round_trips_and_damage_is_named(tmp_path):
-    folder = StateFolder(tmp_path)
+    folder = StateFolder(path=tmp_path)
     assert folder.load_done() == Done()
     folder.save_done(Done(round=4, result="accepted"))
     assert folder.load_done() == Done(round=4, result="accepted")
