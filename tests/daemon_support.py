@@ -15,7 +15,7 @@ from fednca.config import ModelConfig, TrainConfig, preset, train_preset
 from fednca.keys import CoordinatorKeys, Registry, SiteKeys, write_coordinator_keys, write_site_keys
 from fednca.topics import Topics
 from fednca.transport.base import Client
-from fednca.wire import Reason, WireError, check_update, make_announcement, make_receipt, verify_update
+from fednca.wire import WireError, check_update, make_announcement, make_receipt, verify_update
 from fednca_daemon import config as dc
 
 TINY_MODEL = preset(input_size=16, steps=(3, 2), hidden=16)
