@@ -1,14 +1,21 @@
 # Everything a fresh machine needs is set up by the targets themselves.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
+RUNTIME := $(VENV)/.runtime-stamp
+STAMP  := $(VENV)/.test-stamp
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
 .PHONY: demo test bench mosquitto clean install-daemon
 
-$(STAMP): setup.cfg pyproject.toml
+# The demo needs only the runtime; the tests add pytest, hypothesis and the ONNX exporter.
+$(RUNTIME): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	$(PIP) -e .
+	touch $@
+
+$(STAMP): $(RUNTIME)
+	$(PIP) -e '.[test]'
+	touch $@
 
 # mosquitto backs the real-broker tests; install it when missing and we may (root + apt-get).
 mosquitto:
@@ -17,7 +24,7 @@ mosquitto:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
 	  else echo "mosquitto missing and not root: real-broker tests will be skipped"; fi; }
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(VENV)/bin/fednca demo
 
 test: $(STAMP) mosquitto

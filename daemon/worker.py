@@ -225,8 +225,9 @@ def _command(line: bytes) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fednca_daemon.worker")
     parser.add_argument("--events-fd", type=int, required=True)
+    parser.add_argument("--log-level", type=int, default=logging.INFO, help="the daemon's own level")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="trainer[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="trainer[%(process)d] %(levelname)s %(message)s")
     _die_with_parent()
     signals = _Signals()
     signal.signal(signal.SIGTERM, signals.handler)

@@ -118,7 +118,8 @@ class WorkerProcess:
         read_fd, write_fd = os.pipe()
         try:
             self._proc = subprocess.Popen(
-                [self._python, "-m", "fednca_daemon.worker", "--events-fd", str(write_fd)],
+                [self._python, "-m", "fednca_daemon.worker", "--events-fd", str(write_fd),
+                 "--log-level", str(log.getEffectiveLevel())],
                 stdin=subprocess.PIPE,
                 pass_fds=(write_fd,),
                 env=child_env(self.spec.threads),

@@ -63,9 +63,10 @@ def baselines(
     low_memory: bool = False,
 ) -> dict[str, dict[str, float]]:
     """{"local": {site: dice}, "pooled": {site: dice}} at the federation's compute."""
-    jobs = [(model_cfg, train_cfg, s.train, max(1, steps_per_site[s.name]), seed, low_memory) for s in sites]
-    jobs.append((model_cfg, train_cfg, concat([s.train for s in sites]), max(1, sum(steps_per_site.values())), seed, low_memory))
+    # The pooled job (as long as all local ones together) goes first so two workers finish together.
+    jobs = [(model_cfg, train_cfg, concat([s.train for s in sites]), max(1, sum(steps_per_site.values())), seed, low_memory)]
+    jobs += [(model_cfg, train_cfg, s.train, max(1, steps_per_site[s.name]), seed, low_memory) for s in sites]
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        results = list(pool.map(_train_job, jobs))
-    local = {s.name: site_dice(w, model_cfg, [s], seed=seed)[s.name] for s, w in zip(sites, results)}
-    return {"local": local, "pooled": site_dice(results[-1], model_cfg, sites, seed=seed)}
+        pooled, *alone = pool.map(_train_job, jobs)
+    local = {s.name: site_dice(w, model_cfg, [s], seed=seed)[s.name] for s, w in zip(sites, alone)}
+    return {"local": local, "pooled": site_dice(pooled, model_cfg, sites, seed=seed)}
