@@ -181,6 +181,12 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    export: bool = key(True, doc="keep the newest verified global model as STATE_DIR/inference/model.onnx "
+                                 "for 'fednca segment'")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     site: str = key(doc="this site's id (its MQTT user name by default)", check=_site_id)
     federation: str = key(doc="federation id", check=_site_id)
@@ -193,6 +199,7 @@ class DaemonConfig:
     training: TrainingConfig = key(TrainingConfig, doc="chunked local training")
     outbox: OutboxConfig = key(OutboxConfig, doc="stored updates awaiting a receipt")
     telemetry: TelemetryConfig = key(TelemetryConfig, doc="status messages on status/<site>")
+    inference: InferenceConfig = key(InferenceConfig, doc="the on-device inference model")
     source: str = field(default="<memory>", compare=False, metadata={"internal": True})
 
     @property

@@ -33,6 +33,7 @@ from fednca.wire import PREFIX, SIGNATURE_BYTES, Announcement, WireError, open_a
 from . import lifecycle as lc
 from .config import DaemonConfig
 from .gates import GateState, Readings, evaluate
+from .inference import InferenceKeeper
 from .notify import Notifier
 from .outbox import Done, StateError, StateFolder
 from .sensors import Sensors
@@ -93,6 +94,7 @@ class Service:
         self.connect_timeout = connect_timeout
         self.topics = Topics(config.federation)
         self.folder = StateFolder(path=config.state_dir)
+        self.inference = InferenceKeeper(state_dir=config.state_dir, python=python) if config.inference.export else None
         self.policy = policy_of(config)
         self.state = lc.State(policy=self.policy)
         self.announcement: Announcement | None = None
@@ -140,6 +142,8 @@ class Service:
             self._closing.set()
             if self._worker is not None and self._worker.returncode is None:
                 self._worker.kill()
+            if self.inference is not None:
+                self.inference.stop()
             self.folder.close()
         self._farewell()
         return 0
@@ -239,6 +243,8 @@ class Service:
             log.warning("trainer %s did not stop in time: killed (its last checkpoint stays)", self._worker.pid)
             self._worker.kill()
             self._kill_at = None
+        if self.inference is not None:
+            self.inference.poll()
         connected = self.client.connected
         if connected and not self._was_connected:
             log.info("connected to the broker")
@@ -410,6 +416,8 @@ class Service:
         log.info("round %d announced (deadline %s, model %s)", h.round,
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.deadline)), h.model_sha256[:12])
         self._feed(lc.Announced(h.round, float(h.deadline), h.model_sha256))
+        if self.inference is not None:
+            self.inference.offer(ann)
 
     def _on_receipt(self, payload: bytes) -> None:
         try:

@@ -179,6 +179,7 @@ class Federation:
             "gates": {"max_temperature_c": None, "min_battery_percent": None, "poll_s": 0.2},
             "training": {"chunk_s": 0.2, "min_steps": 5, "deadline_margin_s": 0.0, "worker_backoff_s": 0.2},
             "telemetry": {"interval_s": 30.0},
+            "inference": {"export": False},  # one test turns it on: an export costs a few seconds
         }
         for name, value in sections.items():
             if isinstance(value, dict) and isinstance(data.get(name), dict):

@@ -126,7 +126,8 @@ def test_the_reference_lists_every_key_with_its_default():
     assert rows["site"] == "required" and rows["cpu.duty_cycle"] == "0.5" and rows["gates.windows"] == "[]"
     assert rows["training.low_memory"] == "true" and rows["broker.tls.ca_file"] == "null"
     assert rows["data.phantom.count"] == "64" and rows["data.phantom"] == "(section)"
-    assert len(rows) == 46  # 36 keys in 10 sections
+    assert len(rows) == 48  # 37 keys in 11 sections
+    assert rows["inference.export"] == "true"
 
 
 def test_check_config_prints_the_effective_configuration(tmp_path, capsys):

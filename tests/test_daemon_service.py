@@ -213,3 +213,29 @@ def test_the_daemon_process_imports_no_pytorch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": ""})
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_the_newest_verified_global_model_becomes_the_inference_model(fed, broker, coordinator, tmp_path):
+    from fednca.data import save_folder
+    from fednca.phantom import phantom_dataset
+    from fednca.wire import model_sha256
+
+    rng = np.random.default_rng(4)
+    weights = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in tiny_weights().items()}
+    coordinator.train = coordinator.train.__class__(**{**coordinator.train.to_dict(), "local_epochs": 1})
+    coordinator.announce(round=1, deadline=T0 + 3600, weights=weights)
+    d = Running(fed, broker, inference={"export": True})
+    onnx = d.cfg.state_dir / "inference" / "model.onnx"
+    sha = d.cfg.state_dir / "inference" / "model.sha256"
+    wait_for(lambda: sha.exists(), timeout=120, what="the inference model's export")
+    assert sha.read_text().strip() == model_sha256(weights) and onnx.stat().st_size > 1000
+    assert d.stop() == 0
+
+    save_folder(phantom_dataset(site=0, count=1, size=16), tmp_path / "img")
+    image = next((tmp_path / "img" / "images").iterdir())
+    env = {**os.environ, "FEDNCA_STATE_DIR": str(d.cfg.state_dir)}
+    out = subprocess.run([sys.executable, "-m", "fednca.cli", "segment", str(image), "--out", str(tmp_path / "seg"),
+                          "--passes", "2", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "seg" / f"{image.stem}_mask.png").exists()

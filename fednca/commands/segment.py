@@ -1,4 +1,7 @@
-"""``fednca segment --model model.onnx IMAGE... --out DIR``: masks, overlays and a quality score.
+"""``fednca segment [--model model.onnx] IMAGE... --out DIR``: masks, overlays and a quality score.
+
+Without ``--model`` it uses the site daemon's inference model, the newest verified global model
+(``$FEDNCA_STATE_DIR/inference/model.onnx``, by default under ``/var/lib/fednca``).
 
 Runs on onnxruntime, numpy and Pillow only: PyTorch is not imported. For each image it writes
 ``DIR/NAME_mask.png`` (0/255, the image's own size) and ``DIR/NAME_overlay.png`` and reports the
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +22,9 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..segment import DEFAULT_NQM_THRESHOLD, DEFAULT_PASSES, Segmenter, output_paths, segment_file
+
+# Where a site daemon keeps its newest verified global model (its state_dir, default /var/lib/fednca).
+DEFAULT_MODEL = Path(os.environ.get("FEDNCA_STATE_DIR", "/var/lib/fednca")) / "inference" / "model.onnx"
 
 
 def _positive(text: str) -> int:
@@ -42,7 +49,9 @@ def _score(text: str) -> float:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG, any size, grey or colour")
-    p.add_argument("--model", type=Path, required=True, help="ONNX file written by 'fednca export'")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                   help="ONNX file written by 'fednca export' (default: the site daemon's newest global model, "
+                        "%(default)s)")
     p.add_argument("--out", type=Path, required=True, help="folder for the masks and overlays (created)")
     p.add_argument("--passes", type=_positive, default=DEFAULT_PASSES,
                    help=f"stochastic passes averaged per image (default {DEFAULT_PASSES}; NQM needs 2 or more)")
