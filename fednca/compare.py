@@ -11,6 +11,7 @@ Jobs run in worker processes (one torch thread each), so the baselines use every
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -52,21 +53,53 @@ def _train_job(job: tuple[ModelConfig, TrainConfig, Dataset, int, int, bool]) ->
     return trainer.weights()
 
 
-def baselines(
-    sites: Sequence[Site],
-    *,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    steps_per_site: dict[str, int],
-    seed: int = 0,
-    workers: int = 2,
-    low_memory: bool = False,
-) -> dict[str, dict[str, float]]:
-    """{"local": {site: dice}, "pooled": {site: dice}} at the federation's compute."""
-    # The pooled job (as long as all local ones together) goes first so two workers finish together.
-    jobs = [(model_cfg, train_cfg, concat([s.train for s in sites]), max(1, sum(steps_per_site.values())), seed, low_memory)]
-    jobs += [(model_cfg, train_cfg, s.train, max(1, steps_per_site[s.name]), seed, low_memory) for s in sites]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        pooled, *alone = pool.map(_train_job, jobs)
-    local = {s.name: site_dice(w, model_cfg, [s], seed=seed)[s.name] for s, w in zip(sites, alone)}
-    return {"local": local, "pooled": site_dice(pooled, model_cfg, sites, seed=seed)}
+def _lower_priority() -> None:
+    os.nice(10)  # baselines fill the cores' idle time; the federation they are compared with comes first
+
+
+class Baselines:
+    """The local-only and pooled runs, started at once in worker processes; ``result()`` waits.
+
+    ``steps_per_site`` is the compute each site spends in the federation (optimiser steps at the
+    same batch size); the pooled model gets their sum.
+    """
+
+    def __init__(
+        self,
+        sites: Sequence[Site],
+        *,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        steps_per_site: dict[str, int],
+        seed: int = 0,
+        workers: int = 2,
+        low_memory: bool = False,
+        background: bool = False,
+    ) -> None:
+        self.sites, self.model_cfg, self.seed = list(sites), model_cfg, seed
+        pooled = concat([s.train for s in sites])
+        # The pooled job (as long as all local ones together) goes first so two workers finish together.
+        jobs = [(model_cfg, train_cfg, pooled, max(1, sum(steps_per_site.values())), seed, low_memory)]
+        jobs += [(model_cfg, train_cfg, s.train, max(1, steps_per_site[s.name]), seed, low_memory) for s in sites]
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                         initializer=_lower_priority if background else None)
+        self._futures = [self._pool.submit(_train_job, job) for job in jobs]
+
+    def result(self) -> dict[str, dict[str, float]]:
+        """{"local": {site: dice}, "pooled": {site: dice}}."""
+        try:
+            pooled, *alone = [f.result() for f in self._futures]
+        finally:
+            self._pool.shutdown()
+        local = {s.name: site_dice(w, self.model_cfg, [s], seed=self.seed)[s.name] for s, w in zip(self.sites, alone)}
+        return {"local": local, "pooled": site_dice(pooled, self.model_cfg, self.sites, seed=self.seed)}
+
+    def cancel(self) -> None:
+        for f in self._futures:
+            f.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def baselines(sites: Sequence[Site], **kw) -> dict[str, dict[str, float]]:
+    """Local-only and pooled Dice at the federation's compute (see :class:`Baselines`)."""
+    return Baselines(sites, **kw).result()

@@ -36,12 +36,12 @@ TEST_START = 10_000  # test frames come from other patients than any training fr
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")
     p.add_argument("--sites", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--quorum", type=int, default=4, help="updates that close a round (default 4)")
     p.add_argument("--grace", type=float, default=4.0, help="seconds after the quorum for late sites")
-    p.add_argument("--train-images", type=int, default=48, help="training images per site")
+    p.add_argument("--train-images", type=int, default=16, help="training images per site (two patients)")
     p.add_argument("--test-images", type=int, default=24, help="test images per site (other patients)")
-    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=2, help="batch size (default 2; the published recipe uses 4)")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--nca-steps", type=_steps, default=(20, 10), help="NCA steps of stage 1 and 2 (default 20,10)")
@@ -103,6 +103,7 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[Path, list]:
             "training": {"chunk_s": 2.0, "min_steps": 1, "deadline_margin_s": 5.0, "low_memory": False,
                          "seed": args.seed + i},
             "telemetry": {"interval_s": 2.0},
+            "inference": {"export": False},  # the demo evaluates each round's model itself
         }  # fmt: skip
         write_text(folder / "daemon.yaml", yaml.safe_dump(daemon, sort_keys=False), mode=0o600)
         sites.append(SitePaths(name=name, config=folder / "daemon.yaml", keys=folder / "keys",
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from fednca_broker.store import RoundStore
 
     from .. import modelfile
-    from ..compare import baselines, site_dice
+    from ..compare import Baselines, site_dice
     from ..config import preset, train_preset
     from ..plots import line_chart
     from .demo_parties import InProcess, Processes
@@ -168,10 +169,16 @@ def run(args: argparse.Namespace) -> int:
     parties = (Processes(coordinator_dir=coordinator_dir, sites=site_paths, log_dir=out / "logs") if args.broker
                else InProcess(coordinator_dir=coordinator_dir, sites=site_paths))
     history: list[dict] = []
-    steps_per_site = {s.name: 0 for s in sites}
+    # Each site trains local_epochs over its images every round: the compute the baselines get.
+    steps = args.rounds * args.local_epochs * max(1, args.train_images // args.batch)
+    steps_per_site = {s.name: steps for s in sites}
     seen, last_at, last_traffic = 0, time.time(), (0, 0)
+    base = None
     try:
         parties.start()
+        if not args.no_baselines:  # on the cores' idle time, at a lower priority than the federation
+            base = Baselines(sites, model_cfg=model_cfg, train_cfg=train_preset(batch_size=args.batch),
+                             steps_per_site=steps_per_site, seed=args.seed, background=True)
         while True:
             done = parties.finished()
             closed = [r for r in store.read_log() if r.get("kind") == "round_aggregated"]
@@ -198,15 +205,16 @@ def run(args: argparse.Namespace) -> int:
             if done and seen >= args.rounds:
                 break
             time.sleep(0.5)
+    except BaseException:
+        if base is not None:
+            base.cancel()
+        raise
     finally:
         parties.stop()
     fed_seconds = time.monotonic() - started
     final = store.load_model(args.rounds + 1)
     modelfile.save(out / "model", final, model_cfg, federation=FEDERATION, rounds=args.rounds)
     shutil.copyfile(store.log_path, out / "rounds.jsonl")
-    for record in store.read_log():  # the steps each site contributed, from the updates it had accepted
-        if record.get("kind") == "update_accepted" and record.get("site") in steps_per_site:
-            steps_per_site[record["site"]] += int(record.get("steps") or 0)
 
     final_dice = history[-1]["dice"]
     result = {"rounds": args.rounds, "sites": args.sites, "quorum": args.quorum,
@@ -218,15 +226,14 @@ def run(args: argparse.Namespace) -> int:
               "federation_seconds": round(fed_seconds, 1)}
     series = {name: [r["dice"][name] for r in history] for name in final_dice}
     series["mean"] = [r["dice_mean"] for r in history]
-    if not args.no_baselines:
-        print(f"baselines at the same compute: {steps_per_site} optimiser steps per site", flush=True)
-        base = baselines(sites, model_cfg=model_cfg, train_cfg=train_preset(batch_size=args.batch),
-                         steps_per_site=steps_per_site,
-                         seed=args.seed)
-        result["local_only"] = {k: round(v, 4) for k, v in base["local"].items()}
-        result["local_only_mean"] = round(float(np.mean(list(base["local"].values()))), 4)
-        result["pooled"] = {k: round(v, 4) for k, v in base["pooled"].items()}
-        result["pooled_mean"] = round(float(np.mean(list(base["pooled"].values()))), 4)
+    if base is not None:
+        print(f"baselines at the same compute ({steps} optimiser steps per site, {steps * args.sites} pooled):",
+              flush=True)
+        scores = base.result()
+        result["local_only"] = {k: round(v, 4) for k, v in scores["local"].items()}
+        result["local_only_mean"] = round(float(np.mean(list(scores["local"].values()))), 4)
+        result["pooled"] = {k: round(v, 4) for k, v in scores["pooled"].items()}
+        result["pooled_mean"] = round(float(np.mean(list(scores["pooled"].values()))), 4)
         series["local-only mean"] = [result["local_only_mean"]] * len(history)
         series["pooled mean"] = [result["pooled_mean"]] * len(history)
     line_chart(out / "dice.png", series, title="test Dice per round (each site on its own test images)",
