@@ -194,15 +194,35 @@ class Coordinator:
         else:
             self._state = state
             self._use_model(self._store.load_model(state.round), expect=state.model_sha256)
-            self._logged = {(r.get("kind"), r.get("round")) for r in self._store.read_log()}  # type: ignore[misc]
+            records = self._store.read_log()
+            self._logged = {(r.get("kind"), r.get("round")) for r in records}  # type: ignore[misc]
             self._emit("coordinator_resumed", {"round": state.round, "status": state.status,
                                                "accepted": len(state.accepted), "uncounted": len(recovery.orphans)})
+            self._log_unlogged(state, records)
             if state.status == rounds.CLOSED:
                 self._finish_round(state)
             else:
                 self._announce(state.round, state.deadline, state.quorum)
         if not self._finished:
             self._sync_enrolment()
+
+    def _log_unlogged(self, state: RoundState, records: list[dict[str, Any]]) -> None:
+        """Write the round-log lines a crash kept out: a batch's lines are appended after its acks,
+        so the state can count (and the broker have forgotten) an update the log does not name yet."""
+        logged = {(r.get("site"), r.get("update_id")) for r in records
+                  if r.get("kind") == "update_accepted" and r.get("round") == state.round}
+        for a in state.accepted:
+            if (a.site, a.update_id) not in logged:
+                self._emit("update_accepted", {
+                    "round": state.round, "at": a.accepted_at, "site": a.site, "update_id": a.update_id,
+                    "samples": a.samples, "steps": a.steps, "partial": a.partial, "recovered": True,
+                }, durable=True)  # fmt: skip
+        if state.status == rounds.CLOSED and ("round_closed", state.round) not in self._logged:
+            self._emit("round_closed", {
+                "round": state.round, "at": state.closed_at, "reason": state.close_reason,
+                "sites": [a.site for a in state.accepted], "samples": sum(a.samples for a in state.accepted),
+                "extensions": state.extensions, "recovered": True,
+            }, durable=True)  # fmt: skip
 
     def step(self, timeout: float = 0.0) -> int:
         """Handle the messages waiting (waiting up to ``timeout`` s for the first), then let time

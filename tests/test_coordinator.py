@@ -298,6 +298,9 @@ def test_a_crash_after_any_action_loses_no_update_and_counts_none_twice(world, t
         assert fed.coordinator.run_until(lambda c: c.round == 2, poll=0, max_steps=5), f"crash at action {crash_at}"
         closed = [r for r in fed.store.read_log() if r["kind"] == "round_aggregated"]
         assert [r["sites"] for r in closed] == [list(SITES)], f"crash at action {crash_at}"
+        log = fed.store.read_log()  # every line a crash kept out is written on the restart
+        assert sorted(r["site"] for r in log if r["kind"] == "update_accepted") == sorted(SITES), f"crash at {crash_at}"
+        assert [r["sites"] for r in log if r["kind"] == "round_closed"] == [list(SITES)], f"crash at {crash_at}"
         assert fed.coordinator.model_sha256 == expected, f"crash at action {crash_at}"
         assert fed.announcement().header.round == 2
 
