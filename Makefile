@@ -24,7 +24,8 @@ mosquitto:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
 	  else echo "mosquitto missing and not root: real-broker tests will be skipped"; fi; }
 
-demo: $(RUNTIME)
+# The demo sets up a federation as an operator would: its broker password file needs mosquitto_passwd.
+demo: $(RUNTIME) mosquitto
 	$(VENV)/bin/fednca demo
 
 test: $(STAMP) mosquitto

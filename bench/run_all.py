@@ -33,12 +33,14 @@ def main() -> None:
     args = p.parse_args()
     out = HERE / "results"
     out.mkdir(exist_ok=True)
+    failed = []
     for name in args.only:
         start = time.monotonic()
         done = subprocess.run([sys.executable, str(HERE / BENCHES[name][0]), *BENCHES[name][1:]],
                               capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            failed.append(name)
             continue
         text = done.stdout.strip()
         start_json = text.find("{")
@@ -48,6 +50,8 @@ def main() -> None:
                   "result": result}
         (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"{name}: {record['seconds']} s -> bench/results/{name}.json", flush=True)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

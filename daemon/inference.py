@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from fednca import modelfile
+from fednca.atomic import write_text
 from fednca.wire import Announcement
 
 log = logging.getLogger("fednca.daemon")
@@ -34,6 +35,7 @@ class InferenceKeeper:
         self.python = python
         self._child: subprocess.Popen[bytes] | None = None
         self._pending_sha: str | None = None
+        self._next: Announcement | None = None  # offered while an export ran
 
     @property
     def onnx_path(self) -> Path:
@@ -50,15 +52,20 @@ class InferenceKeeper:
             return None
 
     def offer(self, announcement: Announcement) -> None:
-        """Export this verified global model unless it is already the inference model."""
+        """Export this verified global model unless it is already the inference model; while an
+        export runs, the newest model offered is kept and exported when it ends."""
         sha = announcement.header.model_sha256
-        if sha in (self.exported_sha(), self._pending_sha) or self._child is not None:
-            return  # the running export is picked up by poll(); a newer model waits for the next offer
+        if sha in (self.exported_sha(), self._pending_sha):
+            return
+        if self._child is not None:
+            self._next = announcement
+            return
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         modelfile.save(self.folder / "model", dict(announcement.tensors), announcement.header.model,
                        model_sha256=sha, round=announcement.header.round)
         argv = [self.python, "-m", "fednca.cli", "export", str(self.folder / "model"), "--out", str(self.onnx_path)]
-        self._child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(self.folder / "export.log", "wb") as log_file:  # a file: a pipe could fill and block
+            self._child = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
         self._pending_sha = sha
         log.info("exporting the global model of round %d for inference", announcement.header.round)
 
@@ -68,15 +75,17 @@ class InferenceKeeper:
             return None
         child, sha = self._child, self._pending_sha
         self._child, self._pending_sha = None, None
-        err = child.stderr.read().decode(errors="replace").strip() if child.stderr else ""
-        if child.returncode != 0:
-            log.warning("inference export failed (status %s): %s", child.returncode, err[-300:])
-            return False
-        from fednca.atomic import write_text
-
-        write_text(self._sha_path, f"{sha}\n", mode=0o600)
-        log.info("inference model updated: %s", self.onnx_path)
-        return True
+        ok = child.returncode == 0
+        if ok:
+            write_text(self._sha_path, f"{sha}\n", mode=0o600)
+            log.info("inference model updated: %s", self.onnx_path)
+        else:
+            tail = (self.folder / "export.log").read_bytes()[-300:].decode(errors="replace").strip()
+            log.warning("inference export failed (status %s): %s", child.returncode, tail)
+        waiting, self._next = self._next, None
+        if waiting is not None:
+            self.offer(waiting)
+        return ok
 
     def stop(self) -> None:
         if self._child is not None and self._child.poll() is None:

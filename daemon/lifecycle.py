@@ -302,14 +302,16 @@ def handle(state: State, event: Event, now: float) -> tuple[State, list[Action]]
     return new, out
 
 
-def next_wakeup(state: State) -> float | None:
-    """The next time at which the machine wants a ``Tick``, if any (rest end, deadline, re-send)."""
+def next_wakeup(state: State, now: float) -> float | None:
+    """The next time after ``now`` at which the machine wants a ``Tick``, if any (rest end,
+    deadline, re-send). A time already past has had its tick; waiting for it again would spin."""
     times = [p.sent_at + state.policy.resend_s for p in state.outbox]
     if state.rest_until is not None:
         times.append(state.rest_until)
     if state.needs_work and state.round is not None:
         times.append(state.round.deadline - state.policy.deadline_margin_s)
-    return min(times) if times else None
+    future = [t for t in times if t > now]
+    return min(future) if future else None
 
 
 def _check_now(now: float) -> None:

@@ -25,10 +25,9 @@ from typing import Any, Callable
 
 from fednca import __version__
 from fednca.keys import CoordinatorPublicKeys, SiteKeys
-from fednca.tensorcodec import read_document
 from fednca.topics import TopicError, Topics
 from fednca.transport.base import Client, Message, PayloadTooLarge, PublishHandle, TransportError
-from fednca.wire import PREFIX, SIGNATURE_BYTES, Announcement, WireError, open_announcement, open_receipt
+from fednca.wire import Announcement, WireError, open_announcement, open_receipt
 
 from . import lifecycle as lc
 from .config import DaemonConfig
@@ -53,14 +52,6 @@ def policy_of(cfg: DaemonConfig) -> lc.Policy:
     return lc.Policy(chunk_s=cfg.training.chunk_s, min_steps=cfg.training.min_steps,
                      deadline_margin_s=cfg.training.deadline_margin_s, duty_cycle=cfg.cpu.duty_cycle,
                      threads=cfg.cpu.threads, resend_s=cfg.outbox.resend_s, backoff_s=cfg.training.worker_backoff_s)
-
-
-def announced_shapes(payload: bytes) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes as an announcement's document lists them (checked against the model by the trainer)."""
-    if len(payload) < PREFIX.size + SIGNATURE_BYTES:
-        return {}
-    doc = read_document(memoryview(payload)[PREFIX.size + SIGNATURE_BYTES:])
-    return {e.name: tuple(e.shape) for e in doc.entries}
 
 
 def _no_probe(point: str) -> None:
@@ -212,9 +203,10 @@ class Service:
         if self._kill_at is not None:
             times.append(self._kill_at)
         wait = min((t - now for t in times), default=MAX_WAIT_S)
-        wake = lc.next_wakeup(self.state)
+        wall = self.wall()
+        wake = lc.next_wakeup(self.state, wall)
         if wake is not None:
-            wait = min(wait, wake - self.wall())
+            wait = min(wait, wake - wall)
         return min(max(wait, 0.0), MAX_WAIT_S)
 
     def _check_deliveries(self) -> None:
@@ -383,8 +375,7 @@ class Service:
 
     def _open_announcement(self, payload: bytes, *, min_round: int | None) -> Announcement:
         return open_announcement(payload, coordinator_verify_key=self.coordinator.verify,
-                                 federation=self.cfg.federation, shapes=announced_shapes(payload),
-                                 min_round=min_round)
+                                 federation=self.cfg.federation, min_round=min_round)
 
     def _on_message(self, m: Message) -> None:
         try:

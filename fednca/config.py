@@ -110,6 +110,37 @@ class TrainConfig:
         return _from_dict(cls, data, "train")
 
 
+def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight of the model this configuration builds, without PyTorch.
+
+    The layout of :mod:`fednca.model` written out (a test checks the two agree), so torch-free
+    code (the daemon, the coordinator) can check a model's tensors against its configuration.
+    """
+    c, h = cfg.channels, cfg.hidden
+    shapes: dict[str, tuple[int, ...]] = {}
+    for stage, k in (("stage1", cfg.kernels[0]), ("stage2", cfg.kernels[1])):
+        if cfg.perception == "depthwise":
+            shapes[f"{stage}.perceive.weight"] = (c, 1, k, k)
+            shapes[f"{stage}.perceive.bias"] = (c,)
+            features = 2 * c
+        else:
+            for name in ("perceive", "perceive2"):
+                shapes[f"{stage}.{name}.weight"] = (c, c, k, k)
+                shapes[f"{stage}.{name}.bias"] = (c,)
+            features = 3 * c
+        shapes[f"{stage}.fc0.weight"] = (h, features, 1, 1)
+        if cfg.hidden_bias:
+            shapes[f"{stage}.fc0.bias"] = (h,)
+        if cfg.batch_norm:
+            shapes[f"{stage}.norm.weight"] = (h,)
+            shapes[f"{stage}.norm.bias"] = (h,)
+        out = c if cfg.full_update else c - 1
+        shapes[f"{stage}.fc1.weight"] = (out, h, 1, 1)
+        if cfg.out_bias:
+            shapes[f"{stage}.fc1.bias"] = (out,)
+    return shapes
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "fednca": {},
     "mednca": dict(

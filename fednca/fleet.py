@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+MAX_STATUS_BYTES = 4096  # a site's telemetry is at most 2 KiB
 COLUMNS = ("site", "state", "round", "progress", "last seen", "cpu %", "temp °C", "outbox")
 
 
@@ -42,9 +43,11 @@ def row(site: str, payload: bytes, now: float) -> SiteRow:
     """One site's row from its retained ``status/<site>`` payload (JSON, or the will ``offline``)."""
     if payload.strip() == b"offline":
         return SiteRow(site=site, state="offline")
+    if len(payload) > MAX_STATUS_BYTES:
+        return SiteRow(site=site, state="unreadable")
     try:
         body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, a huge integer, absurd nesting
         return SiteRow(site=site, state="unreadable")
     if not isinstance(body, dict):
         return SiteRow(site=site, state="unreadable")

@@ -17,7 +17,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from . import atomic
-from .config import ModelConfig
+from .config import ModelConfig, tensor_shapes
 from .errors import FedNCAError
 
 WEIGHTS, CONFIG = "model.safetensors", "model.json"
@@ -51,8 +51,6 @@ def load(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str
         raise ModelFileError(f"{folder / CONFIG}: not a model configuration ({e})") from None
     except SafetensorError as e:
         raise ModelFileError(f"{folder / WEIGHTS}: not a safetensors file ({e})") from None
-    from .model import tensor_shapes  # torch only once a model is really being read
-
     expected = tensor_shapes(cfg)
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != expected:

@@ -448,7 +448,7 @@ def open_announcement(
 
 
 def _model_shapes(cfg: ModelConfig, fail: Any) -> dict[str, tuple[int, ...]]:
-    from .model import tensor_shapes  # torch, only where the shapes are not given
+    from .config import tensor_shapes
 
     try:
         return tensor_shapes(cfg)

@@ -184,7 +184,7 @@ def test_a_restart_of_a_finished_round_does_nothing():
 
 def test_updates_without_a_receipt_are_published_again_after_resend_s():
     s, _ = lc.initial(P, now=T0, round=lc.RoundInfo(1, DEADLINE, SHA), done_round=-1, outbox=[(1, "u1")])
-    assert lc.next_wakeup(s) == T0 + P.resend_s
+    assert lc.next_wakeup(s, T0) == T0 + P.resend_s
     s, out = lc.handle(s, lc.Tick(), T0 + P.resend_s - 1)
     assert out == []
     s, out = lc.handle(s, lc.Tick(), T0 + P.resend_s)
@@ -279,3 +279,13 @@ def test_a_device_that_starts_hot_starts_no_trainer():
     s, out = lc.initial(P, now=T0, round=lc.RoundInfo(1, DEADLINE, SHA), done_round=-1, outbox=[],
                         gates_open=False, gate_reasons=("temperature 90.0 C",))
     assert s.phase == lc.Phase.PAUSED and not any(isinstance(a, lc.StartWorker) for a in out)
+
+
+def test_a_wakeup_time_already_past_is_not_waited_for_again():
+    """Past the deadline margin, paused with too few steps: the deadline is no wake-up any more
+    (waiting for a past time would make the shell spin)."""
+    s = training()
+    margin_time = s.round.deadline - P.deadline_margin_s
+    assert lc.next_wakeup(s, margin_time - 1) == margin_time
+    later = lc.next_wakeup(s, margin_time + 1)
+    assert later is None or later > margin_time + 1

@@ -16,6 +16,8 @@ def test_offline_will_and_garbage_do_not_break_the_view():
     assert row("a", b"offline", now=0).state == "offline"
     assert row("a", b"\xff\x00{", now=0).state == "unreadable"
     assert row("a", b"[1, 2]", now=0).state == "unreadable"
+    assert row("a", b"{\"time\": " + b"9" * 5000 + b"}", now=0).state == "unreadable"
+    assert row("a", b"[" * 100_000, now=0).state == "unreadable"
     hostile = row("a", status(round="7", cpu_percent="hot", outbox=True), now=0)
     assert hostile.round is None and hostile.cpu_percent is None and hostile.outbox is None
 

@@ -106,3 +106,11 @@ def test_depthwise_backward_matches_autograd():
     w = torch.randn(3, 1, 3, 3, dtype=torch.double, generator=gen, requires_grad=True)
     b = torch.randn(3, dtype=torch.double, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(_DepthwiseConv.apply, (x, w, b))
+
+
+@pytest.mark.parametrize("name", ["fednca", "mednca"])
+def test_torch_free_shapes_match_the_model(name):
+    from fednca.config import tensor_shapes as pure_shapes
+
+    for cfg in (preset(name), preset(name, hidden=8, channels=5, kernels=(5, 3))):
+        assert pure_shapes(cfg) == tensor_shapes(cfg)
