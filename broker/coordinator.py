@@ -273,9 +273,17 @@ class Coordinator:
         return True
 
     def set_registry(self, registry: Registry) -> None:
-        """The site registry changed: enrol and revoke sites in the open round to match."""
-        self._registry = registry
+        """The site registry changed: enrol and revoke sites in the open round to match.
+
+        A site enrolled again with a new key (``enroll --replace``) is revoked and enrolled anew:
+        what its old key signed in the open round would no longer verify when the round closes.
+        """
+        old, self._registry = self._registry, registry
         if self._state is not None and not self._finished:
+            rekeyed = sorted(site for site in old.sites.keys() & registry.sites.keys()
+                             if bytes(old.sites[site]) != bytes(registry.sites[site]))
+            for site in rekeyed:
+                self._apply(SiteRevoked(site), None)
             self._sync_enrolment()
 
     # -- events and actions -----------------------------------------------------------------------

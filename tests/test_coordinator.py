@@ -360,6 +360,24 @@ def test_revoking_a_site_mid_round_refuses_its_updates(world, tmp_path):
     assert verdicts == [("c", ""), ("c", "unknown_site"), ("a", ""), ("b", "")]
 
 
+def test_a_site_enrolled_again_with_a_new_key_loses_what_its_old_key_signed(world, tmp_path):
+    fed = Federation(world, tmp_path).start()
+    fed.send("c")
+    fed.coordinator.step()
+    assert [a.site for a in fed.coordinator.state.accepted] == ["c"]
+    rekeyed = {s: k.verify_key for s, k in world["sites"].items()}
+    rekeyed["c"] = SiteKeys.generate().verify_key
+    fed.coordinator.set_registry(Registry(sites=rekeyed))
+    assert fed.coordinator.state.accepted == () and "c" in fed.coordinator.state.enrolled
+    for site in ("a", "b"):
+        fed.send(site)
+    fed.coordinator.step()
+    fed.clock.now += 600  # past the grace period: the round closes and aggregates without raising
+    fed.coordinator.step()
+    assert fed.coordinator.round == 2
+    assert fed.coordinator.model_sha256 == wire.model_sha256(expected_model(world, ("a", "b")))
+
+
 def test_it_runs_under_the_federation_acl(world, tmp_path):
     broker = MemoryBroker(federation=FED)
     broker.add_user("coordinator", password="pw", role=COORDINATOR)
