@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--broker", "the demo starts its own mosquitto: give mqtt://127.0.0.1:PORT")
     torch.set_num_threads(1)
     started = time.monotonic()
-    out: Path = args.out
+    out: Path = args.out.resolve()  # the daemons' YAML files name paths: make them absolute
     work = out / "work"
     if work.exists():
         shutil.rmtree(work)

@@ -68,6 +68,8 @@ class InProcess:
             self.broker.add_user(s.name, password=(s.bundle / "mqtt-password").read_text().strip(), role=SITE)
         self._threads: list[threading.Thread] = []
         self._services: list[Any] = []
+        self.coordinator: Any = None
+        self.monitor: Any = None
         self._latest: dict[str, dict] = {}
         self._errors: list[BaseException] = []
 
@@ -132,11 +134,12 @@ class InProcess:
     def stop(self) -> None:
         for service in self._services:
             service.request_stop()
-        if not self.coordinator.finished:
+        if self.coordinator is not None and not self.coordinator.finished:
             self.coordinator.stop()
         for t in self._threads:
             t.join(timeout=15)
-        self.monitor.disconnect()
+        if self.monitor is not None:
+            self.monitor.disconnect()
 
 
 def _free(port: int) -> bool:
@@ -156,6 +159,7 @@ class Processes:
         self.topics = Topics(self.cfg.federation.name)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._latest: dict[str, dict] = {}
+        self.monitor: Any = None
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +212,8 @@ class Processes:
         return dict(self._latest)
 
     def stop(self) -> None:
-        self.monitor.disconnect()
+        if self.monitor is not None:
+            self.monitor.disconnect()
         order = [s.name for s in self.sites] + ["coordinator", "mosquitto"]
         for name in order:
             p = self._procs.get(name)
