@@ -83,7 +83,7 @@ def test_same_masks_same_output_and_channel_zero_untouched():
     assert torch.equal(model.stage2(state, torch.zeros(2, 1, 8, 8)), state)
 
 
-def test_low_memory_mode_gives_the_same_gradients():
+def test_low_memory_mode_gives_the_same_gradients():  # in the same memory layout
     model = build(preset(steps=(3, 2)), seed=2)
     with torch.no_grad():
         for p in model.parameters():
@@ -92,7 +92,7 @@ def test_low_memory_mode_gives_the_same_gradients():
     grads = []
     for low in (False, True):
         model.zero_grad()
-        model(x, generator=torch.Generator().manual_seed(3), low_memory=low).sum().backward()
+        model(x, generator=torch.Generator().manual_seed(3), low_memory=low, channels_last=False).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-6)
@@ -114,3 +114,13 @@ def test_torch_free_shapes_match_the_model(name):
 
     for cfg in (preset(name), preset(name, hidden=8, channels=5, kernels=(5, 3))):
         assert pure_shapes(cfg) == tensor_shapes(cfg)
+
+
+def test_both_memory_layouts_compute_the_same_output():
+    model = build(preset(steps=(3, 2)), seed=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    outs = [model(x, generator=torch.Generator().manual_seed(3), channels_last=cl) for cl in (False, True)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
