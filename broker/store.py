@@ -38,7 +38,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
-from fednca.atomic import fsync_dir, write_bytes
+from fednca.atomic import fsync_dir, remove_temporaries, write_bytes
 from fednca.errors import FedNCAError
 from fednca.topics import TopicError, check_id
 
@@ -46,7 +46,6 @@ from .rounds import AcceptedUpdate, RoundState, StateError
 
 STATE_FORMAT = 1
 _UPDATE_ID = re.compile(r"[0-9a-f]{1,64}")
-_TEMPORARY = re.compile(r"\..+\.tmp")  # what fednca.atomic.write_bytes leaves when interrupted
 
 
 class StoreError(FedNCAError):
@@ -228,12 +227,7 @@ class RoundStore:
         removed = []
         rounds = sorted(p for p in (self.folder / "rounds").iterdir() if p.is_dir())
         for folder in (self.folder, self.folder / "models", *rounds):
-            for path in sorted(folder.iterdir()):
-                if path.is_file() and _TEMPORARY.fullmatch(path.name):
-                    path.unlink()
-                    removed.append(path)
-            if any(p.parent == folder for p in removed):
-                fsync_dir(folder)
+            removed += remove_temporaries(folder)
         log_cut = self._cut_torn_log_line()
         state = self.load_state()
         orphans: list[Path] = []

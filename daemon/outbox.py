@@ -24,11 +24,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fednca.atomic import fsync_dir, write_bytes
+from fednca.atomic import fsync_dir, remove_temporaries, write_bytes
 from fednca.errors import FedNCAError
 
 _ENTRY = re.compile(r"r(\d{1,10})-([0-9a-f]{32})\.update")
-_TEMPORARY = re.compile(r"\..+\.tmp")
 _MAX_UPDATE = 64 << 20
 DONE_FORMAT = 1
 
@@ -45,7 +44,7 @@ class Outbox:
 
     def open(self) -> None:
         _make_private_dir(self.folder)
-        _remove_temporaries(self.folder)
+        remove_temporaries(self.folder)
 
     def path(self, round: int, update_id: str) -> Path:
         name = f"r{round}-{update_id}.update"
@@ -133,7 +132,7 @@ class StateFolder:
                 raise StateError(f"{self.path}: another daemon is using this state folder") from None
             raise
         self._lock_fd = fd
-        _remove_temporaries(self.path)
+        remove_temporaries(self.path)
         self.outbox.open()
 
     def close(self) -> None:
@@ -188,12 +187,3 @@ def _make_private_dir(folder: Path) -> None:
         os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
     elif not folder.is_dir():
         raise StateError(f"{folder}: exists and is not a folder")
-
-
-def _remove_temporaries(folder: Path) -> None:
-    for name in os.listdir(folder):
-        if _TEMPORARY.fullmatch(name):
-            try:
-                os.unlink(folder / name)
-            except FileNotFoundError:
-                pass

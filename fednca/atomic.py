@@ -7,8 +7,28 @@ torn mix, and once the call returns the new content survives a power cut.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp")  # what write_bytes leaves behind when it is interrupted
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted write left in ``folder``; returns them."""
+    folder = Path(folder)
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if _TEMPORARY.fullmatch(name) and (folder / name).is_file():
+            try:
+                os.unlink(folder / name)
+            except FileNotFoundError:
+                continue
+            removed.append(folder / name)
+    if removed:
+        fsync_dir(folder)
+    return removed
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
