@@ -156,7 +156,8 @@ class GatesConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    chunk_s: float = key(5.0, doc="seconds of training between checkpoints", check=_between(0.05, 600.0))
+    chunk_s: float = key(5.0, doc="seconds of training between checkpoints (the watchdog is pinged between "
+                                  "chunks: keep it well under WatchdogSec)", check=_between(0.05, 120.0))
     min_steps: int = key(10, doc="least optimiser steps for a partial update at the deadline",
                          check=_between(1, 10**9))
     deadline_margin_s: float = key(60.0, doc="submit this long before the round's deadline",
@@ -385,9 +386,13 @@ def load(path: str | os.PathLike, *, env: Mapping[str, str] | None = None) -> Da
 def _read_password(path: Path, source: str) -> str:
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
             raw = f.read(_MAX_PASSWORD + 1)
     except OSError as e:
         raise DaemonConfigError(source, [("broker.password_file", f"{path}: cannot read: {e.strerror}")]) from None
+    if mode & 0o077:
+        raise DaemonConfigError(source, [("broker.password_file", f"{path} is readable by group or others "
+                                          f"(mode {mode & 0o777:04o}); fix it with: chmod 600 {path}")])
     try:
         text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:

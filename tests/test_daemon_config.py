@@ -75,6 +75,7 @@ def test_secrets_from_systemd_credentials(tmp_path):
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "mqtt-password").write_text("s3cret\n")
+    (creds / "mqtt-password").chmod(0o600)
     (creds / "signing.key").write_text("whatever")
     data = minimal()
     data["keys"] = {"coordinator": "${CREDENTIALS_DIRECTORY}/coordinator"}
@@ -157,3 +158,17 @@ def test_the_documentation_lists_every_key():
     text = (ROOT / "docs" / "daemon.md").read_text()
     missing = [key for key, _, _ in dc.reference() if f"| `{key}` |" not in text and f"| **`{key}`** |" not in text]
     assert missing == []
+
+
+def test_a_password_file_others_can_read_is_refused_with_the_fix(tmp_path):
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    data = minimal()
+    data["broker"] = {"url": "mqtt://h:1883", "password_file": str(secret)}
+    conf = tmp_path / "daemon.yaml"
+    conf.write_text(yaml.safe_dump(data))
+    with pytest.raises(dc.DaemonConfigError, match=f"chmod 600 {secret}"):
+        dc.load(conf, env={})
+    secret.chmod(0o600)
+    assert dc.load(conf, env={}).broker.password == "s3cret"
