@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import stat
@@ -33,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from nacl.signing import VerifyKey
 
 from fednca import keys as k
 from fednca.atomic import write_text
@@ -47,7 +45,6 @@ from .rounds import RoundConfig
 from .store import RoundStore
 
 KILL_ENV = "FEDNCA_COORDINATOR_KILL_AFTER"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -179,14 +176,6 @@ def _read_secret(cfg: CoordinatorConfig) -> str:
 # -------------------------------------------------------------------------------- enroll, revoke
 
 
-def _site_key(text: str) -> VerifyKey:
-    if Path(text).is_file():
-        return k.read_verify_key(text)
-    if _HEX64.fullmatch(text):
-        return VerifyKey(bytes.fromhex(text))
-    raise FedNCAError(f"site key {text!r}: neither a signing.pub file nor 64 lowercase hex digits")
-
-
 def _rewrite_acl(cfg: CoordinatorConfig, registry: k.Registry) -> None:
     settings = cfg.mosquitto_settings()
     acl = mosquitto.render_acl(cfg.federation.name, coordinator_user=settings.coordinator_user, sites=registry.sites)
@@ -201,7 +190,7 @@ def _enroll(args: argparse.Namespace) -> int:
     registry = k.read_registry(cfg.registry_path)
     if site in registry.sites and not args.replace:
         raise FedNCAError(f"site {site!r} is already enrolled; pass --replace to give it a new key and password")
-    enrolled = registry.enrol(site, _site_key(args.key))
+    enrolled = registry.enrol(site, k.verify_key_from_text(args.key))
     password = secrets.token_urlsafe(24)
     mosquitto.set_password(cfg.mosquitto_settings().password_path, site, password)
     _rewrite_acl(cfg, enrolled)

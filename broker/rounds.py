@@ -35,6 +35,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
+from fednca.config import from_mapping
 from fednca.errors import ConfigError, FedNCAError
 
 OPEN, CLOSED = "open", "closed"
@@ -105,12 +106,7 @@ class RoundConfig:
 
     @classmethod
     def from_dict(cls, data: Any) -> "RoundConfig":
-        if not isinstance(data, dict):
-            raise ConfigError("round", f"must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(unknown[0], "unknown field")
-        return cls(**data)
+        return from_mapping(cls, data)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 from fednca.atomic import write_bytes
 from fednca.errors import FedNCAError
 
+from .outbox import StateFolder
 from .workerproc import WorkerSpec, encode
 
 log = logging.getLogger("fednca.daemon.worker")
@@ -120,9 +121,9 @@ class Session:
         torch.set_num_threads(spec.threads)
         self.spec, self.events, self.signals = spec, events, signals
         self.evaluate = evaluate
-        state = Path(spec.state_dir)
-        self.checkpoint_path = state / "checkpoint.safetensors"
-        ann = open_announcement((state / "announcement.bin").read_bytes(),
+        folder = StateFolder(path=spec.state_dir)
+        self.checkpoint_path = folder.checkpoint_path
+        ann = open_announcement(folder.announcement_path.read_bytes(),
                                 coordinator_verify_key=VerifyKey(bytes.fromhex(spec.coordinator_verify_key)),
                                 federation=spec.federation)
         h = ann.header
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     lock_fd = None
     try:
         spec = WorkerSpec.from_json(commands.readline().decode())
-        lock_fd = _lock(Path(spec.state_dir) / "worker.lock")
+        lock_fd = _lock(StateFolder(path=spec.state_dir).worker_lock_path)
         return serve(spec, commands, events, signals)
     except _Stop:
         return 0

@@ -11,7 +11,7 @@ Every size is a field; a bad value raises :class:`~fednca.errors.ConfigError` na
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -77,7 +77,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, data, "model")
+        return from_mapping(cls, data, "model")
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _from_dict(cls, data, "train")
+        return from_mapping(cls, data, "train")
 
 
 def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -178,13 +178,18 @@ def train_preset(name: str = "fednca", **overrides: Any) -> TrainConfig:
     return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+def from_mapping(cls: type, data: Any, where: str = "") -> Any:
+    """A frozen config dataclass from a JSON/YAML mapping: unknown fields refused, lists made
+    tuples; a ConfigError names the field, prefixed with ``where.`` when given."""
+    def name(field: str) -> str:
+        return f"{where}.{field}" if where else field
+
     if not isinstance(data, dict):
-        raise ConfigError(where, f"must be a mapping, got {type(data).__name__}")
+        raise ConfigError(where or cls.__name__, f"must be a mapping, got {type(data).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", "unknown field")
+        raise ConfigError(name(unknown[0]), "unknown field")
     values = {}
     for name, value in data.items():
         if isinstance(value, list):  # JSON and YAML have no tuples
@@ -193,4 +198,4 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     try:
         return cls(**values)
     except ConfigError as e:
-        raise ConfigError(f"{where}.{e.field}", e.why) from None
+        raise ConfigError(name(e.field), e.why) from None

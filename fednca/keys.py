@@ -227,6 +227,15 @@ def read_verify_key(path: str | os.PathLike) -> VerifyKey:
     return VerifyKey(_read_key_file(Path(path), SIGNING_PUB_FILE, private=False))
 
 
+def verify_key_from_text(text: str) -> VerifyKey:
+    """A site's Ed25519 public key given as a ``signing.pub`` file or as its 64 lowercase hex digits."""
+    if Path(text).is_file():
+        return read_verify_key(text)
+    if _HEX64.fullmatch(text):
+        return VerifyKey(bytes.fromhex(text))
+    raise KeyFileError(f"site key {text!r}: neither a signing.pub file nor 64 lowercase hex digits")
+
+
 def read_box_public_key(path: str | os.PathLike) -> PublicKey:
     """An X25519 public key file (the coordinator's ``box.pub``), any file name."""
     return PublicKey(_read_key_file(Path(path), BOX_PUB_FILE, private=False))

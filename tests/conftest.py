@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 import torch
 
 # Two cores on CI: keep each test process to one torch thread so parallel pieces do not fight.

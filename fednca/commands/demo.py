@@ -19,7 +19,6 @@ import dataclasses
 import io
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -124,8 +123,10 @@ def _test_sets(args: argparse.Namespace) -> list:
 
 def _announcement_bytes(sites: list) -> int:
     """The size of the round announcement as a site received and stored it."""
+    from fednca_daemon.outbox import StateFolder
+
     for s in sites:
-        path = Path(s.config).parent / "state" / "announcement.bin"
+        path = StateFolder(path=Path(s.config).parent / "state").announcement_path
         if path.exists():
             return path.stat().st_size
     return 0

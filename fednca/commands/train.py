@@ -10,7 +10,6 @@ import argparse
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 from ..errors import ConfigError
