@@ -233,7 +233,7 @@ def main() -> None:
         common = ["--passes", str(args.passes)]
         results = {}
         for name, cmd in (
-            ("onnxruntime", [sys.executable, "-m", "fednca.cli", "segment", "--model", str(onnx_path),
+            ("onnxruntime", [sys.executable, "-m", "fednca_app.cli", "segment", "--model", str(onnx_path),
                              *map(str, images), "--out", str(root / "ort"), "--json", "--threads", "1",
                              "--seed", "0", *common]),
             ("pytorch", [sys.executable, __file__, "--torch-child", str(model_dir), *map(str, images),

@@ -22,7 +22,7 @@ import nacl
 
 from fednca import wire
 from fednca.atomic import write_text
-from fednca.commands.wire import FEDERATION, SITE, sample
+from fednca_app.commands.wire import FEDERATION, SITE, sample
 
 
 def _rate(work: Callable[[int], object], seconds: float) -> tuple[float, int]:

@@ -237,3 +237,26 @@ def _verify(model: SegmentationNCA, data: bytes, path: Path, *, batch: int = 2) 
     if not error <= 1e-3 * max(1.0, float(np.abs(want).max())):
         raise ExportError(f"{path}: onnxruntime differs from PyTorch by {error:.3g} on the same input and masks")
     return error
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fednca.onnx_export MODEL ONNX``: the export a site's daemon runs in a child
+    process (PyTorch loads there and its memory goes when the child exits)."""
+    import sys
+
+    from . import modelfile
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m fednca.onnx_export MODEL_FOLDER OUT.onnx", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    cfg, weights, _ = modelfile.load(Path(args[0]))
+    done = export_onnx(weights, cfg, Path(args[1]), verify=True)
+    print(f"wrote {done.path} ({done.size:,} bytes, model {done.model_sha256[:12]}, "
+          f"matches PyTorch to {done.max_error:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

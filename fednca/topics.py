@@ -22,8 +22,6 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from paho.mqtt.client import topic_matches_sub
-
 from .errors import FedNCAError
 
 ROOT = "fednca"
@@ -41,6 +39,23 @@ _GLOBAL = ("round", "events")
 
 class TopicError(FedNCAError, ValueError):
     """An id or a topic name is not one this federation can use; the message names it."""
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """Whether ``topic`` matches the MQTT ``topic_filter`` (``+`` one level, ``#`` the rest).
+
+    Topics starting with ``$`` match only filters that name them: ``#`` and ``+`` at the first
+    level skip ``$SYS`` as the MQTT specification asks.
+    """
+    want, have = topic_filter.split("/"), topic.split("/")
+    if topic.startswith("$") and want[0] in ("+", "#"):
+        return False
+    for i, level in enumerate(want):
+        if level == "#":
+            return True
+        if i >= len(have) or (level != "+" and level != have[i]):
+            return False
+    return len(want) == len(have)
 
 
 def check_id(value: object, *, what: str) -> str:
@@ -171,7 +186,7 @@ def allowed(*, user: str, role: str, action: Action, topic: str, federation: str
             # a literal '+' in the filter, a concrete level in the rule covers nothing wider.
             if _filter_covered(rule.topic_filter, topic):
                 return True
-        elif topic_matches_sub(rule.topic_filter, topic):
+        elif matches(rule.topic_filter, topic):
             return True
     return False
 

@@ -1,7 +1,7 @@
 """A federation of real processes on a real mosquitto, for the end-to-end and fault tests.
 
 :class:`Federation` sets the federation up as ``fednca demo --broker`` does
-(:func:`fednca.commands.demo.setup`: ``fednca coordinator init``/``enroll``, each site's keys,
+(:func:`fednca_app.commands.demo.setup`: ``fednca coordinator init``/``enroll``, each site's keys,
 bundle and daemon YAML), shrinks it to a tiny model, then runs mosquitto with the generated
 configuration, password file and ACL, ``fednca coordinator run`` and one ``fednca daemon`` per
 site, each in a process group of its own, and can kill, stop and restart any of them. A site may
@@ -28,7 +28,7 @@ from typing import Any, Callable
 import psutil
 import yaml
 
-from fednca.commands import demo
+from fednca_app.commands import demo
 from fednca.transport.base import Message
 from fednca.transport.mqtt import MqttClient
 from fednca_broker import mosquitto
@@ -301,13 +301,13 @@ class Federation:
         env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
         if kill_after:
             env[KILL_ENV] = kill_after
-        argv = [sys.executable, "-m", "fednca.cli", "coordinator", "run", str(self.folder), "--poll", "0.2"]
+        argv = [sys.executable, "-m", "fednca_app.cli", "coordinator", "run", str(self.folder), "--poll", "0.2"]
         self._spawn(Party("coordinator", argv, env))
         self.parties["coordinator"].expect_exit = bool(kill_after)  # it kills itself
 
     def start_site(self, site: str) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        argv = [sys.executable, "-m", "fednca.cli", "daemon", "--config", str(self.site_paths[site].config)]
+        argv = [sys.executable, "-m", "fednca_app.cli", "daemon", "--config", str(self.site_paths[site].config)]
         self._spawn(Party(site, argv, env))
 
     def start(self, *, kill_coordinator_after: str | None = None) -> None:

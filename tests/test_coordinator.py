@@ -13,7 +13,7 @@ from fednca.config import preset
 from fednca.keys import CoordinatorKeys, Registry, SiteKeys
 from fednca.model import build, tensors
 from fednca.topics import COORDINATOR, SITE, Topics
-from fednca.transport import MemoryBroker
+from fednca.transport.memory import MemoryBroker
 from fednca_broker.config import FederationConfig
 from fednca_broker.coordinator import NO_UPDATE_ID, Coordinator, CoordinatorError
 from fednca_broker.rounds import RoundConfig

@@ -9,7 +9,7 @@ import stat
 import pytest
 import yaml
 
-from fednca.cli import main
+from fednca_app.cli import main
 from fednca.keys import SiteKeys, key_id, read_coordinator_public, read_registry, write_site_keys
 from fednca_broker.cli import RegistryWatcher, kill_hook
 from fednca_broker.config import load_config

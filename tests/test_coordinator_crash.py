@@ -1,7 +1,7 @@
 """A real coordinator process on a real mosquitto, killed with SIGKILL at points of a round.
 
 Each case sets up a federation (``fednca coordinator init`` and ``enroll``), starts
-``python -m fednca.cli coordinator run`` with ``FEDNCA_COORDINATOR_KILL_AFTER=ACTION:N`` (it
+``python -m fednca_app.cli coordinator run`` with ``FEDNCA_COORDINATOR_KILL_AFTER=ACTION:N`` (it
 SIGKILLs itself right after that action), lets five simulated sites publish pre-built sealed
 updates, then starts the coordinator again without the hook. The round must close with exactly the
 five updates, each counted once, and the same global model as an uninterrupted run. The broker is
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from fednca import aggregate, wire
-from fednca.cli import main
+from fednca_app.cli import main
 from fednca.keys import SiteKeys, read_coordinator_public
 from fednca.transport.mqtt import MqttClient
 from fednca_broker.cli import KILL_ENV
@@ -85,7 +85,7 @@ class Case:
             env[KILL_ENV] = kill
         with open(self.folder / "coordinator.log", "ab") as log:
             self.child = subprocess.Popen(
-                [sys.executable, "-m", "fednca.cli", "coordinator", "run", str(self.folder), "--poll", "0.1",
+                [sys.executable, "-m", "fednca_app.cli", "coordinator", "run", str(self.folder), "--poll", "0.1",
                  "--log-level", "debug"], stdout=log, stderr=log, env=env,
             )  # fmt: skip
 

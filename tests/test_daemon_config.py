@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from daemon_support import Federation
-from fednca.cli import main
+from fednca_app.cli import main
 from fednca_daemon import config as dc
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -99,7 +99,7 @@ def test_sigterm_ends_the_chunk_checkpoints_and_exits_0_with_sd_notify(tmp_path)
     cfg.state_dir.mkdir(mode=0o700)
     (cfg.state_dir / "announcement.bin").write_bytes(announcement)  # the broker is down: train from the saved round
     notify = Collector(str(tmp_path / "notify"))
-    proc = subprocess.Popen([sys.executable, "-m", "fednca.cli", "daemon", "--config", str(conf)],
+    proc = subprocess.Popen([sys.executable, "-m", "fednca_app.cli", "daemon", "--config", str(conf)],
                             env=daemon_env(NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="1000000"),
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -235,7 +235,7 @@ def test_the_newest_verified_global_model_becomes_the_inference_model(fed, broke
     save_folder(phantom_dataset(site=0, count=1, size=16), tmp_path / "img")
     image = next((tmp_path / "img" / "images").iterdir())
     env = {**os.environ, "FEDNCA_STATE_DIR": str(d.cfg.state_dir)}
-    out = subprocess.run([sys.executable, "-m", "fednca.cli", "segment", str(image), "--out", str(tmp_path / "seg"),
+    out = subprocess.run([sys.executable, "-m", "fednca_app.cli", "segment", str(image), "--out", str(tmp_path / "seg"),
                           "--passes", "2", "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "seg" / f"{image.stem}_mask.png").exists()

@@ -1,6 +1,6 @@
 import json
 
-from fednca.fleet import render, row
+from fednca_app.fleet import render, row
 
 
 def status(**fields) -> bytes:

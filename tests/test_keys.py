@@ -7,7 +7,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from fednca import keys as k
-from fednca.cli import main
+from fednca_app.cli import main
 
 
 def mode(path) -> int:

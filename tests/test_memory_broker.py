@@ -6,7 +6,6 @@ from fednca.topics import COORDINATOR, SITE, Topics
 from fednca.transport import (
     ConnectRefused,
     InvalidTopic,
-    MemoryBroker,
     NotConnected,
     PayloadTooLarge,
     PublishRefused,
@@ -15,6 +14,7 @@ from fednca.transport import (
     Will,
 )
 from fednca.transport.base import publish_packet_size
+from fednca.transport.memory import MemoryBroker
 
 T = Topics("fed")
 

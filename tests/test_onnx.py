@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fednca import modelfile
-from fednca.cli import main
+from fednca_app.cli import main
 from fednca.config import preset
 from fednca.model import build, tensors
 from fednca.onnx_export import ExportError, export_onnx

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fednca import cli
+from fednca_app import cli
 from fednca.data import concat, from_arrays, load_folder, patient_of, split, to_uint8
 from fednca.errors import ConfigError
 from fednca.metrics import dice

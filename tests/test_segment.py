@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 from PIL import Image
 
-from fednca.cli import main
+from fednca_app.cli import main
 from fednca.config import preset
 from fednca.errors import DataError
 from fednca.metrics import nqm
@@ -89,7 +89,7 @@ def test_each_pass_runs_alone_and_matches_pytorch(model_file):
 def test_segment_never_imports_torch(model_file):
     _, folder = model_file
     code = (
-        "import sys, json; from fednca.cli import main; "
+        "import sys, json; from fednca_app.cli import main; "
         f"rc = main(['segment', '--model', {str(folder / 'model.onnx')!r}, {str(folder / 'grey.png')!r}, "
         f"'--out', {str(folder / 'sub')!r}, '--json', '--seed', '0']); "
         "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))"

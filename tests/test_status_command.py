@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fednca.cli import main
+from fednca_app.cli import main
 from fednca.transport.mqtt import MqttClient
 
 pytestmark = pytest.mark.mosquitto

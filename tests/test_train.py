@@ -88,7 +88,7 @@ def test_training_learns_squares_and_evaluation_reports_nqm():
 
 
 def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fednca.cli", "train", "--data", str(data), "--out", str(out),
+    return [sys.executable, "-m", "fednca_app.cli", "train", "--data", str(data), "--out", str(out),
             "--size", "16", "--nca-steps", "3,2", "--epochs", "4", "--chunk-steps", "2",
             "--threads", "1", "--test-fraction", "0.25", "--json", *extra]
 

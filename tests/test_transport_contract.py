@@ -18,12 +18,12 @@ from fednca.topics import Topics
 from fednca.transport import (
     Client,
     ConnectRefused,
-    MemoryBroker,
     PayloadTooLarge,
     SubscribeRefused,
     Will,
 )
 from fednca.transport.base import NOT_AUTHORIZED
+from fednca.transport.memory import MemoryBroker
 from fednca.transport.mqtt import MqttClient, TransportError, parse_url
 
 FED = "fed"

@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.numpy import load, save
 
 from fednca import wire
-from fednca.cli import main
-from fednca.commands.wire import ANNOUNCEMENT_BUDGET, UPDATE_BUDGET, sizes
+from fednca_app.cli import main
+from fednca_app.commands.wire import ANNOUNCEMENT_BUDGET, UPDATE_BUDGET, sizes
 from fednca.config import ModelConfig, TrainConfig
 from fednca.tensorcodec import read_document, write_document
 from fednca.wire import Reason, WireError

@@ -1,7 +1,9 @@
 """Message transport: one small client interface, an MQTT (paho) and an in-memory implementation.
 
-``base`` holds the interface and its errors, ``memory`` the in-process broker, ``mqtt`` the paho
-adapter (import ``fednca.transport.mqtt`` where a real broker is used).
+``base`` holds the interface and its errors (re-exported here), ``memory`` the in-process broker,
+``mqtt`` the paho adapter. Neither implementation loads with this package: a daemon or coordinator
+on mosquitto imports ``fednca.transport.mqtt`` and never the in-memory broker, the demo and the
+tests import ``fednca.transport.memory``; paho is imported in ``mqtt`` alone.
 """
 
 from .base import (
@@ -18,14 +20,11 @@ from .base import (
     TransportError,
     Will,
 )
-from .memory import MemoryBroker, MemoryClient
 
 __all__ = [
     "Client",
     "ConnectRefused",
     "InvalidTopic",
-    "MemoryBroker",
-    "MemoryClient",
     "Message",
     "NotConnected",
     "PayloadTooLarge",

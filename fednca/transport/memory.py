@@ -34,7 +34,6 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from paho.mqtt.client import topic_matches_sub
 
 from .. import topics
 from .base import (
@@ -289,7 +288,7 @@ class MemoryBroker:
             raise SubscribeRefused(topic_filter, "not authorized")
         session.subscriptions[topic_filter] = qos
         for topic, held in list(self._retained.items()):
-            if topic_matches_sub(topic_filter, topic) and self._may(session, "read", topic):
+            if topics.matches(topic_filter, topic) and self._may(session, "read", topic):
                 self._enqueue(session, _Pending(topic, held.payload, min(qos, held.qos), True))
 
     def _unsubscribe(self, client: MemoryClient, topic_filter: str) -> None:
@@ -317,7 +316,7 @@ class MemoryBroker:
                 self._retained.pop(pending.topic, None)
         for session in list(self._sessions.values()):
             granted = [
-                q for f, q in session.subscriptions.items() if topic_matches_sub(f, pending.topic)
+                q for f, q in session.subscriptions.items() if topics.matches(f, pending.topic)
             ]
             if granted and self._may(session, "read", pending.topic):
                 qos = min(pending.qos, max(granted))

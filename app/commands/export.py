@@ -23,8 +23,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch  # only this command needs PyTorch
 
-    from .. import modelfile
-    from ..onnx_export import export_onnx
+    from fednca import modelfile
+    from fednca.onnx_export import export_onnx
 
     torch.set_num_threads(1)
     start = time.perf_counter()

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ModelConfig, TrainConfig
-from .data import Dataset, concat
+from fednca.config import ModelConfig, TrainConfig
+from fednca.data import Dataset, concat
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ def site_dice(weights: dict[str, np.ndarray], cfg: ModelConfig, sites: Sequence[
     """Mean test Dice of one model on each site's own test images."""
     import torch
 
-    from .model import build
-    from .train import evaluate
+    from fednca.model import build
+    from fednca.train import evaluate
 
     model = build(cfg)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in weights.items()})
@@ -44,7 +44,7 @@ def site_dice(weights: dict[str, np.ndarray], cfg: ModelConfig, sites: Sequence[
 def _train_job(job: tuple[ModelConfig, TrainConfig, Dataset, int, int, bool]) -> dict[str, np.ndarray]:
     import torch
 
-    from .train import Trainer
+    from fednca.train import Trainer
 
     model_cfg, train_cfg, data, steps, seed, low_memory = job
     torch.set_num_threads(1)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..segment import DEFAULT_NQM_THRESHOLD, DEFAULT_PASSES, Segmenter, output_paths, segment_file
+from fednca.errors import ConfigError
+from fednca.segment import DEFAULT_NQM_THRESHOLD, DEFAULT_PASSES, Segmenter, output_paths, segment_file
 
 # Where a site daemon keeps its newest verified global model (its state_dir, default /var/lib/fednca).
 DEFAULT_MODEL = Path(os.environ.get("FEDNCA_STATE_DIR", "/var/lib/fednca")) / "inference" / "model.onnx"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import save_folder
-from ..errors import ConfigError
-from ..phantom import FRAMES_PER_PATIENT, frame_name, generate, site_shift
+from fednca.data import save_folder
+from fednca.errors import ConfigError
+from fednca.phantom import FRAMES_PER_PATIENT, frame_name, generate, site_shift
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import FedNCAError
+from fednca.errors import FedNCAError
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from fednca_broker.store import RoundStore
 
     from ..fleet import render, row
-    from ..topics import Topics
+    from fednca.topics import Topics
 
     cfg = load_config(args.folder / CONFIG_NAME)
     topics = Topics(cfg.federation.name)

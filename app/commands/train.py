@@ -12,7 +12,7 @@ import resource
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
+from fednca.errors import ConfigError
 
 
 def _steps(text: str) -> tuple[int, int]:
@@ -57,14 +57,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args, size: int):
-    from ..data import concat, load_folder, split
+    from fednca.data import concat, load_folder, split
 
     if args.data is not None:
         data, skipped = load_folder(args.data, size=size, skip_bad=args.skip_bad)
         if skipped:
             print(f"skipped {skipped} bad image/mask pair(s) in {args.data}", file=sys.stderr)
     else:
-        from ..phantom import phantom_dataset
+        from fednca.phantom import phantom_dataset
 
         data = concat([phantom_dataset(site=s, count=args.count, size=size, seed=args.seed) for s in args.phantom])
     return split(data, test_fraction=args.test_fraction, seed=args.seed)
@@ -91,12 +91,12 @@ class Progress:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import atomic, modelfile
-    from ..config import preset, train_preset
-    from ..data import to_uint8
-    from ..model import count_parameters
+    from fednca import atomic, modelfile
+    from fednca.config import preset, train_preset
+    from fednca.data import to_uint8
+    from fednca.model import count_parameters
     from ..plots import line_chart, overlay_grid
-    from ..train import Trainer, evaluate
+    from fednca.train import Trainer, evaluate
 
     if args.epochs <= 0 or args.chunk_steps <= 0 or args.passes <= 0:
         raise ConfigError("--epochs/--chunk-steps/--passes", "must be positive")

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FedNCAError
-from ..topics import COORDINATOR, SITE, Topics
+from fednca.errors import FedNCAError
+from fednca.topics import COORDINATOR, SITE, Topics
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class InProcess:
     def __init__(self, *, coordinator_dir: Path, sites: list[SitePaths]) -> None:
         from fednca_broker.config import CONFIG_NAME, load_config
 
-        from ..transport.memory import MemoryBroker
+        from fednca.transport.memory import MemoryBroker
 
         self.cfg = load_config(coordinator_dir / CONFIG_NAME)
         self.sites = sites
@@ -79,8 +79,8 @@ class InProcess:
         from fednca_daemon import config as dc
         from fednca_daemon.service import Service
 
-        from .. import keys as k
-        from ..transport.base import Will
+        from fednca import keys as k
+        from fednca.transport.base import Will
 
         cfg = self.cfg
         self.coordinator = Coordinator(
@@ -188,7 +188,7 @@ class Processes:
             if time.monotonic() > deadline or self._procs["mosquitto"].poll() is not None:
                 raise FedNCAError(f"mosquitto did not start; see {self.log_dir / 'mosquitto.log'}")
             time.sleep(0.05)
-        py = [sys.executable, "-m", "fednca.cli"]
+        py = [sys.executable, "-m", "fednca_app.cli"]
         self._spawn("coordinator", py + ["coordinator", "run", str(self.coordinator_dir), "--poll", "0.2"])
         for s in self.sites:
             self._spawn(s.name, py + ["daemon", "--config", str(s.config)])

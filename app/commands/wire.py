@@ -15,9 +15,9 @@ from typing import Mapping
 
 import numpy as np
 
-from .. import wire
-from ..config import preset, train_preset
-from ..keys import CoordinatorKeys, Registry, SiteKeys
+from fednca import wire
+from fednca.config import preset, train_preset
+from fednca.keys import CoordinatorKeys, Registry, SiteKeys
 
 UPDATE_BUDGET = 16 << 10
 ANNOUNCEMENT_BUDGET = 40 << 10
@@ -52,7 +52,7 @@ class Sample:
 
 
 def sample(preset_name: str = "fednca") -> Sample:
-    from ..model import build, tensor_shapes, tensors  # torch: only to build the model
+    from fednca.model import build, tensor_shapes, tensors  # torch: only to build the model
 
     cfg = preset(preset_name)
     weights = {n: t.numpy() for n, t in tensors(build(cfg, seed=0)).items()}

@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .. import keys as k
-from ..errors import FedNCAError
+from fednca import keys as k
+from fednca.errors import FedNCAError
 
 
 def configure(p: argparse.ArgumentParser) -> None:

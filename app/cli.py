@@ -14,20 +14,20 @@ import argparse
 import importlib
 import sys
 
-from .errors import FedNCAError
+from fednca.errors import FedNCAError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "phantom": ("fednca.commands.phantom", "write a phantom ultrasound dataset folder for one site"),
-    "train": ("fednca.commands.train", "train the model on one machine (local or pooled data)"),
-    "keys": ("fednca.commands.keys", "generate and show site or coordinator keys"),
-    "wire": ("fednca.commands.wire", "print the wire size of an update and a round announcement"),
-    "export": ("fednca.commands.export", "export a trained model to ONNX"),
-    "segment": ("fednca.commands.segment", "segment images with an ONNX model (no PyTorch)"),
+    "phantom": ("fednca_app.commands.phantom", "write a phantom ultrasound dataset folder for one site"),
+    "train": ("fednca_app.commands.train", "train the model on one machine (local or pooled data)"),
+    "keys": ("fednca_app.commands.keys", "generate and show site or coordinator keys"),
+    "wire": ("fednca_app.commands.wire", "print the wire size of an update and a round announcement"),
+    "export": ("fednca_app.commands.export", "export a trained model to ONNX"),
+    "segment": ("fednca_app.commands.segment", "segment images with an ONNX model (no PyTorch)"),
     "coordinator": ("fednca_broker.cli", "set up and run a federation's coordinator"),
     "daemon": ("fednca_daemon.cli", "run or check the edge daemon of one site"),
-    "demo": ("fednca.commands.demo", "run a small federation end to end and report it"),
-    "status": ("fednca.commands.status", "show the live state of a federation's sites"),
+    "demo": ("fednca_app.commands.demo", "run a small federation end to end and report it"),
+    "status": ("fednca_app.commands.status", "show the live state of a federation's sites"),
 }
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..errors import ConfigError, FedNCAError
+from fednca.errors import ConfigError, FedNCAError
 from .train import _steps
 
 FEDERATION = "demo"
@@ -65,9 +65,9 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[Path, list]:
     """A federation folder, enrolled sites with keys and daemon configurations."""
     from fednca_broker.config import CONFIG_NAME, load_config, to_yaml_dict
 
-    from .. import keys as k
-    from ..atomic import write_text
-    from ..config import preset, train_preset
+    from fednca import keys as k
+    from fednca.atomic import write_text
+    from fednca.config import preset, train_preset
     from .demo_parties import SitePaths
 
     url = args.broker or "mqtt://127.0.0.1:1883"  # in-process: the address is only written down
@@ -112,7 +112,7 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[Path, list]:
 
 def _test_sets(args: argparse.Namespace) -> list:
     from ..compare import Site
-    from ..phantom import phantom_dataset
+    from fednca.phantom import phantom_dataset
 
     return [Site(name=f"site{i}",
                  train=phantom_dataset(site=i, count=args.train_images, size=args.size, seed=args.seed),
@@ -143,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
 
     from fednca_broker.store import RoundStore
 
-    from .. import modelfile
+    from fednca import modelfile
     from ..compare import Baselines, site_dice
-    from ..config import preset, train_preset
+    from fednca.config import preset, train_preset
     from ..plots import line_chart
     from .demo_parties import InProcess, Processes
 
@@ -250,10 +250,10 @@ def run(args: argparse.Namespace) -> int:
 def _segmentations(path: Path, weights: dict, cfg, sites: list, *, seed: int) -> None:
     import torch
 
-    from ..data import to_uint8
-    from ..model import build
+    from fednca.data import to_uint8
+    from fednca.model import build
     from ..plots import overlay_grid
-    from ..train import evaluate
+    from fednca.train import evaluate
 
     model = build(cfg)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in weights.items()})
