@@ -10,9 +10,11 @@ coordinator keeps, at fixed places below it::
     store/<federation>/ the round store: state, accepted updates, round log, global models
     mosquitto/          mosquitto.conf, passwd, acl and the broker's persistence folder
 
-:func:`load_config` checks every key and raises one :class:`ConfigFileError` that lists every
-problem, each named by its dotted key (``round.grace_s: must be a finite number >= 0``) and the
-file. Unknown keys are errors. ``FederationConfig`` is what the coordinator service itself needs
+:func:`load_config` checks every key with the shared parser (:mod:`fednca.settings`) and raises
+one :class:`ConfigFileError` (a :class:`~fednca.errors.ConfigError`) that lists every problem,
+each named by its dotted key (``round.grace_s: must be a finite number >= 0``) and the file: a
+wrong type, a missing or unknown key anywhere, and in each section the first value its own checks
+refuse. Unknown keys are errors. ``FederationConfig`` is what the coordinator service itself needs
 (no paths, no broker), so a coordinator can also be built in-process without a file.
 """
 
@@ -21,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from fednca.aggregate import AggregationConfig
 from fednca.config import PRESETS, ModelConfig, TrainConfig, preset, train_preset
-from fednca.errors import ConfigError, FedNCAError
+from fednca.errors import ConfigError
+from fednca.settings import BAD, Parser
 from fednca.topics import TopicError, check_id
 from fednca.transport.base import DEFAULT_MAX_PACKET_SIZE, TransportError
 from fednca.transport.mqtt import parse_url
@@ -40,14 +43,14 @@ CONFIG_NAME = "coordinator.yaml"
 _MAX_CONFIG_BYTES = 1 << 20
 
 
-class ConfigFileError(FedNCAError):
-    """The configuration file is unreadable or has invalid keys; ``problems`` lists each one."""
+class ConfigFileError(ConfigError):
+    """The configuration file is unreadable or has invalid keys; ``problems`` lists each
+    (dotted key, why), all of them."""
 
-    def __init__(self, path: Path, problems: list[str]) -> None:
-        lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{path}: {len(problems)} problem(s) in the configuration:\n{lines}")
+    def __init__(self, path: Path, problems: list[tuple[str, str]]) -> None:
+        (field_name, why), *more = problems
+        super().__init__(field_name, why, more=more, source=str(path))
         self.path = path
-        self.problems = problems
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -97,7 +100,7 @@ class BrokerConfig:
     ca_file: str | None = None  # mqtts:// only: the CA that signed the broker's certificate
     cert_file: str | None = None  # mqtts:// only: a client certificate, if the broker asks for one
     key_file: str | None = None
-    protocol: str = "auto"  # auto (MQTT 5, else 3.1.1), 5 or 3.1.1
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"  # auto (MQTT 5, else 3.1.1), 5 or 3.1.1
     keepalive: int = 30
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
 
@@ -226,99 +229,77 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         with open(path, "rb") as f:
             raw = f.read(_MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise ConfigFileError(path, [f"cannot read the file ({e.strerror})"]) from None
+        raise ConfigFileError(path, [("(file)", f"cannot read the file ({e.strerror})")]) from None
     if len(raw) > _MAX_CONFIG_BYTES:
-        raise ConfigFileError(path, [f"larger than {_MAX_CONFIG_BYTES} bytes"])
+        raise ConfigFileError(path, [("(file)", f"larger than {_MAX_CONFIG_BYTES} bytes")])
     try:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigFileError(path, [f"{where}not valid YAML ({getattr(e, 'problem', None) or e})"]) from None
+        raise ConfigFileError(path, [("(file)", f"{where}not valid YAML ({getattr(e, 'problem', None) or e})")]) from None
     return parse_config(data, folder=path.resolve().parent, path=path)
 
 
 _SECTIONS = ("federation", "broker", "round", "aggregation", "model", "train", "update_dtype", "mosquitto")
 
-
-def parse_config(data: Any, *, folder: Path, path: Path | None = None) -> CoordinatorConfig:
-    where = path or folder / CONFIG_NAME
-    problems: list[str] = []
-    if not isinstance(data, dict):
-        raise ConfigFileError(where, ["the file must hold a mapping of keys (federation:, broker:, ...)"])
-    problems += [f"{key}: unknown key" for key in sorted(set(map(str, data)) - set(_SECTIONS))]
-    name = data.get("federation")
-    try:
-        check_id(name, what="federation")
-    except TopicError as e:
-        problems.append(f"federation: {'missing (the federation id)' if name is None else e}")
-        name = None
-    round_data = dict(_mapping(data.get("round"), "round", problems))
-    max_rounds = round_data.pop("max_rounds", FederationConfig.max_rounds)
-    model_data = dict(_mapping(data.get("model"), "model", problems))
-    seed = model_data.pop("seed", 0)
-    preset_name = model_data.pop("preset", "fednca")
-    if not isinstance(preset_name, str) or preset_name not in PRESETS:
-        problems.append(f"model.preset: unknown preset {preset_name!r}; known: {', '.join(PRESETS)}")
-        preset_name = "fednca"
-    sections = {
-        "rounds": _build(RoundConfig, RoundConfig, round_data, "round", problems),
-        "aggregation": _build(AggregationConfig, AggregationConfig, data.get("aggregation"), "aggregation", problems),
-        "model": _build(ModelConfig, lambda **kw: preset(preset_name, **kw), model_data, "model", problems),
-        "train": _build(TrainConfig, lambda **kw: train_preset(preset_name, **kw), data.get("train"), "train", problems),
-    }
-    broker = _build(BrokerConfig, BrokerConfig, data.get("broker"), "broker", problems)
-    mosquitto = _build(MosquittoConfig, MosquittoConfig, data.get("mosquitto"), "mosquitto", problems)
-    top = {"name": name or "check", "max_rounds": max_rounds, "seed": seed,
-           "update_dtype": data.get("update_dtype", FederationConfig.update_dtype)}
-    complete = {key: value for key, value in sections.items() if value is not None}
-    federation = _build(FederationConfig, FederationConfig, {**top, **complete}, "", problems, nested=True)
-    if problems:
-        raise ConfigFileError(where, problems)
-    assert name is not None and federation is not None and broker is not None and mosquitto is not None
-    return CoordinatorConfig(folder=folder, federation=federation, broker=broker, mosquitto=mosquitto)
-
-
-def _mapping(value: Any, where: str, problems: list[str]) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        problems.append(f"{where}: must be a mapping of keys, got {type(value).__name__}")
-        return {}
-    return value
-
-
 # Fields of FederationConfig that the file holds under another key.
 _KEY_OF_FIELD = {"name": "federation", "max_rounds": "round.max_rounds", "seed": "model.seed"}
 
 
-def _build(cls: type, make: Any, data: Any, where: str, problems: list[str], *, nested: bool = False) -> Any:
-    """``make(**data)`` checked against ``cls``'s fields, collecting every problem.
+def parse_config(data: Any, *, folder: Path, path: Path | None = None) -> CoordinatorConfig:
+    """The configuration from the file's parsed YAML; raises ConfigFileError listing every problem.
 
-    A refused field is reported, then left at its default and the rest tried again, so independent
-    mistakes are all named in one go without reporting a field that is only wrong next to another.
+    The file's layout differs from the objects' in three places (the federation id, the round
+    limit and the initial seed live in sections of their own objects), so those are taken out
+    before each section goes through the shared parser, and named by their file keys.
     """
-    values = _mapping(data, where, problems) if not nested else data
-    if where and data is not None and not isinstance(data, dict):
-        return None
-    known = {f.name for f in dataclasses.fields(cls)}
-    prefix = f"{where}." if where else ""
-    unknown = sorted(set(map(str, values)) - known)
-    problems += [f"{prefix}{key}: unknown key" for key in unknown]
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
-    failed = bool(unknown)
-    for _ in range(len(values) + 1):
-        try:
-            result = make(**values)
-        except (ConfigError, TypeError, ValueError) as e:
-            field_name, why = (e.field, e.why) if isinstance(e, ConfigError) else ("", str(e))
-            key = field_name.split("[")[0].split(".")[0]
-            label = _KEY_OF_FIELD.get(field_name, field_name) if nested else field_name
-            problems.append(f"{prefix}{label}: {why}" if label else f"{where or 'configuration'}: invalid value ({why})")
-            if key not in values:
-                return None
-            del values[key]
-            failed = True
-            continue
-        return None if failed else result
-    return None
+    where = path or folder / CONFIG_NAME
+    if not isinstance(data, dict):
+        raise ConfigFileError(where, [("(top level)", "the file must hold a mapping of keys (federation:, broker:, ...)")])
+    parser = Parser()
+    problems = parser.problems
+    for name in sorted(set(map(str, data)) - set(_SECTIONS)):
+        problems.add(name, f"unknown key (known here: {', '.join(_SECTIONS)})")
+    name = data.get("federation")
+    try:
+        check_id(name, what="federation")
+    except TopicError as e:
+        problems.add("federation", "missing (the federation id)" if name is None else str(e))
+        name = None
+    round_data = dict(_mapping(data.get("round"), "round", parser))
+    max_rounds = round_data.pop("max_rounds", FederationConfig.max_rounds)
+    model_data = dict(_mapping(data.get("model"), "model", parser))
+    seed = model_data.pop("seed", 0)
+    preset_name = model_data.pop("preset", "fednca")
+    if not isinstance(preset_name, str) or preset_name not in PRESETS:
+        problems.add("model.preset", f"unknown preset {preset_name!r}; known: {', '.join(PRESETS)}")
+        preset_name = "fednca"
+    sections = {
+        "rounds": parser.section(RoundConfig, round_data, "round"),
+        "aggregation": parser.section(AggregationConfig, _mapping(data.get("aggregation"), "aggregation", parser),
+                                      "aggregation"),
+        "model": parser.section(ModelConfig, model_data, "model", make=lambda **kw: preset(preset_name, **kw)),
+        "train": parser.section(TrainConfig, _mapping(data.get("train"), "train", parser), "train",
+                                make=lambda **kw: train_preset(preset_name, **kw)),
+    }
+    broker = parser.section(BrokerConfig, _mapping(data.get("broker"), "broker", parser), "broker")
+    mosquitto = parser.section(MosquittoConfig, _mapping(data.get("mosquitto"), "mosquitto", parser), "mosquitto")
+    top = {"name": name or "check", "max_rounds": max_rounds, "seed": seed,
+           "update_dtype": data.get("update_dtype", FederationConfig.update_dtype)}
+    complete = {key: value for key, value in sections.items() if value is not BAD}
+    federation = problems.build("", FederationConfig, {**top, **complete}, keys=_KEY_OF_FIELD)
+    if problems:
+        raise ConfigFileError(where, problems.items)
+    assert federation is not BAD and broker is not BAD and mosquitto is not BAD
+    return CoordinatorConfig(folder=folder, federation=federation, broker=broker, mosquitto=mosquitto)
+
+
+def _mapping(value: Any, where: str, parser: Parser) -> dict[str, Any]:
+    """A section's mapping; an absent section is empty (every key at its default)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        parser.problems.add(where, f"must be a mapping of keys, got {type(value).__name__}")
+        return {}
+    return value

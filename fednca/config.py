@@ -6,6 +6,8 @@ Two named presets:
 * ``mednca``: the original Med-NCA (IPMI 2023), 70,016 parameters.
 
 Every size is a field; a bad value raises :class:`~fednca.errors.ConfigError` naming the field.
+``from_dict`` reads the stored form through the shared parser (:mod:`fednca.settings`): a bad
+value is named by its dotted key (``model.kernels[1]``), every problem at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .settings import from_mapping  # the stored form of a configuration object, parsed
+
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "TRAIN_PRESETS", "preset", "train_preset", "tensor_shapes",
+           "from_mapping"]
 
 Perception = Literal["depthwise", "dual3x3"]
 Loss = Literal["bce", "dice_bce"]
@@ -176,26 +182,3 @@ def train_preset(name: str = "fednca", **overrides: Any) -> TrainConfig:
     if name not in TRAIN_PRESETS:
         raise ConfigError("preset", f"unknown preset {name!r}; known: {', '.join(TRAIN_PRESETS)}")
     return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
-
-
-def from_mapping(cls: type, data: Any, where: str = "") -> Any:
-    """A frozen config dataclass from a JSON/YAML mapping: unknown fields refused, lists made
-    tuples; a ConfigError names the field, prefixed with ``where.`` when given."""
-    def name(field: str) -> str:
-        return f"{where}.{field}" if where else field
-
-    if not isinstance(data, dict):
-        raise ConfigError(where or cls.__name__, f"must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(name(unknown[0]), "unknown field")
-    values = {}
-    for name, value in data.items():
-        if isinstance(value, list):  # JSON and YAML have no tuples
-            value = tuple(value)
-        values[name] = value
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        raise ConfigError(name(e.field), e.why) from None

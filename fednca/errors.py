@@ -4,18 +4,42 @@
 hostile message); a plain Python exception escaping from here is our own bug.
 """
 
+from __future__ import annotations
+
+from typing import Sequence
+
 
 class FedNCAError(Exception):
     """Root of every error the core library raises on purpose."""
 
 
 class ConfigError(FedNCAError, ValueError):
-    """A configuration value is invalid; the message names the field and why."""
+    """A configuration is invalid; the message names each bad value by its dotted key and why.
 
-    def __init__(self, field: str, why: str) -> None:
-        super().__init__(f"{field}: {why}")
+    ``field`` and ``why`` are the first problem; ``problems`` lists every (key, why) that a
+    parser collected (one, when raised by a single check), and ``source`` names the file or
+    object they come from, if any. Every configuration of the project, core, daemon and
+    coordinator alike, reports its problems with this one type.
+    """
+
+    def __init__(self, field: str, why: str, *, more: Sequence[tuple[str, str]] = (),
+                 source: str | None = None) -> None:
         self.field = field
         self.why = why
+        self.problems: list[tuple[str, str]] = [(field, why), *more]
+        self.source = source
+        if source is None and not more:
+            super().__init__(f"{field}: {why}")
+        else:
+            lines = "\n".join(f"  {k}: {w}" for k, w in self.problems)
+            head = f"{source}: " if source is not None else ""
+            super().__init__(f"{head}{len(self.problems)} problem(s):\n{lines}")
+
+    @classmethod
+    def collected(cls, problems: Sequence[tuple[str, str]], *, source: str | None = None) -> "ConfigError":
+        """One error listing every (key, why) in ``problems`` (which must not be empty)."""
+        (field, why), *more = problems
+        return cls(field, why, more=more, source=source)
 
 
 class DataError(FedNCAError):
