@@ -7,8 +7,9 @@ so its peak RSS is the coordinator's own:
 
 * ``memory``: the in-memory broker in the child. Every update is published (the broker queues
   them for the coordinator's session) before the clock starts, then the coordinator starts.
-* ``mosquitto``: a local mosquitto started here with the federation's generated files (ACL and
-  one account per site). The coordinator's session subscribes, every site publishes its update
+* ``mosquitto``: a local mosquitto started here by the federation harness
+  (``fednca_app.harness.Mosquitto``) on the federation's generated files (ACL and one account per
+  site). The coordinator's session subscribes, every site publishes its update
   over its own connection while the coordinator is away, then the child starts the coordinator.
 
 Timed in the child: from ``Coordinator.start()`` (open round 1, take the queued updates, open,
@@ -27,16 +28,17 @@ import json
 import os
 import platform
 import resource
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import safetensors.numpy
+
+from fednca_app.harness import mosquitto_binary
 
 FEDERATION = "bench"
 PASSWORD = "bench-secret"
@@ -75,29 +77,18 @@ def build_federation(folder: Path, sites: int) -> None:
     write_registry(folder / "registry.json", Registry(sites=registry))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mosquitto(folder: Path, sites: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_mosquitto(folder: Path, sites: int) -> Any:
+    """The federation's mosquitto files (ACL and one account per site) and mosquitto running on them
+    (``fednca_app.harness.Mosquitto``, on a free port)."""
+    from fednca_app.harness import Mosquitto, free_port
     from fednca_broker.mosquitto import MosquittoSettings, write_files
 
     settings = MosquittoSettings(federation=FEDERATION, folder=str(folder), port=free_port(),
                                  max_queued_messages=sites + 100, run_as_root=os.geteuid() == 0)
     write_files(settings, coordinator_password=PASSWORD, site_passwords={site_id(i): PASSWORD for i in range(sites)})
-    process = subprocess.Popen(["mosquitto", "-c", str(settings.conf_path)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", settings.port), timeout=0.2).close()
-            return process, f"mqtt://127.0.0.1:{settings.port}"
-        except OSError:
-            time.sleep(0.02)
-    process.kill()
-    raise RuntimeError("mosquitto did not start")
+    broker = Mosquitto(settings=settings)
+    broker.start()
+    return broker
 
 
 def publish_to_mosquitto(url: str, data: Path, sites: int, client_id: str) -> None:
@@ -118,12 +109,13 @@ def publish_to_mosquitto(url: str, data: Path, sites: int, client_id: str) -> No
 
 
 def measure(kind: str, sites: int, data: Path, work: Path) -> dict:
-    url, process = "memory://", None
+    url, broker = "memory://", None
     client_id = f"coordinator-{kind}-{sites}"
     if kind == "mosquitto":
-        process, url = start_mosquitto(work / f"mosquitto-{sites}", sites)
+        broker = start_mosquitto(work / f"mosquitto-{sites}", sites)
+        url = broker.url
     try:
-        if process is not None:
+        if broker is not None:
             started = time.perf_counter()
             publish_to_mosquitto(url, data, sites, client_id)
             print(f"published {sites} updates to mosquitto in {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -134,9 +126,8 @@ def measure(kind: str, sites: int, data: Path, work: Path) -> dict:
             raise RuntimeError(f"child {kind} {sites} failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=10)
+        if broker is not None:
+            broker.stop()
 
 
 # ---------------------------------------------------------------------------------------- child
@@ -227,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, sizes[0], args.data, args.work, args.url, args.client_id)))
         return 0
     kinds = ["memory", "mosquitto"] if args.broker == "both" else [args.broker]
-    if "mosquitto" in kinds and shutil.which("mosquitto") is None:
+    if "mosquitto" in kinds and mosquitto_binary() is None:
         print("mosquitto is not installed: measuring the in-memory broker only", file=sys.stderr)
         kinds.remove("mosquitto")
     with tempfile.TemporaryDirectory(prefix="fednca-bench-") as tmp:

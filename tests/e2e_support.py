@@ -1,44 +1,34 @@
 """A federation of real processes on a real mosquitto, for the end-to-end and fault tests.
 
-:class:`Federation` sets the federation up as ``fednca demo --broker`` does
-(:func:`fednca_app.commands.demo.setup`: ``fednca coordinator init``/``enroll``, each site's keys,
-bundle and daemon YAML), shrinks it to a tiny model, then runs mosquitto with the generated
-configuration, password file and ACL, ``fednca coordinator run`` and one ``fednca daemon`` per
-site, each in a process group of its own, and can kill, stop and restart any of them. A site may
-reach the broker through a :class:`Relay` that can take its link down. :class:`Listener` records
-what a broker user receives.
+:class:`Federation` sets the federation up with :func:`fednca_app.harness.set_up` (as ``fednca demo
+--broker`` does: ``fednca coordinator init``/``enroll``, each site's keys, bundle and daemon YAML)
+with a tiny model, then runs it with :class:`fednca_app.harness.ProcessParties`: mosquitto with the
+generated configuration, password file and ACL, ``fednca coordinator run`` and one ``fednca
+daemon`` per site, each in a process group of its own, any of which it can kill, stop and
+restart. A site may reach the broker through a :class:`Relay` that can take its link down.
+:class:`Listener` records what a broker user receives.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
-import yaml
-
-from fednca_app.commands import demo
+from fednca.config import preset, train_preset
 from fednca.transport.base import Message
 from fednca.transport.mqtt import MqttClient
-from fednca_broker import mosquitto
+from fednca_app import harness
 from fednca_broker.cli import KILL_ENV
-from fednca_broker.config import CONFIG_NAME, load_config
 from fednca_broker.store import RoundStore
-from mosquitto_fixture import MOSQUITTO, free_port
+from mosquitto_fixture import MOSQUITTO
 
-FEDERATION = demo.FEDERATION
-STOP_TIMEOUT = 15.0
+FEDERATION = "demo"
+STOP_TIMEOUT = harness.STOP_TIMEOUT
 
 
 def wait_until(condition: Callable[[], Any], *, timeout: float, what: str,
@@ -186,15 +176,6 @@ class Listener:
         self._thread.join(5)
 
 
-@dataclass
-class Party:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    process: subprocess.Popen[bytes] | None = None
-    expect_exit: bool = False  # killed or stopped on purpose: its exit is no failure
-
-
 class Federation:
     """One federation folder and the processes that run it."""
 
@@ -203,42 +184,30 @@ class Federation:
         if MOSQUITTO is None:
             raise RuntimeError("mosquitto is not installed")
         self.root = root
-        self.port = free_port()
+        self.port = harness.free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
-        args = argparse.Namespace(broker=self.url, quorum=quorum, rounds=rounds, seed=0, size=16, nca_steps=(3, 2),
-                                  local_epochs=1, batch=2, grace=grace, sites=sites, train_images=8)
-        self.folder, site_paths = demo.setup(args, root / "work")
-        self.sites = [s.name for s in site_paths]
-        self.site_paths = {s.name: s for s in site_paths}
-        self.cfg = load_config(self.folder / CONFIG_NAME)
+        self.relays = {name: Relay(broker_port=self.port) for name in relayed}
+        # Short chunks and telemetry; a relayed site connects to its relay.
+        self.folder_paths = harness.set_up(
+            root / "work", federation=FEDERATION, sites=sites, rounds=rounds, quorum=quorum, url=self.url,
+            model=preset(input_size=16, steps=(3, 2)), train=train_preset(local_epochs=1, batch_size=2),
+            grace=grace, train_images=8, seed=0, chunk_s=0.2, telemetry_s=1.0,
+            site_urls={name: f"mqtt://127.0.0.1:{relay.port}" for name, relay in self.relays.items()})
+        self.folder = self.folder_paths.folder
+        self.sites = [s.name for s in self.folder_paths.sites]
+        self.site_paths = {s.name: s for s in self.folder_paths.sites}
+        self.cfg = self.folder_paths.config()
         self.store = RoundStore(root=self.cfg.store_root, federation=FEDERATION)
         self.logs = root / "logs"
         self.logs.mkdir()
-        self.relays = {name: Relay(broker_port=self.port) for name in relayed}
-        for name in self.sites:
-            self._shrink(name)
-        self.parties: dict[str, Party] = {}
-        self._groups: set[int] = set()
+        self.processes = harness.ProcessParties(federation=self.folder_paths, log_dir=self.logs)
         self._listeners: list[Listener] = []
         self._clients: list[MqttClient] = []
-
-    def _shrink(self, site: str) -> None:
-        """Short chunks and telemetry, no inference export; a relayed site connects to its relay."""
-        path = self.site_paths[site].config
-        data = yaml.safe_load(path.read_text())
-        data["training"]["chunk_s"] = 0.2
-        data["telemetry"]["interval_s"] = 1.0
-        data["inference"] = {"export": False}
-        if site in self.relays:
-            data["broker"]["url"] = f"mqtt://127.0.0.1:{self.relays[site].port}"
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
 
     # -- credentials and state --------------------------------------------------------------------
 
     def password(self, user: str) -> str:
-        if user == self.cfg.broker.username:
-            return self.cfg.password_path.read_text().strip()
-        return (self.site_paths[user].bundle / "mqtt-password").read_text().strip()
+        return self.folder_paths.password(user)
 
     def listener(self, user: str, client_id: str, topics: list[str]) -> Listener:
         """A :class:`Listener` on these topics (below the federation's prefix); closed by :meth:`close`."""
@@ -257,11 +226,10 @@ class Federation:
         return client
 
     def state_dir(self, site: str) -> Path:
-        return self.site_paths[site].config.parent / "state"
+        return self.site_paths[site].state_dir
 
     def log(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return self.processes.log(name)
 
     def records(self, kind: str | None = None) -> list[dict[str, Any]]:
         return [r for r in self.store.read_log() if kind is None or r.get("kind") == kind]
@@ -274,41 +242,18 @@ class Federation:
 
     # -- processes --------------------------------------------------------------------------------
 
-    def _spawn(self, party: Party) -> None:
-        with open(self.logs / f"{party.name}.log", "ab") as log:
-            party.process = subprocess.Popen(party.argv, stdout=log, stderr=log, env=party.env,
-                                             start_new_session=True)  # its own process group
-        party.expect_exit = False
-        self._groups.add(party.process.pid)
-        self.parties[party.name] = party
-
     def start_broker(self) -> None:
-        settings = self.cfg.mosquitto_settings()
-        if os.geteuid() == 0:  # mosquitto drops to its own user unless told to stay root
-            settings = dataclasses.replace(settings, run_as_root=True)
-        settings.conf_path.write_text(mosquitto.render_conf(settings))
-        self._spawn(Party("mosquitto", [MOSQUITTO, "-c", str(settings.conf_path)], dict(os.environ)))
-        wait_until(self._listening, timeout=10, what="mosquitto to listen", federation=self)
-
-    def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
+        self.processes.start_broker()
 
     def start_coordinator(self, *, kill_after: str | None = None) -> None:
+        """``fednca coordinator run``; with ``kill_after``, it SIGKILLs itself at that point of a round."""
         env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
         if kill_after:
             env[KILL_ENV] = kill_after
-        argv = [sys.executable, "-m", "fednca_app.cli", "coordinator", "run", str(self.folder), "--poll", "0.2"]
-        self._spawn(Party("coordinator", argv, env))
-        self.parties["coordinator"].expect_exit = bool(kill_after)  # it kills itself
+        self.processes.start_coordinator(env=env, expect_exit=bool(kill_after))
 
     def start_site(self, site: str) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        argv = [sys.executable, "-m", "fednca_app.cli", "daemon", "--config", str(self.site_paths[site].config)]
-        self._spawn(Party(site, argv, env))
+        self.processes.start_site(site)
 
     def start(self, *, kill_coordinator_after: str | None = None) -> None:
         """The coordinator and every site (after :meth:`start_broker`)."""
@@ -317,49 +262,31 @@ class Federation:
             self.start_site(site)
 
     def returncode(self, name: str) -> int | None:
-        process = self.parties[name].process
-        assert process is not None
-        return process.poll()
+        return self.processes.returncode(name)
 
     def kill(self, name: str) -> None:
         """SIGKILL the party's whole process group (a daemon with its trainer): a power cut."""
-        party = self.parties[name]
-        assert party.process is not None
-        party.expect_exit = True
-        _killpg(party.process.pid)
-        party.process.wait(STOP_TIMEOUT)
+        self.processes.kill(name)
 
     def stop(self, name: str) -> int:
         """SIGTERM and wait; the exit status."""
-        party = self.parties[name]
-        assert party.process is not None
-        party.expect_exit = True
-        if party.process.poll() is None:
-            party.process.send_signal(signal.SIGTERM)
         try:
-            return party.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{name} did not stop within {STOP_TIMEOUT:.0f} s of SIGTERM{self.tails()}") from None
+            return self.processes.stop(name)
+        except harness.HarnessError as e:
+            raise AssertionError(str(e)) from None
 
     def restart(self, name: str) -> None:
-        party = self.parties[name]
-        assert party.process is not None and party.process.poll() is not None, f"{name} is still running"
-        self._spawn(party)
-        if name == "mosquitto":
-            wait_until(self._listening, timeout=10, what="mosquitto to listen again", federation=self)
+        self.processes.restart(name)
 
     def check_alive(self) -> None:
         """Fail when a party exited that was not killed or stopped on purpose (the coordinator may
         finish with status 0)."""
-        for name, party in self.parties.items():
-            code = party.process.poll() if party.process is not None else None
-            if code is None or party.expect_exit or (name == "coordinator" and code == 0):
-                continue
-            raise AssertionError(f"{name} exited with status {code}{self.tails(name)}")
+        failed = self.processes.failure()
+        if failed is not None:
+            raise AssertionError(failed)
 
     def tails(self, *names: str) -> str:
-        shown = names or tuple(self.parties)
-        return "".join(f"\n--- {n}.log (end) ---\n{self.log(n)[-2500:]}" for n in shown)
+        return self.processes.tails(*names)
 
     def close(self) -> None:
         """Stop every process this federation started, gently, then by SIGKILL to each group; fail if
@@ -369,42 +296,8 @@ class Federation:
         for client in self._clients:
             client.disconnect()
         try:
-            for name in [*self.sites, "coordinator", "mosquitto"]:
-                party = self.parties.get(name)
-                if party is not None and party.process is not None and party.process.poll() is None:
-                    party.expect_exit = True
-                    party.process.send_signal(signal.SIGTERM)
-            for party in self.parties.values():
-                try:
-                    party.process.wait(STOP_TIMEOUT)  # type: ignore[union-attr]
-                except subprocess.TimeoutExpired:
-                    pass  # killed below
+            left = self.processes.close()
         finally:
             for relay in self.relays.values():
                 relay.close()
-            for group in self._groups:
-                _killpg(group)
-            for party in self.parties.values():
-                party.process.wait(STOP_TIMEOUT)  # type: ignore[union-attr]
-        left = survivors(self._groups)
         assert not left, f"processes left behind: {left}"
-
-
-def _killpg(group: int) -> None:
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # the whole group has exited
-
-
-def survivors(groups: set[int]) -> list[str]:
-    """Live (not zombie) processes in any of these process groups."""
-    left = []
-    for p in psutil.process_iter(["pid", "name", "status"]):
-        try:
-            if os.getpgid(p.pid) in groups and p.info["status"] != psutil.STATUS_ZOMBIE:
-                left.append(f"{p.pid} {p.info['name']}")
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            continue
-    return left
-

@@ -4,7 +4,9 @@ A coordinator and N sites with shifted (non-IID) phantom ultrasound, each site a
 training in its own child process, sealed and signed updates, rounds closed by quorum. One line
 per round; then the same compute spent by each site alone (local-only) and on all images pooled.
 Writes to ``--out``: the final model, the round log (JSON lines), ``dice.png`` (Dice per round and
-site) and ``segmentations.png`` (test images with predicted masks).
+site) and ``segmentations.png`` (test images with predicted masks). The federation is set up and
+run by :mod:`fednca_app.harness`: in this process on the in-memory broker, or with ``--broker``
+as one OS process per party on a mosquitto started from the federation's generated files.
 
 The defaults fit a few minutes on two cores: 64x64 images as published, with half the published
 NCA steps and batch 2 (``--nca-steps 40,20 --batch 4`` for the published recipe, at four times
@@ -14,18 +16,15 @@ the compute).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import io
 import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from fednca.errors import ConfigError, FedNCAError
+from fednca.errors import ConfigError
+from ..harness import FederationFolder, InProcessParties, ProcessParties, set_up
 from .train import _steps
 
 FEDERATION = "demo"
@@ -51,63 +50,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="end with one JSON line of results")
 
 
-def _quiet(argv: list[str]) -> str:
-    from ..cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        if main(argv) != 0:
-            raise FedNCAError(f"'fednca {' '.join(argv[:2])}' failed")
-    return out.getvalue()
-
-
-def setup(args: argparse.Namespace, work: Path) -> tuple[Path, list]:
-    """A federation folder, enrolled sites with keys and daemon configurations."""
-    from fednca_broker.config import CONFIG_NAME, load_config, to_yaml_dict
-
-    from fednca import keys as k
-    from fednca.atomic import write_text
+def setup(args: argparse.Namespace, work: Path) -> FederationFolder:
+    """A federation folder, enrolled sites with keys and daemon configurations (see
+    :func:`fednca_app.harness.set_up`), sized by the demo's options."""
     from fednca.config import preset, train_preset
-    from .demo_parties import SitePaths
 
     url = args.broker or "mqtt://127.0.0.1:1883"  # in-process: the address is only written down
-    coordinator = work / "coordinator"
-    _quiet(["coordinator", "init", str(coordinator), "--federation", FEDERATION, "--broker", url,
-            "--quorum", str(args.quorum), "--max-rounds", str(args.rounds), "--seed", str(args.seed)])
-    cfg = load_config(coordinator / CONFIG_NAME)
-    fed = dataclasses.replace(
-        cfg.federation,
-        model=preset(input_size=args.size, steps=tuple(args.nca_steps)),
-        train=train_preset(local_epochs=args.local_epochs, batch_size=args.batch),
-        rounds=dataclasses.replace(cfg.federation.rounds, grace_s=args.grace, round_s=1800.0, extension_s=600.0),
-    )
-    cfg = dataclasses.replace(cfg, federation=fed)
-    write_text(cfg.config_path, yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False), mode=0o640)
-    sites = []
-    for i in range(args.sites):
-        name = f"site{i}"
-        folder = work / name
-        keys = k.SiteKeys.generate()
-        k.write_site_keys(folder / "keys", keys)
-        _quiet(["coordinator", "enroll", str(coordinator), name, bytes(keys.verify_key).hex(),
-                "--out", str(folder / "bundle")])
-        daemon = {
-            "site": name, "federation": FEDERATION,
-            "broker": {"url": url, "password_file": str(folder / "bundle" / "mqtt-password")},
-            "data": {"phantom": {"site": i, "count": args.train_images, "seed": args.seed}},
-            "keys": {"site": str(folder / "keys"), "coordinator": str(folder / "bundle")},
-            "state_dir": str(folder / "state"),
-            "cpu": {"threads": 1, "duty_cycle": 1.0},
-            "gates": {"max_temperature_c": None, "min_battery_percent": None},
-            "training": {"chunk_s": 2.0, "min_steps": 1, "deadline_margin_s": 5.0, "low_memory": False,
-                         "seed": args.seed + i},
-            "telemetry": {"interval_s": 2.0},
-            "inference": {"export": False},  # the demo evaluates each round's model itself
-        }  # fmt: skip
-        write_text(folder / "daemon.yaml", yaml.safe_dump(daemon, sort_keys=False), mode=0o600)
-        sites.append(SitePaths(name=name, config=folder / "daemon.yaml", keys=folder / "keys",
-                               bundle=folder / "bundle"))
-    return coordinator, sites
+    return set_up(work, federation=FEDERATION, sites=args.sites, rounds=args.rounds, quorum=args.quorum, url=url,
+                  model=preset(input_size=args.size, steps=tuple(args.nca_steps)),
+                  train=train_preset(local_epochs=args.local_epochs, batch_size=args.batch),
+                  grace=args.grace, train_images=args.train_images, seed=args.seed)
 
 
 def _test_sets(args: argparse.Namespace) -> list:
@@ -121,12 +73,12 @@ def _test_sets(args: argparse.Namespace) -> list:
             for i in range(args.sites)]
 
 
-def _announcement_bytes(sites: list) -> int:
+def _announcement_bytes(sites: tuple) -> int:
     """The size of the round announcement as a site received and stored it."""
     from fednca_daemon.outbox import StateFolder
 
     for s in sites:
-        path = StateFolder(path=Path(s.config).parent / "state").announcement_path
+        path = StateFolder(path=s.state_dir).announcement_path
         if path.exists():
             return path.stat().st_size
     return 0
@@ -147,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
     from ..compare import Baselines, site_dice
     from fednca.config import preset, train_preset
     from ..plots import line_chart
-    from .demo_parties import InProcess, Processes
 
     if args.sites < 2 or not 1 <= args.quorum <= args.sites or args.rounds < 1:
         raise ConfigError("--sites/--quorum/--rounds", "need at least 2 sites, 1 <= quorum <= sites, rounds >= 1")
@@ -160,15 +111,16 @@ def run(args: argparse.Namespace) -> int:
     if work.exists():
         shutil.rmtree(work)
     out.mkdir(parents=True, exist_ok=True)
-    coordinator_dir, site_paths = setup(args, work)
+    federation = setup(args, work)
     sites = _test_sets(args)
     model_cfg = preset(input_size=args.size, steps=tuple(args.nca_steps))
-    store = RoundStore(root=coordinator_dir / "store", federation=FEDERATION)
+    store = RoundStore(root=federation.config().store_root, federation=FEDERATION)
     mode = f"mosquitto at {args.broker}, one process per party" if args.broker else "in-memory broker, one process"
     print(f"federation of {args.sites} sites ({mode}); quorum {args.quorum}, {args.rounds} rounds, "
           f"{args.train_images} training and {args.test_images} test images per site", flush=True)
-    parties = (Processes(coordinator_dir=coordinator_dir, sites=site_paths, log_dir=out / "logs") if args.broker
-               else InProcess(coordinator_dir=coordinator_dir, sites=site_paths))
+    parties: InProcessParties | ProcessParties = (
+        ProcessParties(federation=federation, log_dir=out / "logs") if args.broker
+        else InProcessParties(federation=federation))
     history: list[dict] = []
     # Each site trains local_epochs over its images every round: the compute the baselines get.
     steps = args.rounds * args.local_epochs * max(1, args.train_images // args.batch)
@@ -176,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
     seen, last_at, last_traffic = 0, time.time(), (0, 0)
     base = None
     try:
+        if isinstance(parties, ProcessParties):
+            parties.start_broker()
         parties.start()
+        parties.telemetry()  # watch the sites' status from the start
         if not args.no_baselines:  # on the cores' idle time, at a lower priority than the federation
             base = Baselines(sites, model_cfg=model_cfg, train_cfg=train_preset(batch_size=args.batch),
                              steps_per_site=steps_per_site, seed=args.seed, background=True)
@@ -190,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
                 traffic = _traffic(parties.telemetry())
                 up, down = traffic[0] - last_traffic[0], traffic[1] - last_traffic[1]
                 model_up = sum(p.stat().st_size for p in (store.folder / "rounds" / str(rnd)).glob("*.bin"))
-                model_down = _announcement_bytes(site_paths) * args.sites
+                model_down = _announcement_bytes(federation.sites) * args.sites
                 row = {"round": rnd, "sites": record["sites"], "reason": record["reason"],
                        "bytes_up": up, "bytes_down": down, "model_bytes_up": model_up,
                        "model_bytes_down": model_down, "dice": dice,
@@ -211,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             base.cancel()
         raise
     finally:
-        parties.stop()
+        parties.close()
     fed_seconds = time.monotonic() - started
     final = store.load_model(args.rounds + 1)
     modelfile.save(out / "model", final, model_cfg, federation=FEDERATION, rounds=args.rounds)
