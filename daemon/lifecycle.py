@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Union
 
 from .budget import backoff_seconds, rest_seconds
+from .errors import IllegalTransition
 
 
 class Worker(StrEnum):
@@ -261,10 +262,6 @@ PAST_DEADLINE = "past_deadline"  # the result of a round announced after its dea
 DEADLINE_RESOLUTION_S = 1.0  # deadlines travel as whole seconds, rounded up
 
 
-class IllegalEvent(Exception):
-    """The shell passed something that is not an event, or a time that is not a number (a bug)."""
-
-
 # ------------------------------------------------------------------------------------- machine
 
 
@@ -293,7 +290,7 @@ def handle(state: State, event: Event, now: float) -> tuple[State, list[Action]]
     _check_now(now)
     apply = _HANDLERS.get(type(event))
     if apply is None:
-        raise IllegalEvent(f"not a lifecycle event: {event!r}")
+        raise IllegalTransition(f"not a lifecycle event: {event!r}")
     out: list[Action] = []
     new = apply(state, event, now, out)
     new = _schedule(new, now, out)
@@ -316,7 +313,7 @@ def next_wakeup(state: State, now: float) -> float | None:
 
 def _check_now(now: float) -> None:
     if not isinstance(now, (int, float)) or not math.isfinite(now):
-        raise IllegalEvent(f"now must be a finite number, got {now!r}")
+        raise IllegalTransition(f"now must be a finite number, got {now!r}")
 
 
 def _r(state: State, **changes: object) -> State:

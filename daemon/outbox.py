@@ -25,15 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fednca.atomic import fsync_dir, remove_temporaries, write_bytes
-from fednca.errors import FedNCAError
+from .errors import StateFolderError
 
 _ENTRY = re.compile(r"r(\d{1,10})-([0-9a-f]{32})\.update")
 _MAX_UPDATE = 64 << 20
 DONE_FORMAT = 1
-
-
-class StateError(FedNCAError):
-    """The state folder is unusable or holds a damaged file; the message names it."""
 
 
 class Outbox:
@@ -49,7 +45,7 @@ class Outbox:
     def path(self, round: int, update_id: str) -> Path:
         name = f"r{round}-{update_id}.update"
         if not _ENTRY.fullmatch(name):
-            raise StateError(f"not an outbox entry: round {round!r}, update id {update_id!r}")
+            raise StateFolderError(f"not an outbox entry: round {round!r}, update id {update_id!r}")
         return self.folder / name
 
     def put(self, round: int, update_id: str, payload: bytes) -> Path:
@@ -63,9 +59,9 @@ class Outbox:
             with open(path, "rb") as f:
                 data = f.read(_MAX_UPDATE + 1)
         except OSError as e:
-            raise StateError(f"{path}: cannot read ({e.strerror})") from None
+            raise StateFolderError(f"{path}: cannot read ({e.strerror})") from None
         if len(data) > _MAX_UPDATE or not data:
-            raise StateError(f"{path}: empty or larger than {_MAX_UPDATE} bytes")
+            raise StateFolderError(f"{path}: empty or larger than {_MAX_UPDATE} bytes")
         return data
 
     def remove(self, round: int, update_id: str) -> bool:
@@ -129,7 +125,7 @@ class StateFolder:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise StateError(f"{self.path}: another daemon is using this state folder") from None
+                raise StateFolderError(f"{self.path}: another daemon is using this state folder") from None
             raise
         self._lock_fd = fd
         remove_temporaries(self.path)
@@ -147,9 +143,9 @@ class StateFolder:
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise StateError(f"{path}: cannot read ({e.strerror})") from None
+            raise StateFolderError(f"{path}: cannot read ({e.strerror})") from None
         if len(data) > limit:
-            raise StateError(f"{path}: larger than {limit} bytes")
+            raise StateFolderError(f"{path}: larger than {limit} bytes")
         return data
 
     def load_announcement(self) -> bytes | None:
@@ -173,7 +169,7 @@ class StateFolder:
             if not isinstance(done.round, int) or isinstance(done.round, bool) or not isinstance(done.result, str):
                 raise ValueError("round must be an integer and result a string")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise StateError(f"{self.done_path}: damaged ({e}); delete it to train the current round again") from None
+            raise StateFolderError(f"{self.done_path}: damaged ({e}); delete it to train the current round again") from None
         return done
 
     def save_done(self, done: Done) -> None:
@@ -186,4 +182,4 @@ def _make_private_dir(folder: Path) -> None:
         folder.mkdir(mode=0o700, parents=True)
         os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
     elif not folder.is_dir():
-        raise StateError(f"{folder}: exists and is not a folder")
+        raise StateFolderError(f"{folder}: exists and is not a folder")

@@ -21,7 +21,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from fednca import __version__
 from fednca.keys import CoordinatorPublicKeys, SiteKeys
@@ -33,17 +33,18 @@ from . import lifecycle as lc
 from .config import DaemonConfig
 from .gates import GateState, Readings, evaluate
 from .inference import InferenceKeeper
-from .notify import Notifier
-from .outbox import Done, StateError, StateFolder
+from fednca.notify import Notifier
+from .errors import StateFolderError
+from .outbox import Done, StateFolder
 from .sensors import Sensors
+from .shell_events import Inbound, Queued, StopAsked, Timer, Timers
 from .submission import CheckpointMismatch, build_update, progress_of
+from .supervisor import FromTrainer, TrainerSetup, TrainerSupervisor
 from .telemetry import Snapshot, status_json, status_line
-from .workerproc import WorkerProcess, WorkerSpec
+from .trainer_protocol import DataSpec
 
 log = logging.getLogger("fednca.daemon")
 
-STOP_GRACE_S = 1.5  # a chunk asked to stop has this long before it is abandoned
-EXIT_GRACE_S = 10.0  # an idle trainer asked to exit has this long
 CONNECT_TIMEOUT_S = 2.0  # then the client goes on trying in the background
 MAX_WAIT_S = 5.0
 
@@ -90,12 +91,14 @@ class Service:
         self.state = lc.State(policy=self.policy)
         self.announcement: Announcement | None = None
         self._announcement_bytes: bytes | None = None
-        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[Queued] = queue.SimpleQueue()
         self._pending: collections.deque[lc.Event] = collections.deque()
-        self._worker: WorkerProcess | None = None
-        self._worker_stop_asked = False
-        self._kill_at: float | None = None
-        self._chunk_started = 0.0
+        self.trainer = TrainerSupervisor(
+            setup=TrainerSetup(state_dir=str(self.folder.path), federation=config.federation,
+                               coordinator_verify_key=bytes(coordinator.verify).hex(),
+                               data=DataSpec.from_config(config.data), threads=config.cpu.threads,
+                               low_memory=config.training.low_memory, seed=config.seed),
+            deliver=self._events.put, follow=self.sensors.follow_trainer, python=python)
         self._gates = GateState()
         self._readings: Readings | None = None
         self._message_error: str | None = None
@@ -103,22 +106,21 @@ class Service:
         self._closing = threading.Event()
         self._exited = False
         self._was_connected = False
-        self.samples_per_s: float | None = None
-        self.chunk_s: float | None = None
-        self.samples_trained = 0
-        self.trainer_peak_rss = 0
-        self.trainer_pids: list[int] = []
-        self._timers = {"gates": 0.0, "telemetry": 0.0, "watchdog": 0.0}
+        self._timers = Timers()
 
     # -- public -------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         """Ask the daemon to stop; safe from a signal handler or any thread."""
-        self._events.put(("stop",))
+        self._events.put(StopAsked())
 
     @property
     def worker_pid(self) -> int | None:
-        return None if self._worker is None else self._worker.pid
+        return self.trainer.pid
+
+    @property
+    def trainer_pids(self) -> list[int]:
+        return self.trainer.pids
 
     def run(self) -> int:
         self.folder.open()
@@ -131,8 +133,7 @@ class Service:
                 self._turn()
         finally:
             self._closing.set()
-            if self._worker is not None and self._worker.returncode is None:
-                self._worker.kill()
+            self.trainer.kill_if_running()
             if self.inference is not None:
                 self.inference.stop()
             self.folder.close()
@@ -199,9 +200,7 @@ class Service:
 
     def _timeout(self) -> float:
         now = time.monotonic()
-        times = [t for t in self._timers.values() if t > 0]
-        if self._kill_at is not None:
-            times.append(self._kill_at)
+        times = [t for t in (self._timers.next_at(), self.trainer.kill_at) if t is not None]
         wait = min((t - now for t in times), default=MAX_WAIT_S)
         wall = self.wall()
         wake = lc.next_wakeup(self.state, wall)
@@ -223,18 +222,15 @@ class Service:
 
     def _check_timers(self) -> None:
         now = time.monotonic()
-        if now >= self._timers["gates"] and self._read_gates():
+        if self._timers.due(Timer.GATES, now) and self._read_gates():
             self._feed(lc.GatesChanged(self._gates.open, self._gates.reasons))
-        if now >= self._timers["telemetry"]:
+        if self._timers.due(Timer.TELEMETRY, now):
             self._publish_status()
         interval = self.notifier.watchdog_interval
-        if interval and now >= self._timers["watchdog"] and self.state.may_ping_watchdog:
+        if interval and self._timers.due(Timer.WATCHDOG, now) and self.state.may_ping_watchdog:
             self.notifier.watchdog()
-            self._timers["watchdog"] = now + interval
-        if self._kill_at is not None and now >= self._kill_at and self._worker is not None:
-            log.warning("trainer %s did not stop in time: killed (its last checkpoint stays)", self._worker.pid)
-            self._worker.kill()
-            self._kill_at = None
+            self._timers.set(Timer.WATCHDOG, now + interval)
+        self.trainer.check(now)
         if self.inference is not None:
             self.inference.poll()
         connected = self.client.connected
@@ -243,17 +239,20 @@ class Service:
             self._publish_status()
         self._was_connected = connected
 
-    def _dispatch(self, item: tuple[Any, ...]) -> None:
-        kind = item[0]
-        if kind == "stop":
+    def _dispatch(self, item: Queued) -> None:
+        if isinstance(item, StopAsked):
             if not self.state.stopping:
                 log.info("stopping")
                 self.notifier.stopping()
             self._feed(lc.StopRequested())
-        elif kind == "msg":
-            self._on_message(item[1])
-        elif kind == "worker":
-            self._on_worker_message(item[1], item[2])
+        elif isinstance(item, Inbound):
+            self._on_message(item.message)
+        elif isinstance(item, FromTrainer):
+            event = self.trainer.on_event(item)
+            if event is not None:
+                self._feed(event)
+                if isinstance(event, lc.ChunkDone):
+                    self.probe("chunk-done")
 
     def _feed(self, event: lc.Event) -> None:
         self._pending.append(event)
@@ -273,32 +272,24 @@ class Service:
         while not self._closing.is_set():
             message = self.client.receive(timeout=0.5)
             if message is not None:
-                self._events.put(("msg", message))
+                self._events.put(Inbound(message))
 
     # -- actions --------------------------------------------------------------------------------
 
     def _perform(self, a: lc.Action) -> None:
         if isinstance(a, lc.StartWorker):
-            self._start_worker(a.round)
+            self.trainer.start(a.round)
         elif isinstance(a, lc.RunChunk):
-            assert self._worker is not None
-            self._chunk_started = time.monotonic()
-            self._worker.run_chunk(a.seconds)
+            self.trainer.run_chunk(a.seconds)
             self.probe("chunk-started")
         elif isinstance(a, lc.StopWorker):
-            if self._worker is not None:
-                self._worker_stop_asked = True
-                if a.interrupt:
-                    self._worker.interrupt()
-                else:
-                    self._worker.close_input()
-                self._kill_at = time.monotonic() + (STOP_GRACE_S if a.interrupt else EXIT_GRACE_S)
+            self.trainer.stop(interrupt=a.interrupt)
         elif isinstance(a, lc.Submit):
             self._pending.append(self._submit(a.round))
         elif isinstance(a, lc.Publish):
             try:
                 payload = self.folder.outbox.get(a.round, a.update_id)
-            except StateError as e:
+            except StateFolderError as e:
                 log.error("outbox: %s", e)
             else:
                 self._publish_update(a.round, a.update_id, payload)
@@ -313,31 +304,11 @@ class Service:
         elif isinstance(a, lc.PingWatchdog):
             if self.notifier.watchdog_interval:
                 self.notifier.watchdog()
-                self._timers["watchdog"] = time.monotonic() + self.notifier.watchdog_interval
+                self._timers.set(Timer.WATCHDOG, time.monotonic() + self.notifier.watchdog_interval)
         elif isinstance(a, lc.Telemetry):
             self._publish_status()
         elif isinstance(a, lc.Exit):
             self._exited = True
-
-    def _start_worker(self, rnd: int) -> None:
-        d = self.cfg.data
-        data: dict[str, Any] = {"skip_bad": d.skip_bad, "test_fraction": d.test_fraction}
-        if d.folder is not None:
-            data["folder"] = str(d.folder)
-        else:
-            assert d.phantom is not None
-            data["phantom"] = {"site": d.phantom.site, "count": d.phantom.count, "seed": d.phantom.seed}
-        spec = WorkerSpec(state_dir=str(self.folder.path), round=rnd, federation=self.cfg.federation,
-                          coordinator_verify_key=bytes(self.coordinator.verify).hex(), data=data,
-                          threads=self.cfg.cpu.threads, low_memory=self.cfg.training.low_memory, seed=self.cfg.seed)
-        self._worker = WorkerProcess(spec=spec, listener=self._from_worker, python=self.python)
-        self._worker_stop_asked = False
-        self._kill_at = None
-        self._worker.start()
-        assert self._worker.pid is not None
-        self.trainer_pids.append(self._worker.pid)
-        self.sensors.follow_trainer(self._worker.pid)
-        log.info("trainer %d started for round %d", self._worker.pid, rnd)
 
     def _submit(self, rnd: int) -> lc.Event:
         ann = self.announcement
@@ -350,7 +321,7 @@ class Service:
             uid, payload, progress = build_update(
                 announcement=ann, checkpoint=blob, site=self.cfg.site, signing_key=self.site_keys.signing,
                 coordinator_box=self.coordinator.box, dtype=self.cfg.training.delta_dtype)
-        except (CheckpointMismatch, WireError, StateError) as e:
+        except (CheckpointMismatch, WireError, StateFolderError) as e:
             log.error("cannot make the update of round %d: %s", rnd, e)
             return lc.SubmitFailed(str(e))
         self.folder.outbox.put(rnd, uid, payload)
@@ -423,45 +394,11 @@ class Service:
             log.warning("round %d: update %s rejected: %s", r.round, r.update_id[:8], r.reason)
         self._feed(lc.ReceiptArrived(r.round, r.update_id, r.accepted, r.reason))
 
-    # -- the trainer ----------------------------------------------------------------------------
-
-    def _from_worker(self, worker: WorkerProcess, msg: dict[str, Any] | None) -> None:
-        self._events.put(("worker", worker, msg))  # reader thread: hand over, never block
-
-    def _on_worker_message(self, worker: WorkerProcess, msg: dict[str, Any] | None) -> None:
-        if worker is not self._worker:
-            return
-        self.trainer_peak_rss = max(self.trainer_peak_rss, worker.peak_rss)
-        now = time.monotonic()
-        if msg is None:
-            error = None if self._worker_stop_asked else worker.error
-            if error:
-                log.error("trainer %s failed: %s", worker.pid, error)
-            self._worker, self._kill_at = None, None
-            self.sensors.follow_trainer(None)
-            self._feed(lc.WorkerExited(error))
-        elif msg["ev"] == "ready":
-            log.info("trainer %s ready: round %d, step %d of %d", worker.pid, msg["round"], msg["steps"],
-                     msg["planned"])
-            self._feed(lc.WorkerReady(int(msg["round"]), int(msg["steps"]), int(msg["planned"]),
-                                      float(msg["cpu_s"]), now - worker.started_at))
-        elif msg["ev"] == "chunk":
-            wall = now - self._chunk_started
-            samples = int(msg["chunk_samples"])
-            self.samples_trained += samples
-            if samples:
-                self.samples_per_s, self.chunk_s = samples / max(wall, 1e-9), wall
-            log.debug("chunk: %d steps in %.2f s, step %d of %d", msg["chunk_steps"], wall, msg["steps"],
-                      msg["planned"])
-            self._feed(lc.ChunkDone(int(msg["round"]), int(msg["steps"]), int(msg["planned"]),
-                                    float(msg["cpu_s"]), wall))
-            self.probe("chunk-done")
-
     # -- sensors and telemetry ------------------------------------------------------------------
 
     def _read_gates(self) -> bool:
         """Read the sensors and update the gates; True when they changed."""
-        self._timers["gates"] = time.monotonic() + self.cfg.gates.poll_s
+        self._timers.set(Timer.GATES, time.monotonic() + self.cfg.gates.poll_s)
         readings = self.sensors.readings()
         gates = evaluate(self.cfg.gates, self._gates, readings)
         changed = gates.open != self._gates.open or gates.reasons != self._gates.reasons
@@ -481,7 +418,7 @@ class Service:
         return Snapshot(
             site=self.cfg.site, version=__version__, time=self.wall(), state=state or s.phase.value,
             round=None if s.round is None else s.round.round, steps=s.steps, planned=s.planned,
-            samples_per_s=self.samples_per_s, chunk_s=self.chunk_s, gates=s.gate_reasons,
+            samples_per_s=self.trainer.samples_per_s, chunk_s=self.trainer.chunk_s, gates=s.gate_reasons,
             cpu_percent=procs.cpu_percent, rss_bytes=procs.rss_bytes, memory_percent=self.sensors.memory_percent(),
             temperature_c=None if r is None else r.temperature_c,
             battery_percent=None if r is None else r.battery_percent,
@@ -491,7 +428,7 @@ class Service:
         )
 
     def _publish_status(self) -> None:
-        self._timers["telemetry"] = time.monotonic() + self.cfg.telemetry.interval_s
+        self._timers.set(Timer.TELEMETRY, time.monotonic() + self.cfg.telemetry.interval_s)
         snap = self._snapshot()
         self.notifier.status(status_line(snap))
         if not self.client.connected:

@@ -1,6 +1,6 @@
 """The trainer child process: ``python -m fednca_daemon.worker --events-fd N`` (see workerproc).
 
-It reads its :class:`~fednca_daemon.workerproc.WorkerSpec` from the first line of input, then:
+It reads its :class:`~fednca_daemon.trainer_protocol.WorkerSpec` from the first line of input, then:
 
 1. takes ``worker.lock`` in the state folder (one trainer per folder, ever);
 2. verifies ``announcement.bin`` again, now against the announced model's own tensor shapes;
@@ -20,7 +20,6 @@ import argparse
 import ctypes
 import errno
 import fcntl
-import json
 import logging
 import math
 import os
@@ -36,7 +35,9 @@ from fednca.atomic import write_bytes
 from fednca.errors import FedNCAError
 
 from .outbox import StateFolder
-from .workerproc import WorkerSpec, encode
+from .errors import TrainerProtocolError
+from .trainer_protocol import (ChunkCommand, ChunkReport, TrainerEvent, TrainerFailed, TrainerReady, WorkerSpec,
+                               decode_command, encode_event)
 
 log = logging.getLogger("fednca.daemon.worker")
 PR_SET_PDEATHSIG = 1
@@ -92,16 +93,17 @@ def _load_data(spec: WorkerSpec, size: int) -> tuple[Any, Any]:
     from fednca.data import load_folder, split
 
     d = spec.data
-    if d.get("folder"):
-        data, skipped = load_folder(d["folder"], size=size, skip_bad=bool(d.get("skip_bad")))
+    if d.folder is not None:
+        data, skipped = load_folder(d.folder, size=size, skip_bad=d.skip_bad)
         if skipped:
-            log.warning("skipped %d unreadable image/mask pair(s) in %s", skipped, d["folder"])
+            log.warning("skipped %d unreadable image/mask pair(s) in %s", skipped, d.folder)
     else:
         from fednca.phantom import phantom_dataset
 
-        p = d["phantom"]
-        data = phantom_dataset(site=p["site"], count=p["count"], size=size, seed=p["seed"])
-    fraction = float(d.get("test_fraction") or 0.0)
+        p = d.phantom
+        assert p is not None  # DataSpec holds exactly one of the two
+        data = phantom_dataset(site=p.site, count=p.count, size=size, seed=p.seed)
+    fraction = d.test_fraction
     if fraction > 0 and len(data) >= 2:
         return split(data, test_fraction=fraction, seed=spec.seed)
     return data, None
@@ -170,13 +172,13 @@ class Session:
     def save(self, trainer: Any, extra: dict[str, Any]) -> None:
         write_bytes(self.checkpoint_path, trainer.checkpoint(**extra), mode=0o600)
 
-    def send(self, msg: dict[str, Any]) -> None:
-        msg["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.events.write(encode(msg))
+    def send(self, event: TrainerEvent) -> None:
+        self.events.write(encode_event(event))
         self.events.flush()
 
-    def progress(self) -> dict[str, Any]:
-        return {"round": self.spec.round, "steps": self.steps, "planned": self.planned, "samples": len(self.train)}
+    def ready(self, cpu_s: float) -> TrainerReady:
+        return TrainerReady(round=self.spec.round, steps=self.steps, planned=self.planned, samples=len(self.train),
+                            cpu_s=cpu_s, peak_rss=_peak_rss())
 
     def chunk(self, seconds: float) -> None:
         cpu0 = time.process_time()
@@ -191,36 +193,38 @@ class Session:
             if self.steps >= self.planned and self.test is not None:
                 self.extra["dice_local"] = self.evaluate(self.trainer.model, self.test).dice_mean
             self.save(self.trainer, self.extra)
-        self.send({"ev": "chunk", **self.progress(), "chunk_steps": steps, "chunk_samples": samples,
-                   "loss": loss if steps and math.isfinite(loss) else None, "cpu_s": time.process_time() - cpu0,
-                   "stopped": self.signals.stop})
+        self.send(ChunkReport(round=self.spec.round, steps=self.steps, planned=self.planned,
+                              samples=len(self.train), chunk_steps=steps, chunk_samples=samples,
+                              loss=loss if steps and math.isfinite(loss) else None,
+                              cpu_s=time.process_time() - cpu0, stopped=self.signals.stop, peak_rss=_peak_rss()))
 
 
 def serve(spec: WorkerSpec, commands: BinaryIO, events: BinaryIO, signals: _Signals) -> int:
     # A stop during start-up ends the process at once: an interrupted checkpoint write leaves
     # the previous file whole, and the next trainer simply starts the round again.
     session = Session(spec=spec, events=events, signals=signals)
-    session.send({"ev": "ready", **session.progress(), "cpu_s": time.process_time()})
+    session.send(session.ready(cpu_s=time.process_time()))
     if signals.stop:
         return 0
     for line in commands:
         cmd = _command(line)
         signals.busy = True
-        session.chunk(float(cmd["seconds"]))
+        session.chunk(cmd.seconds)
         signals.busy = False
         if signals.stop:
             break
     return 0
 
 
-def _command(line: bytes) -> dict[str, Any]:
+def _command(line: bytes) -> ChunkCommand:
     try:
-        cmd = json.loads(line)
-        if cmd.get("op") != "chunk" or float(cmd["seconds"]) <= 0:
-            raise ValueError(cmd)
-    except (ValueError, KeyError, TypeError, AttributeError):
+        return decode_command(line)
+    except TrainerProtocolError:
         raise FedNCAError(f"unknown command from the daemon: {line[:80]!r}") from None
-    return cmd
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except FedNCAError as e:
         log.error("%s", e)
-        events.write(encode({"ev": "error", "message": str(e)}))
+        events.write(encode_event(TrainerFailed(message=str(e), peak_rss=_peak_rss())))
         return 2
     except Exception as e:  # a bug: say so on the pipe, keep the traceback for the journal
         traceback.print_exc()
-        events.write(encode({"ev": "error", "message": f"internal error: {type(e).__name__}: {e}"}))
+        events.write(encode_event(TrainerFailed(message=f"internal error: {type(e).__name__}: {e}", peak_rss=_peak_rss())))
         return 1
     finally:
         if lock_fd is not None:

@@ -5,11 +5,8 @@ The daemon itself never imports PyTorch. For each round that needs work it start
 one chunk per command and exits when told (or when the daemon dies: it asks the kernel for
 SIGKILL on its parent's death). Its memory is returned to the system when it exits.
 
-Both directions carry one JSON object per line; nothing is pickled.
-
-    daemon -> trainer (stdin):   the WorkerSpec, then {"op": "chunk", "seconds": s} per chunk;
-                                 end of input = exit
-    trainer -> daemon (a pipe):  {"ev": "ready", ...}, {"ev": "chunk", ...}, {"ev": "error", "message": ...}
+Both directions carry the typed messages of :mod:`.trainer_protocol`, one JSON object per line;
+nothing is pickled.
 
 Signals: SIGTERM (or SIGINT) ends a running chunk after its current optimiser step; the trainer
 checkpoints, reports the chunk and exits 0. A trainer that does not answer in time is killed:
@@ -18,7 +15,6 @@ the previous chunk's checkpoint stays valid, so at most that one chunk is lost.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -26,59 +22,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-from fednca.errors import FedNCAError
+from .errors import TrainerProtocolError
+from .trainer_protocol import (MAX_LINE, ChunkCommand, TrainerEvent, TrainerFailed, WorkerSpec, decode_event,
+                               encode_command)
 
 log = logging.getLogger("fednca.daemon")
 
-EVENTS = ("ready", "chunk", "error")
 _STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
-_MAX_LINE = 1 << 16
-
-
-class WorkerProtocolError(FedNCAError):
-    """The trainer sent a line that is not one of its messages."""
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a trainer needs to start; sent as its first line of input."""
-
-    state_dir: str
-    round: int
-    federation: str
-    coordinator_verify_key: str  # hex
-    data: dict[str, Any] = field(default_factory=dict)  # folder | phantom, skip_bad, test_fraction
-    threads: int = 1
-    low_memory: bool = True
-    seed: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "WorkerSpec":
-        try:
-            data = json.loads(text)
-            return cls(**data)
-        except (ValueError, TypeError) as e:
-            raise WorkerProtocolError(f"bad trainer specification: {e}") from None
-
-
-def decode_event(line: bytes) -> dict[str, Any]:
-    try:
-        msg = json.loads(line)
-    except ValueError:
-        raise WorkerProtocolError(f"trainer sent a line that is not JSON: {line[:80]!r}") from None
-    if not isinstance(msg, dict) or msg.get("ev") not in EVENTS:
-        raise WorkerProtocolError(f"trainer sent an unknown message: {line[:80]!r}")
-    return msg
-
-
-def encode(msg: dict[str, Any]) -> bytes:
-    return json.dumps(msg, sort_keys=True, allow_nan=False).encode() + b"\n"
 
 
 def child_env(threads: int, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -89,7 +41,7 @@ def child_env(threads: int, base: dict[str, str] | None = None) -> dict[str, str
     return env
 
 
-Listener = Callable[["WorkerProcess", "dict[str, Any] | None"], None]
+Listener = Callable[["WorkerProcess", "TrainerEvent | None"], None]
 
 
 class WorkerProcess:
@@ -133,7 +85,7 @@ class WorkerProcess:
         reader.start()
 
     def run_chunk(self, seconds: float) -> None:
-        self._send(encode({"op": "chunk", "seconds": float(seconds)}))
+        self._send(encode_command(ChunkCommand(seconds=float(seconds))))
 
     def close_input(self) -> None:
         """Ask an idle trainer to exit (end of its input)."""
@@ -173,18 +125,18 @@ class WorkerProcess:
     def _read(self, fd: int) -> None:
         with os.fdopen(fd, "rb") as events:
             for line in events:
-                if len(line) > _MAX_LINE:
+                if len(line) > MAX_LINE:
                     log.error("trainer %s sent an over-long line; ignored", self.pid)
                     continue
                 try:
-                    msg = decode_event(line)
-                except WorkerProtocolError as e:
+                    event = decode_event(line)
+                except TrainerProtocolError as e:
                     log.error("%s", e)
                     continue
-                self.peak_rss = max(self.peak_rss, int(msg.get("peak_rss", 0)))
-                if msg["ev"] == "error":
-                    self.error = str(msg.get("message", "unknown error"))[:500]
-                self._listener(self, msg)
+                self.peak_rss = max(self.peak_rss, event.peak_rss)
+                if isinstance(event, TrainerFailed):
+                    self.error = event.message or "unknown error"
+                self._listener(self, event)
         assert self._proc is not None
         code = self._proc.wait()
         self.close_input()

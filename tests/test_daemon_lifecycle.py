@@ -3,6 +3,7 @@
 import pytest
 
 from fednca_daemon import lifecycle as lc
+from fednca_daemon.errors import IllegalTransition
 
 P = lc.Policy(chunk_s=5.0, min_steps=10, deadline_margin_s=60.0, duty_cycle=0.5, threads=1, resend_s=900.0,
               backoff_s=10.0)
@@ -252,9 +253,9 @@ def test_stop_while_idle_exits_at_once():
 
 def test_illegal_events_and_times_raise_and_change_nothing():
     s = fresh()
-    with pytest.raises(lc.IllegalEvent):
+    with pytest.raises(IllegalTransition):
         lc.handle(s, "announce", T0)  # type: ignore[arg-type]
-    with pytest.raises(lc.IllegalEvent):
+    with pytest.raises(IllegalTransition):
         lc.handle(s, lc.Tick(), float("nan"))
 
 

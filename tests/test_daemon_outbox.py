@@ -11,7 +11,8 @@ from fednca.keys import CoordinatorKeys, Registry, SiteKeys
 from fednca.phantom import phantom_dataset
 from fednca.train import Trainer
 from fednca.wire import make_announcement, model_sha256, open_announcement, open_update
-from fednca_daemon.outbox import Done, Outbox, StateError, StateFolder
+from fednca_daemon.errors import StateFolderError
+from fednca_daemon.outbox import Done, Outbox, StateFolder
 from fednca_daemon.submission import CheckpointMismatch, build_update, progress_of, read_progress
 
 UID = "0123456789abcdef0123456789abcdef"
@@ -29,9 +30,9 @@ def test_outbox_stores_lists_and_removes_updates(tmp_path):
     assert stat.S_IMODE(os.stat(box.path(12, UID)).st_mode) == 0o600
     assert box.remove(12, UID) and not box.remove(12, UID)
     assert box.entries() == [(3, "f" * 32)]
-    with pytest.raises(StateError):
+    with pytest.raises(StateFolderError):
         box.path(1, "../../etc/passwd")
-    with pytest.raises(StateError, match="cannot read"):
+    with pytest.raises(StateFolderError, match="cannot read"):
         box.get(99, UID)
 
 
@@ -44,7 +45,7 @@ def test_opening_the_state_folder_removes_interrupted_writes_and_locks_it(tmp_pa
     folder.open()
     assert sorted(os.listdir(tmp_path / "state")) == ["daemon.lock", "outbox"]
     assert os.listdir(tmp_path / "state" / "outbox") == []
-    with pytest.raises(StateError, match="another daemon"):
+    with pytest.raises(StateFolderError, match="another daemon"):
         StateFolder(path=tmp_path / "state").open()
     folder.close()
 
@@ -55,7 +56,7 @@ def test_done_record_round_trips_and_damage_is_named(tmp_path):
     folder.save_done(Done(round=4, result="accepted"))
     assert folder.load_done() == Done(round=4, result="accepted")
     folder.done_path.write_text('{"format": 1, "round": "four", "result": ""}')
-    with pytest.raises(StateError, match="done.json: damaged"):
+    with pytest.raises(StateFolderError, match="done.json: damaged"):
         folder.load_done()
 
 
