@@ -36,7 +36,8 @@ from fednca.transport.base import DEFAULT_MAX_PACKET_SIZE, TransportError
 from fednca.transport.mqtt import parse_url
 from fednca.wire import UPDATE_DTYPES
 
-from .mosquitto import MosquittoSettings
+from . import tls
+from .mosquitto import MosquittoSettings, TLSListener, limits_for
 from .rounds import RoundConfig
 
 CONFIG_NAME = "coordinator.yaml"
@@ -53,14 +54,20 @@ class ConfigFileError(ConfigError):
         self.path = path
 
 
-def _positive_int(name: str, value: Any) -> None:
+def _positive_int(name: str, value: Any, problems: list[tuple[str, str]]) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        problems.append((name, f"must be a positive integer, got {value!r}"))
 
 
-def _optional_text(name: str, value: Any) -> None:
+def _optional_text(name: str, value: Any, problems: list[tuple[str, str]]) -> None:
     if value is not None and (not isinstance(value, str) or not value):
-        raise ConfigError(name, f"must be a non-empty string or null, got {value!r}")
+        problems.append((name, f"must be a non-empty string or null, got {value!r}"))
+
+
+def _refuse(problems: list[tuple[str, str]]) -> None:
+    """Raise every problem a constructor found as one ConfigError, so a file names them all."""
+    if problems:
+        raise ConfigError.collected(problems)
 
 
 @dataclass(frozen=True)
@@ -77,16 +84,18 @@ class FederationConfig:
     update_dtype: str = "float16"  # what sites are told to send; float16 and float32 are both accepted
 
     def __post_init__(self) -> None:
+        problems: list[tuple[str, str]] = []
         try:
             check_id(self.name, what="federation")
         except TopicError as e:
-            raise ConfigError("federation", str(e)) from None
+            problems.append(("federation", str(e)))
         if self.max_rounds is not None:
-            _positive_int("max_rounds", self.max_rounds)
+            _positive_int("max_rounds", self.max_rounds, problems)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ConfigError("seed", f"must be an integer >= 0, got {self.seed!r}")
+            problems.append(("seed", f"must be an integer >= 0, got {self.seed!r}"))
         if self.update_dtype not in UPDATE_DTYPES:
-            raise ConfigError("update_dtype", f"must be one of {sorted(UPDATE_DTYPES)}, got {self.update_dtype!r}")
+            problems.append(("update_dtype", f"must be one of {sorted(UPDATE_DTYPES)}, got {self.update_dtype!r}"))
+        _refuse(problems)
 
 
 @dataclass(frozen=True)
@@ -105,27 +114,30 @@ class BrokerConfig:
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
 
     def __post_init__(self) -> None:
+        problems: list[tuple[str, str]] = []
+        address = None
         try:
             address = parse_url(self.url) if isinstance(self.url, str) else None
+            if address is None:
+                problems.append(("url", f"must be a string like mqtt://host:1883, got {self.url!r}"))
         except TransportError as e:
-            raise ConfigError("url", str(e)) from None
-        if address is None:
-            raise ConfigError("url", f"must be a string like mqtt://host:1883, got {self.url!r}")
+            problems.append(("url", str(e)))
         try:
             check_id(self.username, what="username")
         except TopicError as e:
-            raise ConfigError("username", str(e)) from None
+            problems.append(("username", str(e)))
         for name in ("password_file", "client_id", "ca_file", "cert_file", "key_file"):
-            _optional_text(name, getattr(self, name))
+            _optional_text(name, getattr(self, name), problems)
         if self.password_file is None:
-            raise ConfigError("password_file", "must be given")
+            problems.append(("password_file", "must be given"))
         tls_files = [n for n in ("ca_file", "cert_file", "key_file") if getattr(self, n) is not None]
-        if tls_files and not address.tls:
-            raise ConfigError(tls_files[0], "is for an mqtts:// broker; the url is mqtt://")
+        if tls_files and address is not None and not address.tls:
+            problems.append((tls_files[0], "is for an mqtts:// broker; the url is mqtt://"))
         if self.protocol not in ("auto", "5", "3.1.1"):
-            raise ConfigError("protocol", f"must be auto, 5 or 3.1.1, got {self.protocol!r}")
-        _positive_int("keepalive", self.keepalive)
-        _positive_int("max_packet_size", self.max_packet_size)
+            problems.append(("protocol", f"must be auto, 5 or 3.1.1, got {self.protocol!r}"))
+        _positive_int("keepalive", self.keepalive, problems)
+        _positive_int("max_packet_size", self.max_packet_size, problems)
+        _refuse(problems)
 
 
 @dataclass(frozen=True)
@@ -134,20 +146,32 @@ class MosquittoConfig:
 
     address: str = "127.0.0.1"
     port: int = 1883
-    max_queued_messages: int = 1000
+    max_queued_messages: int | None = None  # None: sized for the enrolled sites (mosquitto.limits_for)
     persistent_client_expiration: str = "7d"
     run_as_root: bool = False
+    folder: str = "mosquitto"  # conf, passwd, acl, certificates; relative to the federation folder
+    data_folder: str | None = None  # mosquitto's persistence; None: <folder>/data
+    tls_names: tuple[str, ...] = ()  # non-empty: a TLS listener whose certificate names these
+    user: str = "mosquitto"  # the account mosquitto drops to; it must be able to read the files
+    max_inflight_messages: int | None = None  # None: sized for the enrolled sites
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_as_root, bool):
             raise ConfigError("run_as_root", f"must be true or false, got {self.run_as_root!r}")
+        if self.tls_names:
+            tls.check_names(list(self.tls_names), field="tls_names")
         self.settings(federation="check", folder=Path("check"), coordinator_user="coordinator")
 
-    def settings(self, *, federation: str, folder: Path, coordinator_user: str) -> MosquittoSettings:
+    def settings(self, *, federation: str, folder: Path, coordinator_user: str, sites: int = 0) -> MosquittoSettings:
+        queued, inflight = limits_for(sites)
+        listener = TLSListener.in_folder(folder, port=self.port, address=self.address) if self.tls_names else None
         return MosquittoSettings(
             federation=federation, folder=str(folder), port=self.port, address=self.address,
-            coordinator_user=coordinator_user, max_queued_messages=self.max_queued_messages,
-            persistent_client_expiration=self.persistent_client_expiration, run_as_root=self.run_as_root,
+            plain_listener=listener is None, tls=listener,
+            coordinator_user=coordinator_user, max_queued_messages=self.max_queued_messages or queued,
+            max_inflight_messages=self.max_inflight_messages or inflight, user=self.user,
+            data_folder=self.data_folder, persistent_client_expiration=self.persistent_client_expiration,
+            run_as_root=self.run_as_root,
         )  # fmt: skip
 
 
@@ -176,7 +200,15 @@ class CoordinatorConfig:
 
     @property
     def mosquitto_dir(self) -> Path:
-        return self.folder / "mosquitto"
+        return self.folder / self.mosquitto.folder  # an absolute mosquitto.folder stands alone
+
+    @property
+    def broker_ca_key(self) -> Path:
+        return self.keys_dir / "broker-ca.key"  # signs the broker's server certificate
+
+    @property
+    def broker_ca_cert(self) -> Path:
+        return self.folder / "broker-ca.pem"  # what the coordinator and the sites trust
 
     @property
     def password_path(self) -> Path:
@@ -186,9 +218,9 @@ class CoordinatorConfig:
     def client_id(self) -> str:
         return self.broker.client_id or f"fednca-coordinator-{self.federation.name}"
 
-    def mosquitto_settings(self) -> MosquittoSettings:
+    def mosquitto_settings(self, *, sites: int = 0) -> MosquittoSettings:
         return self.mosquitto.settings(federation=self.federation.name, folder=self.mosquitto_dir,
-                                       coordinator_user=self.broker.username)
+                                       coordinator_user=self.broker.username, sites=sites)
 
 
 # -------------------------------------------------------------------------------------- the file

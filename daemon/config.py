@@ -1,9 +1,10 @@
 """The daemon's configuration: one YAML file (``/etc/fednca/daemon.yaml``) -> frozen dataclasses.
 
 Every key is a dataclass field whose metadata carries its check and a one-line description;
-:func:`parse` walks the mapping, converts each value, and collects *every* problem (unknown
-key, wrong type, value out of range, missing required key) before raising one
-:class:`DaemonConfigError` that lists them, each named by its dotted key and the file.
+:func:`parse` walks the mapping with the core's shared parser (:mod:`fednca.settings`), converts
+each value, and collects *every* problem (unknown key, wrong type, value out of range, missing
+required key) before raising one :class:`DaemonConfigError` (a
+:class:`~fednca.errors.ConfigError`) that lists them, each named by its dotted key and the file.
 
 Secrets may come from systemd credentials (``LoadCredential=`` puts them in
 ``$CREDENTIALS_DIRECTORY``): a path value may start with ``$CREDENTIALS_DIRECTORY/`` (or
@@ -16,19 +17,18 @@ from the configuration file's folder.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import stat
-import types
-import typing
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
-from fednca.errors import FedNCAError
+from fednca import settings
+from fednca.errors import ConfigError
+from fednca.settings import BAD, Parser, Problems, key, to_dict  # noqa: F401  (to_dict: `--print-config`)
 from fednca.topics import TopicError, check_id
 
 from .gates import WindowError, parse_window
@@ -40,35 +40,15 @@ SITE_KEY_CREDENTIAL = "signing.key"
 _MAX_FILE = 1 << 20
 _MAX_PASSWORD = 4096
 
-Check = Callable[[Any], "str | None"]
+_between = settings.between
 
 
-class DaemonConfigError(FedNCAError):
+class DaemonConfigError(ConfigError):
     """The configuration file has problems; ``problems`` lists (key, why), all of them."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
-        self.source = source
-        self.problems = list(problems)
-        lines = "\n".join(f"  {key}: {why}" for key, why in self.problems)
-        super().__init__(f"{source}: {len(self.problems)} problem(s):\n{lines}")
-
-
-def key(default: Any = dataclasses.MISSING, *, doc: str, check: Check | None = None, secret: bool = False) -> Any:
-    """A configuration key: a dataclass field with a description and an optional check."""
-    meta = {"doc": doc, "check": check, "secret": secret}
-    if isinstance(default, (list, dict)):
-        raise TypeError("use a tuple or a section class as the default")
-    if isinstance(default, type) and dataclasses.is_dataclass(default):
-        return field(default_factory=default, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _between(lo: float, hi: float, *, low_open: bool = False) -> Check:
-    def check(v: Any) -> str | None:
-        ok = (lo < v if low_open else lo <= v) and v <= hi
-        return None if ok else f"must be {'>' if low_open else '>='} {lo} and <= {hi}, got {v!r}"
-
-    return check
+        (field_name, why), *more = problems
+        super().__init__(field_name, why, more=more, source=source)
 
 
 def _site_id(v: Any) -> str | None:
@@ -218,87 +198,12 @@ class DaemonConfig:
 # ---------------------------------------------------------------------------------------- parsing
 
 
-class _Problems:
-    def __init__(self) -> None:
-        self.items: list[tuple[str, str]] = []
+class _Parser(Parser):
+    """The shared parser, with paths that may name ``$CREDENTIALS_DIRECTORY``."""
 
-    def add(self, where: str, why: str) -> None:
-        self.items.append((where, why))
-
-
-_BAD = object()  # a value that failed; the section is not built but parsing goes on
-
-
-def _type_name(t: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path"}.get(
-        t, getattr(t, "__name__", str(t)))
-
-
-class _Parser:
-    def __init__(self, *, base: Path, env: Mapping[str, str], problems: _Problems) -> None:
-        self.base, self.env, self.problems = base, env, problems
-
-    def section(self, cls: type, data: Any, where: str) -> Any:
-        if not isinstance(data, dict):
-            self.problems.add(where or "(top level)", f"must be a mapping of keys, got {type(data).__name__}")
-            return _BAD
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-        for name in sorted(set(data) - set(fields), key=str):
-            known = ", ".join(fields)
-            self.problems.add(_join(where, str(name)), f"unknown key (known here: {known})")
-        values: dict[str, Any] = {}
-        for name, f in fields.items():
-            here = _join(where, name)
-            if name not in data:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    self.problems.add(here, "required")
-                    values[name] = _BAD
-                continue
-            value = self.value(hints[name], data[name], here)
-            check = f.metadata.get("check")
-            if value is not _BAD and value is not None and check is not None:
-                why = check(value)
-                if why:
-                    self.problems.add(here, why)
-                    value = _BAD
-            values[name] = value
-        if any(v is _BAD for v in values.values()):
-            return _BAD
-        return cls(**values)
-
-    def value(self, t: Any, v: Any, where: str) -> Any:
-        origin, args = typing.get_origin(t), typing.get_args(t)
-        if origin in (typing.Union, types.UnionType) and type(None) in args:
-            if v is None:
-                return None
-            inner = [a for a in args if a is not type(None)]
-            return self.value(inner[0], v, where)
-        if origin is Literal:
-            if v not in args:
-                self.problems.add(where, f"must be one of {', '.join(map(repr, args))}, got {v!r}")
-                return _BAD
-            return v
-        if origin is tuple:
-            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                self.problems.add(where, f"must be a list of strings, got {v!r}")
-                return _BAD
-            return tuple(v)
-        if dataclasses.is_dataclass(t):
-            return self.section(t, v, where)
-        if t is bool:
-            ok = isinstance(v, bool)
-        elif t is int:
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        elif t is float:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            v = float(v) if ok else v
-        else:  # str and Path
-            ok = isinstance(v, str) and v != "" and "\0" not in v
-        if not ok:
-            self.problems.add(where, f"must be {_type_name(t)}, got {v!r}")
-            return _BAD
-        return self.path(v, where) if t is Path else v
+    def __init__(self, *, base: Path, env: Mapping[str, str], problems: Problems) -> None:
+        super().__init__(problems=problems, base=base)
+        self.env = env
 
     def path(self, text: str, where: str) -> Any:
         for form in ("${" + CREDENTIALS_VAR + "}", "$" + CREDENTIALS_VAR):
@@ -307,31 +212,26 @@ class _Parser:
                 if not creds:
                     self.problems.add(where, f"refers to ${CREDENTIALS_VAR}, which is not set "
                                              "(it is set by systemd for a unit with LoadCredential=)")
-                    return _BAD
+                    return BAD
                 return Path(creds + text[len(form):])
-        p = Path(text).expanduser()
-        return p if p.is_absolute() else self.base / p
-
-
-def _join(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else name
+        return super().path(text, where)
 
 
 def parse(data: Any, *, source: str = "<memory>", base: Path | None = None,
           env: Mapping[str, str] | None = None) -> DaemonConfig:
     """A configuration from a parsed YAML mapping; raises DaemonConfigError listing every problem."""
     env = os.environ if env is None else env
-    problems = _Problems()
+    problems = Problems()
     base = base if base is not None else Path.cwd()
     cfg = _Parser(base=base, env=env, problems=problems).section(DaemonConfig, data, "")
-    if cfg is not _BAD:
+    if cfg is not BAD:
         cfg = _cross_checks(cfg, env, problems)
     if problems.items:
         raise DaemonConfigError(source, problems.items)
     return dataclasses.replace(cfg, source=source)
 
 
-def _cross_checks(cfg: DaemonConfig, env: Mapping[str, str], problems: _Problems) -> DaemonConfig:
+def _cross_checks(cfg: DaemonConfig, env: Mapping[str, str], problems: Problems) -> DaemonConfig:
     from fednca.transport.mqtt import parse_url  # paho: only once the file is otherwise sound
 
     from fednca.transport.base import TransportError
@@ -405,51 +305,7 @@ def _read_password(path: Path, source: str) -> str:
 # ------------------------------------------------------------------------------------- printing
 
 
-def to_dict(cfg: Any, *, redact: bool = True) -> dict[str, Any]:
-    """The effective configuration as plain data (paths as strings, secrets shown as ``***``)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        if f.metadata.get("internal"):
-            continue
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            v = to_dict(v, redact=redact)
-        elif isinstance(v, Path):
-            v = str(v)
-        elif isinstance(v, tuple):
-            v = list(v)
-        if redact and f.metadata.get("secret") and v is not None:
-            v = "***"
-        out[f.name] = v
-    return out
-
-
 def reference(cls: type = DaemonConfig, where: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, description) of every key, for the documentation."""
-    rows: list[tuple[str, str, str]] = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("internal"):
-            continue
-        name = _join(where, f.name)
-        t = hints[f.name]
-        inner = [a for a in typing.get_args(t) if dataclasses.is_dataclass(a)]
-        section = t if dataclasses.is_dataclass(t) else (inner[0] if inner else None)
-        if section is not None:
-            rows.append((name, "(section)", f.metadata["doc"]))
-            rows += reference(section, name)
-            continue
-        if f.default is dataclasses.MISSING:
-            default = "required"
-        else:
-            default = yaml.safe_dump(to_plain(f.default), default_flow_style=True).strip().removesuffix("...").strip()
-        rows.append((name, default, f.metadata["doc"]))
-    return rows
+    return settings.reference(cls, where)
 
-
-def to_plain(v: Any) -> Any:
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, tuple):
-        return list(v)
-    return v

@@ -44,39 +44,9 @@ class ModelConfig:
     train_patch: int = 0  # >0: stage 2 trains on random patches of this side (Med-NCA)
 
     def __post_init__(self) -> None:
-        def positive(name: str, value: Any) -> None:
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(name, f"must be a positive integer, got {value!r}")
-
-        if self.preset not in PRESETS:
-            raise ConfigError("preset", f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
-        for name in ("input_size", "channels", "hidden", "pool"):
-            positive(name, getattr(self, name))
-        if self.channels < 2:
-            raise ConfigError("channels", "needs at least 2 (the image and the output)")
-        for name in ("steps", "kernels"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple) or len(value) != 2:
-                raise ConfigError(name, f"must be a pair (stage 1, stage 2), got {value!r}")
-            for i, v in enumerate(value):
-                positive(f"{name}[{i}]", v)
-        for i, k in enumerate(self.kernels):
-            if k % 2 == 0:
-                raise ConfigError(f"kernels[{i}]", f"must be odd so the cell stays centred, got {k}")
-        if self.perception not in ("depthwise", "dual3x3"):
-            raise ConfigError("perception", f"must be 'depthwise' or 'dual3x3', got {self.perception!r}")
-        if not isinstance(self.fire_rate, (int, float)) or not 0.0 < self.fire_rate <= 1.0:
-            raise ConfigError("fire_rate", f"must be in (0, 1], got {self.fire_rate!r}")
-        if self.input_size % self.pool:
-            raise ConfigError("input_size", f"{self.input_size} is not divisible by pool={self.pool}")
-        small = self.input_size // self.pool
-        for i, (k, side) in enumerate(zip(self.kernels, (small, self.input_size))):
-            if k // 2 >= side:
-                raise ConfigError(f"kernels[{i}]", f"kernel {k} is too large for a {side}x{side} grid")
-        if not isinstance(self.train_patch, int) or self.train_patch < 0:
-            raise ConfigError("train_patch", f"must be 0 or a positive integer, got {self.train_patch!r}")
-        if self.train_patch and (self.train_patch > self.input_size or self.train_patch % 2):
-            raise ConfigError("train_patch", f"must be even and at most input_size, got {self.train_patch}")
+        problems = _model_problems(self)
+        if problems:
+            raise ConfigError.collected(problems)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,18 +65,9 @@ class TrainConfig:
     local_epochs: int = 3  # per federated round
 
     def __post_init__(self) -> None:
-        if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
-            raise ConfigError("lr", f"must be in (0, 1), got {self.lr!r}")
-        if not isinstance(self.betas, tuple) or len(self.betas) != 2 or not all(
-            isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas
-        ):
-            raise ConfigError("betas", f"must be a pair of numbers in [0, 1), got {self.betas!r}")
-        for name in ("batch_size", "local_epochs"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(name, f"must be a positive integer, got {v!r}")
-        if self.loss not in ("bce", "dice_bce"):
-            raise ConfigError("loss", f"must be 'bce' or 'dice_bce', got {self.loss!r}")
+        problems = _train_problems(self)
+        if problems:
+            raise ConfigError.collected(problems)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +75,72 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         return from_mapping(cls, data, "train")
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _model_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """Every (field, why) wrong with a model configuration; a check that needs another field is
+    skipped while that field is itself wrong, so one mistake is reported once."""
+    problems: list[tuple[str, str]] = []
+    if cfg.preset not in PRESETS:
+        problems.append(("preset", f"unknown preset {cfg.preset!r}; known: {', '.join(PRESETS)}"))
+    for name in ("input_size", "channels", "hidden", "pool"):
+        if not _positive(getattr(cfg, name)):
+            problems.append((name, f"must be a positive integer, got {getattr(cfg, name)!r}"))
+    if _positive(cfg.channels) and cfg.channels < 2:
+        problems.append(("channels", "needs at least 2 (the image and the output)"))
+    pairs_ok = True
+    for name in ("steps", "kernels"):
+        value = getattr(cfg, name)
+        if not isinstance(value, tuple) or len(value) != 2:
+            problems.append((name, f"must be a pair (stage 1, stage 2), got {value!r}"))
+            pairs_ok = False
+            continue
+        for i, v in enumerate(value):
+            if not _positive(v):
+                problems.append((f"{name}[{i}]", f"must be a positive integer, got {v!r}"))
+                pairs_ok = False
+            elif name == "kernels" and v % 2 == 0:
+                problems.append((f"kernels[{i}]", f"must be odd so the cell stays centred, got {v}"))
+                pairs_ok = False
+    if cfg.perception not in ("depthwise", "dual3x3"):
+        problems.append(("perception", f"must be 'depthwise' or 'dual3x3', got {cfg.perception!r}"))
+    if not isinstance(cfg.fire_rate, (int, float)) or not 0.0 < cfg.fire_rate <= 1.0:
+        problems.append(("fire_rate", f"must be in (0, 1], got {cfg.fire_rate!r}"))
+    sizes_ok = _positive(cfg.input_size) and _positive(cfg.pool)
+    if sizes_ok and cfg.input_size % cfg.pool:
+        problems.append(("input_size", f"{cfg.input_size} is not divisible by pool={cfg.pool}"))
+    elif sizes_ok and pairs_ok:
+        small = cfg.input_size // cfg.pool
+        for i, (k, side) in enumerate(zip(cfg.kernels, (small, cfg.input_size))):
+            if k // 2 >= side:
+                problems.append((f"kernels[{i}]", f"kernel {k} is too large for a {side}x{side} grid"))
+    patch = cfg.train_patch
+    if not isinstance(patch, int) or isinstance(patch, bool) or patch < 0:
+        problems.append(("train_patch", f"must be 0 or a positive integer, got {patch!r}"))
+    elif patch and _positive(cfg.input_size) and (patch > cfg.input_size or patch % 2):
+        problems.append(("train_patch", f"must be even and at most input_size, got {patch}"))
+    return problems
+
+
+def _train_problems(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """Every (field, why) wrong with a training configuration."""
+    problems: list[tuple[str, str]] = []
+    if not isinstance(cfg.lr, (int, float)) or not 0 < cfg.lr < 1:
+        problems.append(("lr", f"must be in (0, 1), got {cfg.lr!r}"))
+    if not isinstance(cfg.betas, tuple) or len(cfg.betas) != 2 or not all(
+        isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.betas
+    ):
+        problems.append(("betas", f"must be a pair of numbers in [0, 1), got {cfg.betas!r}"))
+    for name in ("batch_size", "local_epochs"):
+        if not _positive(getattr(cfg, name)):
+            problems.append((name, f"must be a positive integer, got {getattr(cfg, name)!r}"))
+    if cfg.loss not in ("bce", "dice_bce"):
+        problems.append(("loss", f"must be 'bce' or 'dice_bce', got {cfg.loss!r}"))
+    return problems
 
 
 def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
