@@ -99,7 +99,7 @@ def _s(p: Path | None) -> str | None:
 
 def run_daemon(path: Path, *, probe: Callable[[str], None] | None = None) -> int:
     """Load the configuration and keys, connect, and run until SIGTERM or SIGINT."""
-    from .notify import Notifier
+    from fednca.notify import Notifier
     from .service import Service
 
     cfg = dc.load(path)

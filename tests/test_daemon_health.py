@@ -7,7 +7,7 @@ from collections import namedtuple
 
 import pytest
 
-from fednca_daemon.notify import Notifier
+from fednca.notify import Notifier
 from fednca_daemon.sensors import Sensors, pick_temperature, zone_temperature
 from fednca_daemon.telemetry import MAX_BYTES, Snapshot, status_json, status_line
 

@@ -1,8 +1,9 @@
 """systemd notifications (``sd_notify``) without libsystemd: datagrams to ``$NOTIFY_SOCKET``.
 
-``READY=1`` once the daemon runs, ``STATUS=...`` (one line) on every state change,
-``WATCHDOG=1`` at half of ``$WATCHDOG_USEC`` (only between chunks: a hung trainer stops the pings
-and systemd restarts the service), ``STOPPING=1`` when a stop begins. A leading ``@`` in the socket
+Shared by the edge daemon and the coordinator, both ``Type=notify`` units: ``READY=1`` once the
+service runs, ``STATUS=...`` (one line) on every state change, ``WATCHDOG=1`` at half of
+``$WATCHDOG_USEC`` (only from the main loop: a hung trainer or coordinator stops the pings and
+systemd restarts the service), ``STOPPING=1`` when a stop begins. A leading ``@`` in the socket
 path names the abstract namespace. Outside systemd (no ``$NOTIFY_SOCKET``) every call does nothing.
 """
 
@@ -13,7 +14,7 @@ import os
 import socket
 from typing import Mapping
 
-log = logging.getLogger("fednca.daemon")
+log = logging.getLogger("fednca.notify")
 MAX_STATUS = 200
 
 
