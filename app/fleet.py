@@ -1,17 +1,17 @@
 """The live view of a federation: its sites' retained telemetry turned into table rows.
 
 Pure: payloads and the time in, rows and text out. ``fednca status`` feeds it from the broker.
-Telemetry is a peer's word, so every field is read defensively and anything malformed shows as
-unreadable rather than stopping the view.
+Telemetry is a peer's word: it is read by the one strict parser of the status message
+(:func:`fednca.telemetry.parse_status`), and a payload that is not one shows as unreadable
+rather than stopping the view.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass
 
-MAX_STATUS_BYTES = 4096  # a site's telemetry is at most 2 KiB
+from fednca.telemetry import OFFLINE, TelemetryError, parse_status
+
 COLUMNS = ("site", "state", "round", "progress", "last seen", "cpu %", "temp °C", "outbox")
 
 
@@ -32,39 +32,25 @@ class SiteRow:
         return asdict(self)
 
 
-def _number(body: dict, key: str) -> float | None:
-    v = body.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
 def row(site: str, payload: bytes, now: float) -> SiteRow:
     """One site's row from its retained ``status/<site>`` payload (JSON, or the will ``offline``)."""
-    if payload.strip() == b"offline":
+    if payload.strip() == OFFLINE:
         return SiteRow(site=site, state="offline")
-    if len(payload) > MAX_STATUS_BYTES:
-        return SiteRow(site=site, state="unreadable")
     try:
-        body = json.loads(payload)
-    except (ValueError, RecursionError):  # bad UTF-8 or JSON, a huge integer, absurd nesting
+        m = parse_status(payload)
+    except TelemetryError:
         return SiteRow(site=site, state="unreadable")
-    if not isinstance(body, dict):
-        return SiteRow(site=site, state="unreadable")
-    stamp = _number(body, "time")
-    rnd, outbox = _number(body, "round"), _number(body, "outbox")
-    state, error = body.get("state"), body.get("error")
     return SiteRow(
         site=site,
-        state=state[:20] if isinstance(state, str) else "?",
-        round=None if rnd is None else int(rnd),
-        progress=_number(body, "progress"),
-        age_s=None if stamp is None else max(0.0, now - stamp),
-        cpu_percent=_number(body, "cpu_percent"),
-        temperature_c=_number(body, "temperature_c"),
-        outbox=None if outbox is None else int(outbox),
-        samples_per_s=_number(body, "samples_per_s"),
-        error=error[:80] if isinstance(error, str) else None,
+        state=m.state,
+        round=m.round,
+        progress=m.progress,
+        age_s=max(0.0, now - m.time),
+        cpu_percent=m.cpu_percent,
+        temperature_c=m.temperature_c,
+        outbox=m.outbox,
+        samples_per_s=m.samples_per_s,
+        error=None if m.error is None else m.error[:80],
     )
 
 

@@ -1,33 +1,28 @@
-"""Telemetry: the JSON status a site publishes on ``status/<site>`` (retained, QoS 1).
+"""Telemetry, the producer's side: the daemon's :class:`Snapshot` becomes the status message.
 
-Built by a pure function from a :class:`Snapshot`; small and bounded (strings are cut, numbers
-rounded; the whole message stays under :data:`MAX_BYTES`). The last will on the same topic is
-the plain word ``offline``; a daemon that stops cleanly publishes its final status with state
-``stopped`` instead.
-
-Fields: ``v`` (message version), ``site``, ``version`` (software), ``time`` (unix seconds),
-``state`` (idle, training, paused, backoff, submitted, stopping, stopped), ``round``,
-``steps``, ``planned``, ``progress`` (0..1), ``samples_per_s`` and ``chunk_s`` (of the last
-chunk), ``gates`` (why paused), ``cpu_percent`` (daemon and trainer, of one core),
-``rss_mb`` (daemon and trainer), ``memory_percent`` (system), ``temperature_c``,
-``battery_percent``, ``charging``, ``bytes_sent``, ``bytes_received``, ``outbox``
-(updates waiting for a receipt), ``last_receipt``, ``error``.
+The message itself (its fields, bounds, serialisation and the strict parser every reader uses)
+is :class:`fednca.telemetry.StatusMessage`; this module only fills it from the daemon's state.
+Built by pure functions: numbers rounded (a measured value out of its field's range is dropped,
+not sent), texts cut to :data:`~fednca.telemetry.MAX_TEXT` characters on one line, at most
+:data:`~fednca.telemetry.MAX_GATES` gate reasons; the whole message stays under
+:data:`~fednca.telemetry.MAX_BYTES`. The last will on the same topic is the plain word
+``offline``; a daemon that stops cleanly publishes its final status with state ``stopped``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
-MESSAGE_VERSION = 1
-MAX_BYTES = 2048
-MAX_TEXT = 160
-OFFLINE = b"offline"
+from fednca.telemetry import MAX_BYTES, MAX_GATES, MAX_TEXT, OFFLINE, StatusMessage, within_bounds
+
+__all__ = ["MAX_BYTES", "OFFLINE", "Snapshot", "progress", "status_json", "status_line", "status_message"]
 
 
 @dataclass(frozen=True)
 class Snapshot:
+    """What the daemon knows about itself at one moment, in its own units."""
+
     site: str
     version: str
     time: float
@@ -51,10 +46,10 @@ class Snapshot:
     error: str | None = None
 
 
-def _num(v: float | None, digits: int = 1) -> float | None:
+def _num(name: str, v: float | None, digits: int = 1) -> float | None:
     if v is None or not math.isfinite(v):
         return None
-    return round(float(v), digits)
+    return within_bounds(name, round(float(v), digits))
 
 
 def _text(v: str | None) -> str | None:
@@ -70,35 +65,35 @@ def progress(steps: int, planned: int | None) -> float | None:
     return round(min(max(steps / planned, 0.0), 1.0), 3)
 
 
+def status_message(s: Snapshot) -> StatusMessage:
+    return StatusMessage(
+        site=s.site,
+        version=_text(s.version),
+        time=int(s.time),
+        state=s.state,
+        round=s.round,
+        steps=s.steps,
+        planned=s.planned,
+        progress=progress(s.steps, s.planned),
+        samples_per_s=_num("samples_per_s", s.samples_per_s, 2),
+        chunk_s=_num("chunk_s", s.chunk_s, 2),
+        gates=tuple(_text(g) or "" for g in s.gates[:MAX_GATES]),
+        cpu_percent=_num("cpu_percent", s.cpu_percent),
+        rss_mb=_num("rss_mb", None if s.rss_bytes is None else s.rss_bytes / 2**20),
+        memory_percent=_num("memory_percent", s.memory_percent),
+        temperature_c=_num("temperature_c", s.temperature_c),
+        battery_percent=_num("battery_percent", s.battery_percent, 0),
+        charging=s.charging,
+        bytes_sent=int(s.bytes_sent),
+        bytes_received=int(s.bytes_received),
+        outbox=int(s.outbox),
+        last_receipt=_text(s.last_receipt),
+        error=_text(s.error),
+    )
+
+
 def status_json(s: Snapshot) -> bytes:
-    body = {
-        "v": MESSAGE_VERSION,
-        "site": s.site,
-        "version": _text(s.version),
-        "time": int(s.time),
-        "state": s.state,
-        "round": s.round,
-        "steps": s.steps,
-        "planned": s.planned,
-        "progress": progress(s.steps, s.planned),
-        "samples_per_s": _num(s.samples_per_s, 2),
-        "chunk_s": _num(s.chunk_s, 2),
-        "gates": [_text(g) for g in s.gates[:4]],
-        "cpu_percent": _num(s.cpu_percent),
-        "rss_mb": _num(None if s.rss_bytes is None else s.rss_bytes / 2**20),
-        "memory_percent": _num(s.memory_percent),
-        "temperature_c": _num(s.temperature_c),
-        "battery_percent": _num(s.battery_percent, 0),
-        "charging": s.charging,
-        "bytes_sent": int(s.bytes_sent),
-        "bytes_received": int(s.bytes_received),
-        "outbox": int(s.outbox),
-        "last_receipt": _text(s.last_receipt),
-        "error": _text(s.error),
-    }
-    out = json.dumps(body, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
-    assert len(out) <= MAX_BYTES, "telemetry grew past its bound"
-    return out
+    return status_message(s).to_json()
 
 
 def status_line(s: Snapshot) -> str:

@@ -1,14 +1,22 @@
 import json
 
 from fednca_app.fleet import render, row
+from fednca_daemon.telemetry import Snapshot, status_json
 
 
 def status(**fields) -> bytes:
+    """Telemetry as the daemon writes it (a site of 100 planned steps; ``steps`` sets progress)."""
+    return status_json(Snapshot(**{"site": "a", "version": "1", "time": 1000, "state": "training",
+                                   "planned": 100, **fields}))
+
+
+def hand_written(**fields) -> bytes:
+    """A peer's hostile payload: not what any daemon writes."""
     return json.dumps({"v": 1, "site": "a", "time": 1000, "state": "training", **fields}).encode()
 
 
 def test_row_reads_telemetry_fields():
-    r = row("a", status(round=3, progress=0.4, cpu_percent=48.7, temperature_c=61.2, outbox=1), now=1030)
+    r = row("a", status(round=3, steps=40, cpu_percent=48.7, temperature_c=61.2, outbox=1), now=1030)
     assert (r.state, r.round, r.progress, r.age_s, r.cpu_percent, r.outbox) == ("training", 3, 0.4, 30.0, 48.7, 1)
 
 
@@ -18,12 +26,12 @@ def test_offline_will_and_garbage_do_not_break_the_view():
     assert row("a", b"[1, 2]", now=0).state == "unreadable"
     assert row("a", b"{\"time\": " + b"9" * 5000 + b"}", now=0).state == "unreadable"
     assert row("a", b"[" * 100_000, now=0).state == "unreadable"
-    hostile = row("a", status(round="7", cpu_percent="hot", outbox=True), now=0)
+    hostile = row("a", hand_written(round="7", cpu_percent="hot", outbox=True), now=0)
     assert hostile.round is None and hostile.cpu_percent is None and hostile.outbox is None
 
 
 def test_render_is_one_aligned_line_per_site_sorted():
-    text = render([row("b", b"offline", now=0), row("a", status(round=2, progress=1.0), now=4000)], header="round 2")
+    text = render([row("b", b"offline", now=0), row("a", status(round=2, steps=100), now=4000)], header="round 2")
     lines = text.splitlines()
     assert lines[0] == "round 2"
     assert lines[1].startswith("site") and lines[3].startswith("a ") and lines[4].startswith("b ")

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from fednca_app.cli import main
+from fednca_daemon.telemetry import Snapshot, status_json
 from fednca.transport.mqtt import MqttClient
 
 pytestmark = pytest.mark.mosquitto
@@ -20,8 +21,8 @@ def test_status_shows_each_sites_retained_telemetry(tmp_path, mosquitto_factory,
     assert main(["coordinator", "init", str(folder), "--federation", FED, "--broker", broker.url]) == 0
     (folder / "secrets" / "mqtt-password").write_text(broker.passwords["coordinator"] + "\n")
     payloads = {
-        "s1": json.dumps({"v": 1, "site": "s1", "time": int(time.time()), "state": "training", "round": 3,
-                          "progress": 0.25, "cpu_percent": 47.0, "temperature_c": 58.5, "outbox": 0}).encode(),
+        "s1": status_json(Snapshot(site="s1", version="1", time=time.time(), state="training", round=3, steps=25,
+                                   planned=100, cpu_percent=47.0, temperature_c=58.5, outbox=0)),
         "s2": b"offline",
     }
     for site, payload in payloads.items():
