@@ -1,17 +1,25 @@
 """``fednca coordinator``: set up a federation folder, enrol and revoke sites, run the coordinator.
 
     fednca coordinator init DIR --federation NAME [--broker mqtt://127.0.0.1:1883] [--quorum 0.6]
+                                [--listen ADDRESS:PORT] [--tls-name NAME ...] [--broker-dir DIR]
     fednca coordinator enroll DIR SITE KEYFILE|HEX [--out FOLDER] [--replace]
     fednca coordinator revoke DIR SITE
+    fednca coordinator broker-config DIR [--new-server-certificate]
     fednca coordinator run DIR [--log-level info]
     fednca coordinator show DIR [--json]
 
 The folder layout and every configuration key are described in ``broker/config.py`` and
 docs/coordinator.md. A configuration problem is one error listing every bad key (exit 2).
 
+``--broker`` is the address sites are told, ``--listen`` what mosquitto binds; ``mqtts://`` makes
+the federation's CA and the broker's certificate for the ``--tls-name`` names (broker/listener.py
+says which combinations are refused). ``broker-config`` writes every broker file again from
+coordinator.yaml (after editing its ``mosquitto`` section, or to renew the server certificate).
+
 ``run`` handles SIGTERM and SIGINT by finishing the current step and disconnecting, re-reads the
 site registry when ``enroll`` or ``revoke`` changes it, and exits 0 once ``max_rounds`` rounds are
-done. Test hook, not for operators: with ``FEDNCA_COORDINATOR_KILL_AFTER=ACTION[:N]`` in its
+done. Under systemd (``Type=notify``) it sends READY=1 once connected, WATCHDOG=1 from its loop
+and STOPPING=1 when it stops. Test hook, not for operators: with ``FEDNCA_COORDINATOR_KILL_AFTER=ACTION[:N]`` in its
 environment, ``run`` kills itself with SIGKILL right after performing the N-th (default first)
 action of that name (``StoreUpdate``, ``SaveState``, ``Ack``, ``SendReceipt``, ``LogEvent``,
 ``Announce``, ``SaveModel``, ``LogRound``, ``CloseRound``, ``LogFinished``), so crash tests can
@@ -21,12 +29,14 @@ stop it at an exact point of a round.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import secrets
 import signal
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,15 +47,17 @@ from fednca import keys as k
 from fednca.atomic import write_text
 from fednca.config import PRESETS, preset, train_preset
 from fednca.errors import ConfigError, FedNCAError
+from fednca.notify import Notifier
 from fednca.topics import check_id
 
-from . import mosquitto
+from . import deploy, mosquitto
 from .config import CONFIG_NAME, BrokerConfig, CoordinatorConfig, FederationConfig, MosquittoConfig, load_config, to_yaml_dict
+from .listener import check_config, plan_listener
 from .rounds import RoundConfig
 from .store import RoundStore
 
 KILL_ENV = "FEDNCA_COORDINATOR_KILL_AFTER"
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+BUNDLE_CA = "ca.crt"  # the name the daemon's configuration expects (/etc/fednca/ca.crt)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -53,7 +65,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     init = sub.add_parser("init", help="create a federation folder: keys, configuration, registry, broker files")
     init.add_argument("folder", type=Path)
     init.add_argument("--federation", required=True, help="the federation id (a-z 0-9 _ -)")
-    init.add_argument("--broker", default=BrokerConfig.url, help="broker address (default %(default)s)")
+    init.add_argument("--broker", default=BrokerConfig.url,
+                      help="the broker address sites connect to, mqtt:// or mqtts:// (default %(default)s)")
+    init.add_argument("--listen", metavar="ADDRESS:PORT",
+                      help="what mosquitto binds (default: 127.0.0.1 for a loopback --broker, else 0.0.0.0; its port)")
+    init.add_argument("--tls-name", action="append", default=[], metavar="NAME",
+                      help="a DNS name or IP address of the broker's certificate (repeat; needed by mqtts://)")
+    init.add_argument("--broker-dir", type=Path,
+                      help="folder of the broker's files, one mosquitto may enter (default: DIR/mosquitto)")
+    init.add_argument("--broker-data-dir", type=Path, help="mosquitto's persistence folder (default: BROKER_DIR/data)")
     init.add_argument("--quorum", "--sites-quorum", dest="quorum", default="0.6",
                       help="sites needed to close a round: a fraction of the enrolled (0.6) or a count (3)")
     init.add_argument("--preset", choices=sorted(PRESETS), default="fednca", help="model preset")
@@ -74,13 +94,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     run_p.add_argument("folder", type=Path)
     run_p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run_p.add_argument("--poll", type=float, default=1.0, help="seconds between clock ticks when idle")
+    conf = sub.add_parser("broker-config", help="write every broker file again from coordinator.yaml")
+    conf.add_argument("folder", type=Path)
+    conf.add_argument("--new-server-certificate", action="store_true",
+                      help="issue the broker's TLS certificate again (same CA: sites need nothing new)")
     show = sub.add_parser("show", help="print the federation's configuration, sites and round")
     show.add_argument("folder", type=Path)
     show.add_argument("--json", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"init": _init, "enroll": _enroll, "revoke": _revoke, "run": _run, "show": _show}[args.action](args)
+    actions = {"init": _init, "enroll": _enroll, "revoke": _revoke, "broker-config": _broker_config, "run": _run,
+               "show": _show}  # fmt: skip
+    return actions[args.action](args)
 
 
 # ------------------------------------------------------------------------------------------ init
@@ -103,29 +129,26 @@ def _init(args: argparse.Namespace) -> int:
     folder: Path = args.folder.resolve()  # the broker files name paths: make them absolute
     if (folder / CONFIG_NAME).exists():
         raise FedNCAError(f"{folder / CONFIG_NAME}: already exists; this folder holds a federation")
-    try:
-        url = BrokerConfig(url=args.broker).url
-    except ConfigError as e:
-        raise ConfigError("--broker", e.why) from None
-    from fednca.transport.mqtt import parse_url
-
-    address = parse_url(url)
-    listener = MosquittoConfig(
-        address="127.0.0.1" if address.host in _LOOPBACK else "0.0.0.0",
-        port=address.port if not address.tls else 1883,
-    )  # fmt: skip
+    plan = plan_listener(broker=args.broker, listen=args.listen, tls_names=args.tls_name)
+    url = plan.url
+    broker_dir = "mosquitto" if args.broker_dir is None else str(args.broker_dir.resolve())
+    data_dir = None if args.broker_data_dir is None else str(args.broker_data_dir.resolve())
+    listener = MosquittoConfig(address=plan.address, port=plan.port, tls_names=plan.tls_names, folder=broker_dir,
+                               data_folder=data_dir)  # fmt: skip
+    ca_file = str(folder / "broker-ca.pem") if plan.tls_names else None
     model_cfg, tensors = _initial_model(args)
     federation = FederationConfig(
         name=check_id(args.federation, what="federation"), rounds=_quorum(args.quorum), max_rounds=args.max_rounds,
         model=model_cfg, seed=args.seed, train=train_preset(model_cfg.preset),
     )  # fmt: skip
-    cfg = CoordinatorConfig(folder=folder, federation=federation, broker=BrokerConfig(url=url), mosquitto=listener)
+    cfg = CoordinatorConfig(folder=folder, federation=federation, broker=BrokerConfig(url=url, ca_file=ca_file),
+                            mosquitto=listener)  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(24)
     _write_secret(cfg.password_path, password)
-    mosquitto.write_files(cfg.mosquitto_settings(), coordinator_password=password, site_passwords={})
     coordinator_keys = k.CoordinatorKeys.generate()
     k.write_coordinator_keys(cfg.keys_dir, coordinator_keys, force=True)  # no federation yet: nothing to lose
+    blocked = deploy.write_broker_files(cfg, registry=k.Registry(), coordinator_password=password, site_passwords={})
     RoundStore(root=cfg.store_root, federation=federation.name).save_model(1, tensors)
     k.write_registry(cfg.registry_path, k.Registry())
     header = (f"# FedNCA coordinator of federation {federation.name!r}. Every key is described in "
@@ -133,10 +156,17 @@ def _init(args: argparse.Namespace) -> int:
               "round settings apply from the next round.\n")
     write_text(cfg.config_path, header + yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False), mode=0o640)
     load_config(cfg.config_path)  # what was written must read back
+    deploy.hand_over(cfg)
     pub = coordinator_keys.public
     print(f"federation {federation.name!r} set up in {folder}")
     print(f"  coordinator signing key id {pub.verify_id}, box key id {pub.box_id}")
     print(f"  broker files in {cfg.mosquitto_dir}: run  mosquitto -c {cfg.mosquitto_settings().conf_path}")
+    if plan.tls_names:
+        print(f"  TLS on {plan.address}:{plan.port} for {', '.join(plan.tls_names)}; sites trust {cfg.broker_ca_cert}")
+    elif plan.address != "127.0.0.1":
+        print(f"  warning: plain MQTT on {plan.address}:{plan.port}: passwords cross the network unencrypted; "
+              "prefer --broker mqtts://HOST:8883 --tls-name HOST")
+    _warn_blocked(blocked)
     print(f"  next: fednca coordinator enroll {folder} SITE SITE_SIGNING_PUB, then fednca coordinator run {folder}")
     return 0
 
@@ -177,9 +207,15 @@ def _read_secret(cfg: CoordinatorConfig) -> str:
 
 
 def _rewrite_acl(cfg: CoordinatorConfig, registry: k.Registry) -> None:
-    settings = cfg.mosquitto_settings()
-    acl = mosquitto.render_acl(cfg.federation.name, coordinator_user=settings.coordinator_user, sites=registry.sites)
-    write_text(settings.acl_path, acl, mode=0o640)
+    """ACL and conf for the sites now enrolled, with the owners and modes mosquitto needs."""
+    _warn_blocked(deploy.update_access(cfg, registry=registry))
+
+
+def _warn_blocked(blocked: list[Path]) -> None:
+    for parent in blocked:
+        print(f"  warning: mosquitto's user cannot enter {parent}, so it cannot read the broker files: "
+              f"chmod o+x {parent}, or set mosquitto.folder in coordinator.yaml and run broker-config",
+              file=sys.stderr)
 
 
 def _enroll(args: argparse.Namespace) -> int:
@@ -195,6 +231,7 @@ def _enroll(args: argparse.Namespace) -> int:
     mosquitto.set_password(cfg.mosquitto_settings().password_path, site, password)
     _rewrite_acl(cfg, enrolled)
     k.write_registry(cfg.registry_path, enrolled)  # last: the site counts from here on
+    deploy.hand_over(cfg)
     pub = k.read_coordinator_public(cfg.keys_dir)
     sheet = {
         "federation": cfg.federation.name, "site": site, "site_key_id": k.key_id(enrolled.sites[site]),
@@ -203,6 +240,8 @@ def _enroll(args: argparse.Namespace) -> int:
         "coordinator_box_key": bytes(pub.box).hex(), "coordinator_box_key_id": pub.box_id,
         "update_dtype": cfg.federation.update_dtype,
     }  # fmt: skip
+    if cfg.broker.ca_file is not None:
+        sheet["broker_ca_sha256"] = hashlib.sha256(Path(cfg.broker.ca_file).read_bytes()).hexdigest()
     if args.out is not None:
         _write_bundle(args.out, cfg, password)
         sheet["bundle"] = str(args.out)
@@ -217,10 +256,12 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _write_bundle(out: Path, cfg: CoordinatorConfig, password: str) -> None:
-    """The coordinator's two public key files and the site's broker password (0600)."""
+    """The coordinator's two public key files, the site's broker password (0600), the broker's CA if TLS."""
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name in (k.SIGNING_PUB_FILE, k.BOX_PUB_FILE):
         write_text(out / name, (cfg.keys_dir / name).read_text(), mode=0o644)
+    if cfg.broker.ca_file is not None:  # mqtts://: the CA the site checks the broker's certificate against
+        write_text(out / BUNDLE_CA, Path(cfg.broker.ca_file).read_text(), mode=0o644)
     write_text(out / "mqtt-password", password + "\n", mode=0o600)
 
 
@@ -235,6 +276,27 @@ def _revoke(args: argparse.Namespace) -> int:
     _rewrite_acl(cfg, revoked)
     print(f"revoked site {site!r} of federation {cfg.federation.name!r}")
     print(_reload_hint(cfg))
+    return 0
+
+
+def _broker_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.folder / CONFIG_NAME)
+    check_config(url=cfg.broker.url, port=cfg.mosquitto.port, tls_names=cfg.mosquitto.tls_names)
+    registry = k.read_registry(cfg.registry_path)
+    blocked = deploy.write_broker_files(cfg, registry=registry, coordinator_password=_read_secret(cfg),
+                                        renew_certificate=args.new_server_certificate)
+    settings = cfg.mosquitto_settings(sites=len(registry.sites))
+    print(f"wrote the broker files of federation {cfg.federation.name!r} in {cfg.mosquitto_dir}")
+    print(f"  {settings.conf_path}: listener {settings.port} {settings.address}"
+          f"{' (TLS)' if settings.tls else ''}, max_queued_messages {settings.max_queued_messages}, "
+          f"max_inflight_messages {settings.max_inflight_messages} for {len(registry.sites)} site(s)")
+    missing = sorted(set(registry.sites) - set(deploy.password_users(settings.password_path)))
+    if missing:
+        print(f"  sites without a broker account: {', '.join(missing)} (give each one: enroll --replace)")
+    if blocked:
+        _warn_blocked(blocked)
+        return 2
+    print("  restart mosquitto to apply listener changes: systemctl restart mosquitto")
     return 0
 
 
@@ -313,17 +375,25 @@ def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: coordinator.stop())
     watcher = RegistryWatcher(cfg.registry_path)
+    notifier = Notifier()
     try:
         coordinator.start()
+        notifier.ready(f"federation {cfg.federation.name}: running")
+        pinged = time.monotonic()
         while not coordinator.finished and not coordinator.stopped:
             coordinator.step(args.poll)
             registry = watcher.changed()
             if registry is not None:
                 coordinator.set_registry(registry)
+            if notifier.watchdog_interval is not None and time.monotonic() - pinged >= notifier.watchdog_interval:
+                notifier.watchdog()  # from the loop itself: a hung step stops the pings
+                pinged = time.monotonic()
     finally:
+        notifier.stopping()
         if not coordinator.wait_published(10.0):
             logging.getLogger("fednca.coordinator").warning("the broker did not take every message within 10 s")
         client.disconnect()
+        notifier.close()
     return 0
 
 

@@ -8,12 +8,29 @@ The ACL file has one ``user`` block per account: the coordinator's, then one per
 whose user name is its site id. The rules come from :func:`fednca.topics.rules`, the table the
 in-memory broker enforces, so both brokers apply one policy. Enrolling or revoking a site means
 writing the password and ACL files again and sending mosquitto SIGHUP (it reloads both).
+
+Who may read them: started as root (as Debian's mosquitto.service does), mosquitto drops to its
+own ``mosquitto`` user *before* it reads the password and ACL files, so every file it reads is
+owned root:mosquitto 0640 (the server key too), in folders it can traverse, and its persistence
+folder belongs to it. :func:`secure` applies that after every write (enrol and revoke included:
+``mosquitto_passwd`` and atomic replacement would otherwise leave root:root files behind) and
+names the first folder above that would keep mosquitto out. Where no ``mosquitto`` user exists,
+or we are not root, the files belong to the current user and the conf tells mosquitto to stay
+that user; a log line says so.
+
+Listener limits grow with the federation (:func:`limits_for`): the coordinator is the one
+subscriber every site publishes to, and a queue that overflows drops QoS 1 messages mosquitto has
+already acknowledged to their senders, so its queue is sized per enrolled site.
 """
 
 from __future__ import annotations
 
+import grp
+import logging
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -21,11 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fednca import topics
-from fednca.atomic import fsync_dir, write_text
+from fednca.atomic import fsync_dir, write_bytes, write_text
 from fednca.errors import ConfigError, FedNCAError
 
 DEFAULT_MAX_PACKET_SIZE = 1_048_576
 CONF_NAME, PASSWORD_NAME, ACL_NAME, DATA_NAME = "mosquitto.conf", "passwd", "acl", "data"
+CA_NAME, CERT_NAME, KEY_NAME = "ca.pem", "server.pem", "server.key"
+BROKER_USER = "mosquitto"  # the account Debian's (and upstream's) mosquitto drops to
+QUEUED_PER_SITE = 100  # messages the coordinator's queue holds per site (rule in limits_for)
+MIN_QUEUED, MIN_INFLIGHT, MAX_INFLIGHT = 1000, 20, 1000
+log = logging.getLogger("fednca.broker")
 
 
 class MosquittoError(FedNCAError):
@@ -48,6 +70,13 @@ class TLSListener:
         for name in ("cafile", "certfile", "keyfile", "address"):
             _check_word(f"tls.{name}", getattr(self, name))
 
+    @classmethod
+    def in_folder(cls, folder: str | os.PathLike, *, port: int, address: str) -> "TLSListener":
+        """A listener on the CA, certificate and key that :func:`write_tls` puts in ``folder``."""
+        f = Path(folder)
+        return cls(cafile=str(f / CA_NAME), certfile=str(f / CERT_NAME), keyfile=str(f / KEY_NAME),
+                   port=port, address=address)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class MosquittoSettings:
@@ -60,9 +89,12 @@ class MosquittoSettings:
     coordinator_user: str = "coordinator"
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     persistent_client_expiration: str = "7d"  # a site offline longer loses its queued messages
-    max_queued_messages: int = 1000
+    max_queued_messages: int = MIN_QUEUED
+    max_inflight_messages: int = MIN_INFLIGHT
     autosave_interval: int = 60  # seconds between saves of the persistence file
     run_as_root: bool = False  # add `user root` (containers without a mosquitto account)
+    user: str = BROKER_USER  # the account mosquitto drops to when started as root
+    data_folder: str | None = None  # persistence; None: <folder>/data
 
     def __post_init__(self) -> None:
         topics.check_id(self.federation, what="federation")
@@ -70,10 +102,13 @@ class MosquittoSettings:
         _check_word("folder", self.folder)
         _check_word("address", self.address)
         _check_word("persistent_client_expiration", self.persistent_client_expiration)
+        _check_word("user", self.user)
+        if self.data_folder is not None:
+            _check_word("data_folder", self.data_folder)
         _check_port("port", self.port)
         if not self.plain_listener and self.tls is None:
             raise ConfigError("plain_listener", "false needs a tls listener, or nothing listens")
-        for name in ("max_packet_size", "max_queued_messages", "autosave_interval"):
+        for name in ("max_packet_size", "max_queued_messages", "max_inflight_messages", "autosave_interval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(name, "must be a positive integer")
 
@@ -91,7 +126,22 @@ class MosquittoSettings:
 
     @property
     def data_path(self) -> Path:
-        return Path(self.folder) / DATA_NAME
+        return Path(self.data_folder) if self.data_folder else Path(self.folder) / DATA_NAME
+
+
+def limits_for(sites: int) -> tuple[int, int]:
+    """(max_queued_messages, max_inflight_messages) for a federation of ``sites`` enrolled sites.
+
+    Rule: the coordinator's queue holds ``QUEUED_PER_SITE`` (100) messages per site plus its own
+    share, never fewer than mosquitto's default 1000: at the default 60 s telemetry interval that
+    rides out more than an hour and a half of coordinator downtime before a site's message could
+    be dropped. In flight (sent, not yet acknowledged) it may hold one message per site, between
+    20 (mosquitto's default) and 1000, so one round's updates reach it in one window and are
+    stored in one group commit.
+    """
+    if not isinstance(sites, int) or sites < 0:
+        raise ConfigError("sites", f"must be a count >= 0, got {sites!r}")
+    return max(MIN_QUEUED, QUEUED_PER_SITE * (sites + 1)), min(MAX_INFLIGHT, max(MIN_INFLIGHT, sites))
 
 
 def _check_port(field: str, port: object) -> None:
@@ -120,9 +170,9 @@ def render_conf(settings: MosquittoSettings) -> str:
         f"max_packet_size {s.max_packet_size}",
         f"persistent_client_expiration {s.persistent_client_expiration}",
         f"max_queued_messages {s.max_queued_messages}",
+        f"max_inflight_messages {s.max_inflight_messages}",
+        f"user {'root' if s.run_as_root else s.user}",
     ]
-    if s.run_as_root:
-        lines.append("user root")
     if s.plain_listener:
         lines += ["", f"listener {s.port} {s.address}"]
     if s.tls is not None:
@@ -134,6 +184,7 @@ def render_conf(settings: MosquittoSettings) -> str:
             f"certfile {t.certfile}",
             f"keyfile {t.keyfile}",
             f"require_certificate {'true' if t.require_certificate else 'false'}",
+            "tls_version tlsv1.2",  # the minimum: TLS 1.0 and 1.1 are refused
         ]
     return "\n".join(lines) + "\n"
 
@@ -222,6 +273,96 @@ def _run(argv: list[str], *, what: str, stdin: str | None = None) -> None:
 
 
 @dataclass(frozen=True)
+class BrokerAccount:
+    """Who owns the broker files: ``owner`` (root, or us) and the group mosquitto reads them by."""
+
+    user: str  # the account mosquitto runs as (the conf's `user` line)
+    uid: int
+    gid: int
+    owner: int  # uid the files belong to
+
+    @classmethod
+    def current(cls) -> "BrokerAccount":
+        uid, gid = os.geteuid(), os.getegid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        return cls(user=name, uid=uid, gid=gid, owner=uid)
+
+
+def broker_account(user: str = BROKER_USER) -> BrokerAccount:
+    """The ``mosquitto`` account when it exists and we may give files to it, else the current user."""
+    me = BrokerAccount.current()
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        log.warning("no %r user on this machine: the broker files belong to %s, and mosquitto must run "
+                    "as %s (install the mosquitto package for the usual set-up)", user, me.user, me.user)
+        return me
+    if me.uid != 0 and entry.pw_uid != me.uid:
+        log.warning("not root: the broker files belong to %s only; run this as root so that the %r user "
+                    "can read them", me.user, user)
+        return me
+    return BrokerAccount(user=user, uid=entry.pw_uid, gid=entry.pw_gid, owner=me.uid)
+
+
+def _place(path: Path, account: BrokerAccount, mode: int, *, uid: int | None = None) -> None:
+    if os.geteuid() == 0:
+        os.chown(path, account.owner if uid is None else uid, account.gid)
+    os.chmod(path, mode)
+
+
+def can_traverse(folder: Path, account: BrokerAccount) -> bool:
+    st = folder.stat()
+    if account.uid == 0:
+        return True
+    if st.st_uid == account.uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    groups = {account.gid} | {g.gr_gid for g in grp.getgrall() if account.user in g.gr_mem}
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def secure(settings: MosquittoSettings, account: BrokerAccount) -> list[Path]:
+    """Give every broker file the owner, group and mode mosquitto needs (and no one else gets).
+
+    Folder root:mosquitto 0750; conf, passwd, acl, server key root:mosquitto 0640; certificates
+    0644; persistence folder mosquitto:mosquitto 0700. Returns the folders above that the broker's
+    user cannot enter (each also logged, with the fix): empty when mosquitto can read everything.
+    """
+    folder = Path(settings.folder)
+    _place(folder, account, 0o750)
+    for name in (CONF_NAME, PASSWORD_NAME, ACL_NAME, KEY_NAME):
+        if (folder / name).exists():
+            _place(folder / name, account, 0o640)
+    for name in (CA_NAME, CERT_NAME):
+        if (folder / name).exists():
+            _place(folder / name, account, 0o644)
+    data = settings.data_path
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _place(data, account, 0o700, uid=account.uid)
+    blocked = []
+    for parent in dict.fromkeys([*reversed(folder.resolve().parents), *reversed(data.resolve().parents)]):
+        if not can_traverse(parent, account):
+            log.error("%s: the %r user cannot enter this folder, so mosquitto cannot read its files below it; "
+                      "allow it (chmod o+x %s) or choose another folder (mosquitto.folder in coordinator.yaml)",
+                      parent, account.user, parent)
+            blocked.append(parent)
+    return blocked
+
+
+def write_tls(folder: str | os.PathLike, *, server_key_pem: bytes, server_cert_pem: bytes, ca_cert_pem: bytes) -> None:
+    """The listener's CA, certificate and key (owners and modes: :func:`secure`)."""
+    f = Path(folder)
+    f.mkdir(parents=True, exist_ok=True)
+    write_bytes(f / KEY_NAME, server_key_pem, mode=0o600)  # private until secure() shares it with mosquitto
+    write_bytes(f / CERT_NAME, server_cert_pem, mode=0o644)
+    write_bytes(f / CA_NAME, ca_cert_pem, mode=0o644)
+
+
+@dataclass(frozen=True)
 class BrokerFiles:
     conf: Path
     password_file: Path
@@ -233,18 +374,27 @@ def write_files(
     *,
     coordinator_password: str,
     site_passwords: Mapping[str, str],
+    account: BrokerAccount | None = None,
 ) -> BrokerFiles:
-    """Write the three files (and make the persistence folder) for one federation."""
+    """Write the three files (and make the persistence folder) for one federation.
+
+    Without ``account`` the files stay the current user's (tests, a broker run by hand).
+    """
     folder = Path(settings.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    settings.data_path.mkdir(mode=0o750, exist_ok=True)
+    settings.data_path.mkdir(mode=0o750, parents=True, exist_ok=True)
     for site in site_passwords:
         topics.check_id(site, what="site")
-    acl = render_acl(
-        settings.federation, coordinator_user=settings.coordinator_user, sites=site_passwords
-    )
     users = {settings.coordinator_user: coordinator_password, **site_passwords}
     write_password_file(settings.password_path, users)
+    write_acl_and_conf(settings, sites=site_passwords, account=account)
+    return BrokerFiles(settings.conf_path, settings.password_path, settings.acl_path)
+
+
+def write_acl_and_conf(settings: MosquittoSettings, *, sites: Iterable[str], account: BrokerAccount | None) -> None:
+    """Write the ACL and mosquitto.conf again (enrolment, revocation, a new configuration)."""
+    acl = render_acl(settings.federation, coordinator_user=settings.coordinator_user, sites=sites)
     write_text(settings.acl_path, acl, mode=0o640)
     write_text(settings.conf_path, render_conf(settings), mode=0o640)
-    return BrokerFiles(settings.conf_path, settings.password_path, settings.acl_path)
+    if account is not None:
+        secure(settings, account)

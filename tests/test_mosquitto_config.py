@@ -60,6 +60,7 @@ def test_conf_tls_only_and_root():
         "certfile /etc/srv.pem",
         "keyfile /etc/srv.key",
         "require_certificate true",
+        "tls_version tlsv1.2",
     ]
 
 
