@@ -24,69 +24,32 @@ retained messages survive, like mosquitto with persistence), :meth:`MemoryBroker
 connection cut) and :meth:`MemoryClient.kill` (a client process dies). Reconnection happens when the
 broker runs again, in the thread that calls ``start`` or ``drop``: no timers, no sleeping.
 Everything runs under one lock and nothing blocks under it.
+
+The broker's per-client state lives in :mod:`.memory_session`, its client in :mod:`.memory_client`;
+this module routes, enforces the ACL and injects the faults.
 """
 
 from __future__ import annotations
 
-import queue
 import random
 import threading
-from collections import deque
-from dataclasses import dataclass, field
-
 
 from .. import topics
 from .base import (
     DEFAULT_MAX_PACKET_SIZE,
     NOT_AUTHORIZED,
-    Client,
     ConnectRefused,
     Message,
     NotConnected,
-    PublishHandle,
     SubscribeRefused,
     TransportError,
     Will,
-    check_publish,
     publish_packet_size,
 )
+from .memory_client import MemoryClient
+from .memory_session import PACKET_TOO_LARGE, Pending, Session, Traffic, User
 
-PACKET_TOO_LARGE = 149  # MQTT v5 reason code
-_MAX_MID = 65535
-
-
-@dataclass(frozen=True)
-class Traffic:
-    bytes_in: int  # PUBLISH bytes the broker received from the client
-    bytes_out: int  # PUBLISH bytes the broker sent to the client
-
-
-@dataclass(frozen=True)
-class _User:
-    password: str
-    role: str
-
-
-@dataclass(frozen=True)
-class _Pending:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool = False
-
-
-@dataclass
-class _Session:
-    client_id: str
-    username: str | None
-    role: str | None
-    clean: bool
-    subscriptions: dict[str, int] = field(default_factory=dict)
-    queue: deque[_Pending] = field(default_factory=deque)
-    inflight: dict[int, _Pending] = field(default_factory=dict)
-    next_mid: int = 1
-    dropped: int = 0
-    client: MemoryClient | None = None
+__all__ = ["MemoryBroker", "MemoryClient", "PACKET_TOO_LARGE", "Traffic"]
 
 
 class MemoryBroker:
@@ -112,9 +75,9 @@ class MemoryBroker:
         self.duplicate_probability = duplicate_probability
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
-        self._users: dict[str, _User] = {}
-        self._sessions: dict[str, _Session] = {}
-        self._retained: dict[str, _Pending] = {}
+        self._users: dict[str, User] = {}
+        self._sessions: dict[str, Session] = {}
+        self._retained: dict[str, Pending] = {}
         self._traffic: dict[str, list[int]] = {}
         self._waiting: list[MemoryClient] = []  # lost their connection; reconnect on start()
         self._running = True
@@ -129,7 +92,7 @@ class MemoryBroker:
         elif role != topics.COORDINATOR:
             raise TransportError(f"user {username!r}: role {role!r} is not one of {topics.ROLES}")
         with self._lock:
-            self._users[username] = _User(password=password, role=role)
+            self._users[username] = User(password=password, role=role)
 
     def client(
         self,
@@ -232,7 +195,7 @@ class MemoryBroker:
             session = self._sessions.get(client.client_id)
         present = session is not None and not client.clean_start
         if not present:
-            session = _Session(client.client_id, client.username, role, client.clean_start)
+            session = Session(client.client_id, client.username, role, client.clean_start)
             self._sessions[client.client_id] = session
         assert session is not None
         session.client = client
@@ -257,20 +220,20 @@ class MemoryBroker:
         self._end_connection(session)
         will = client.will
         if not graceful and will is not None and self._may(session, "write", will.topic):
-            self._route(_Pending(will.topic, will.payload, will.qos, will.retain))
+            self._route(Pending(will.topic, will.payload, will.qos, will.retain))
 
-    def _end_connection(self, session: _Session) -> None:
+    def _end_connection(self, session: Session) -> None:
         session.client = None
         if session.clean:
             del self._sessions[session.client_id]
 
-    def _session_of(self, client: MemoryClient) -> _Session:
+    def _session_of(self, client: MemoryClient) -> Session:
         session = self._sessions.get(client.client_id)
         if session is None or session.client is not client:
             raise NotConnected(f"client {client.client_id!r} is not connected")
         return session
 
-    def _may(self, session: _Session, action: topics.Action, topic: str) -> bool:
+    def _may(self, session: Session, action: topics.Action, topic: str) -> bool:
         if not self._users:
             return True
         assert self.federation is not None and session.role is not None
@@ -289,12 +252,12 @@ class MemoryBroker:
         session.subscriptions[topic_filter] = qos
         for topic, held in list(self._retained.items()):
             if topics.matches(topic_filter, topic) and self._may(session, "read", topic):
-                self._enqueue(session, _Pending(topic, held.payload, min(qos, held.qos), True))
+                self._enqueue(session, Pending(topic, held.payload, min(qos, held.qos), True))
 
     def _unsubscribe(self, client: MemoryClient, topic_filter: str) -> None:
         self._session_of(client).subscriptions.pop(topic_filter, None)
 
-    def _publish(self, client: MemoryClient, pending: _Pending) -> int | None:
+    def _publish(self, client: MemoryClient, pending: Pending) -> int | None:
         """Route one message; the reason code, or None when the client was cut off instead."""
         session = self._session_of(client)
         size = publish_packet_size(pending.topic, len(pending.payload), pending.qos)
@@ -308,7 +271,7 @@ class MemoryBroker:
         self._route(pending)
         return 0
 
-    def _route(self, pending: _Pending) -> None:
+    def _route(self, pending: Pending) -> None:
         if pending.retain:
             if pending.payload:
                 self._retained[pending.topic] = pending
@@ -320,39 +283,22 @@ class MemoryBroker:
             ]
             if granted and self._may(session, "read", pending.topic):
                 qos = min(pending.qos, max(granted))
-                self._enqueue(session, _Pending(pending.topic, pending.payload, qos, False))
+                self._enqueue(session, Pending(pending.topic, pending.payload, qos, False))
 
-    def _enqueue(self, session: _Session, pending: _Pending) -> None:
+    def _enqueue(self, session: Session, pending: Pending) -> None:
         if session.client is None and pending.qos == 0:
             return
         if pending.qos == 0:
             self._deliver(session, pending, mid=0, dup=False)
             return
-        if len(session.queue) >= self.max_queued_messages:
-            session.dropped += 1
-            return
-        session.queue.append(pending)
-        self._pump(session)
+        if session.enqueue(pending, limit=self.max_queued_messages):
+            self._pump(session)
 
-    def _pump(self, session: _Session) -> None:
-        while (
-            session.client is not None
-            and session.queue
-            and len(session.inflight) < self.max_inflight_messages
-        ):
-            pending = session.queue.popleft()
-            mid = self._next_mid(session)
-            session.inflight[mid] = pending
+    def _pump(self, session: Session) -> None:
+        for mid, pending in session.release(window=self.max_inflight_messages):
             self._deliver(session, pending, mid=mid, dup=False)
 
-    def _next_mid(self, session: _Session) -> int:
-        while True:
-            mid = session.next_mid
-            session.next_mid = mid % _MAX_MID + 1
-            if mid not in session.inflight:
-                return mid
-
-    def _deliver(self, session: _Session, pending: _Pending, *, mid: int, dup: bool) -> None:
+    def _deliver(self, session: Session, pending: Pending, *, mid: int, dup: bool) -> None:
         client = session.client
         assert client is not None
         token = (client.epoch, mid) if pending.qos else None
@@ -380,151 +326,5 @@ class MemoryBroker:
         epoch, mid = token  # type: ignore[misc]
         if epoch != client.epoch:
             return  # received on an earlier connection: it has been sent again since
-        if session.inflight.pop(mid, None) is not None:
+        if session.settle(mid):
             self._pump(session)
-
-
-class MemoryClient(Client):
-    """A client of a :class:`MemoryBroker`; see :class:`fednca.transport.base.Client`."""
-
-    def __init__(
-        self,
-        *,
-        broker: MemoryBroker,
-        client_id: str,
-        username: str | None,
-        password: str | None,
-        will: Will | None,
-        clean_start: bool,
-        max_packet_size: int,
-    ) -> None:
-        super().__init__(client_id=client_id, will=will, max_packet_size=max_packet_size)
-        self._broker = broker
-        self._lock = broker._lock
-        self.username = username
-        self.password = password
-        self.clean_start = clean_start
-        self.epoch = 0
-        self.last_error: TransportError | None = None
-        self._state = "new"  # new | connected | lost | closed | dead
-        self._outbox: list[tuple[PublishHandle, _Pending]] = []
-
-    @property
-    def connected(self) -> bool:
-        return self._state == "connected"
-
-    def connect(self, timeout: float = 10.0) -> bool:
-        with self._lock:
-            if self._state == "dead":
-                raise NotConnected(f"client {self.client_id!r} was killed")
-            if self._state == "connected":
-                return True
-            self._state = "lost"
-            if not self._broker.running:
-                if self not in self._broker._waiting:
-                    self._broker._waiting.append(self)
-                return False
-            self._open()
-            return True
-
-    def _open(self) -> None:
-        self.epoch += 1  # before the broker resends what is in flight, so its acks count
-        try:
-            self._broker._open(self)
-        except ConnectRefused:
-            self._state = "closed"
-            raise
-        self._state = "connected"
-        self._max_packet_size = min(self._max_packet_size, self._broker.max_packet_size)
-        for topic_filter, qos in self.subscriptions.items():
-            try:
-                self._broker._subscribe(self, topic_filter, qos)
-            except SubscribeRefused as e:
-                with self._sub_lock:
-                    self._subscriptions.pop(topic_filter, None)
-                self.last_error = e
-        outbox, self._outbox = self._outbox, []
-        for handle, pending in outbox:
-            self._send(handle, pending)
-
-    def _reconnect(self) -> None:
-        """The broker is reachable again (called by the broker, under its lock)."""
-        if self._state != "lost":
-            return
-        try:
-            self._open()
-        except ConnectRefused as e:
-            self.last_error = e
-
-    def _lost(self, *, reconnect: bool) -> None:
-        """The connection ended without our asking (called by the broker, under its lock)."""
-        if self._state != "connected":
-            return
-        self._state = "lost" if reconnect else "closed"
-        if reconnect:
-            self._broker._waiting.append(self)
-
-    def disconnect(self) -> None:
-        with self._lock:
-            if self._state == "connected":
-                self._broker._close(self, graceful=True)
-            elif self in self._broker._waiting:
-                self._broker._waiting.remove(self)
-            if self._state != "dead":
-                self._state = "closed"
-
-    def kill(self) -> None:
-        with self._lock:
-            if self._state == "connected":
-                self._broker._close(self, graceful=False)
-            elif self in self._broker._waiting:
-                self._broker._waiting.remove(self)
-            self._state = "dead"
-            self._outbox.clear()
-            self._inbox = queue.SimpleQueue()  # the process's memory is gone with it
-
-    def _send_subscribe(self, topic_filter: str, qos: int, timeout: float) -> None:
-        with self._lock:
-            self._broker._subscribe(self, topic_filter, qos)  # NotConnected when offline
-
-    def _send_unsubscribe(self, topic_filter: str) -> None:
-        with self._lock:
-            self._broker._unsubscribe(self, topic_filter)
-
-    def publish(
-        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
-    ) -> PublishHandle:
-        check_publish(topic, payload, qos, self.max_packet_size)
-        handle = PublishHandle(topic)
-        pending = _Pending(topic, bytes(payload), qos, retain)
-        with self._lock:
-            if self._state == "connected":
-                self._send(handle, pending)
-            elif qos == 0 or self._state == "dead":
-                raise NotConnected(f"client {self.client_id!r} is offline: {topic!r} not sent")
-            else:
-                self._outbox.append((handle, pending))
-        return handle
-
-    def _send(self, handle: PublishHandle, pending: _Pending) -> None:
-        limit = self.max_packet_size
-        if publish_packet_size(pending.topic, len(pending.payload), pending.qos) > limit:
-            handle.settle(PACKET_TOO_LARGE)  # queued before the broker's maximum was known
-            return
-        reason = self._broker._publish(self, pending)
-        if reason is not None:
-            handle.settle(reason)
-
-    def ack(self, message: Message) -> None:
-        if message.qos == 0 or message.ack_token is None:
-            return
-        with self._lock:
-            self._broker._ack(self, message.ack_token)
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._broker.traffic(self.client_id).bytes_in
-
-    @property
-    def bytes_received(self) -> int:
-        return self._broker.traffic(self.client_id).bytes_out
