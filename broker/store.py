@@ -9,6 +9,8 @@ Layout (the folder is 0700 and every file in it 0600: it holds what sites sent):
         models/<r>.safetensors             the global model that round r trains from (float32)
 
 ``state.json`` is the only authority on which updates a round counts; file names are for people.
+The round log holds typed records (:mod:`.roundlog`): :meth:`RoundStore.append_logs` writes them
+and :meth:`RoundStore.read_log` gives them back, so no reader handles its lines as loose dicts.
 Every write goes through :func:`fednca.atomic.write_bytes` (temporary file, fsync, rename, fsync
 the folder), except the log, which is appended with one ``write`` and fsynced.
 
@@ -39,17 +41,16 @@ import safetensors.numpy
 from safetensors import SafetensorError
 
 from fednca.atomic import fsync_dir, remove_temporaries, write_bytes
-from fednca.errors import FedNCAError
 from fednca.topics import TopicError, check_id
 
-from .rounds import AcceptedUpdate, RoundState, StateError
+from .errors import RoundStateError, StoreError
+from .round_state import AcceptedUpdate, RoundState
+from .roundlog import LogRecord, decode, encode
+
+__all__ = ["Recovery", "RoundStore", "StoreError"]
 
 STATE_FORMAT = 1
 _UPDATE_ID = re.compile(r"[0-9a-f]{1,64}")
-
-
-class StoreError(FedNCAError):
-    """A file of the round store is missing, damaged or would be misplaced; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class RoundStore:
             raise StoreError(f"{path}: not a round state of format {STATE_FORMAT}")
         try:
             state = RoundState.from_dict(document["state"])
-        except StateError as e:
+        except RoundStateError as e:
             raise StoreError(f"{path}: {e}") from None
         if state.federation != self.federation:
             raise StoreError(f"{path}: holds federation {state.federation!r}, expected {self.federation!r}")
@@ -139,17 +140,17 @@ class RoundStore:
     def log_path(self) -> Path:
         return self.folder / "rounds.jsonl"
 
-    def append_log(self, record: Mapping[str, Any]) -> None:
+    def append_log(self, record: LogRecord) -> None:
         """Append one JSON line and fsync it."""
         self.append_logs([record])
 
-    def append_logs(self, records: Sequence[Mapping[str, Any]]) -> None:
+    def append_logs(self, records: Sequence[LogRecord]) -> None:
         """Append one JSON line per record with a single write and a single fsync."""
         if not records:
             return
         if not self._log_checked:
             self._cut_torn_log_line()
-        line = "".join(_json(dict(record)) + "\n" for record in records).encode()
+        line = "".join(_json(encode(record)) + "\n" for record in records).encode()
         created = not self.log_path.exists()
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -160,8 +161,9 @@ class RoundStore:
         if created:
             fsync_dir(self.folder)
 
-    def read_log(self) -> list[dict[str, Any]]:
-        """Every complete line of the log; a torn last line (no newline yet) is left out."""
+    def read_log(self) -> list[LogRecord]:
+        """Every complete line of the log as its typed record; a torn last line (no newline yet) is
+        left out. A line that is not a record of a known kind is an error that names the line."""
         try:
             lines = self.log_path.read_bytes().split(b"\n")[:-1]
         except FileNotFoundError:
@@ -169,9 +171,13 @@ class RoundStore:
         records = []
         for number, line in enumerate(lines, 1):
             try:
-                records.append(json.loads(line))
+                data = json.loads(line)
             except ValueError:
                 raise StoreError(f"{self.log_path}: line {number} is not JSON") from None
+            try:
+                records.append(decode(data))
+            except ValueError as e:
+                raise StoreError(f"{self.log_path}: line {number} is not a round-log record ({e})") from None
         return records
 
     def _cut_torn_log_line(self) -> int:

@@ -21,7 +21,6 @@ read back (strictly: type, length, range), and :func:`parse_fields` wants exactl
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import math
@@ -33,6 +32,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .errors import ConfigError, FedNCAError
+from .rounds_vocab import Reason  # the codes a refusal carries, shared with the round policy
 from .topics import check_id
 
 DTYPES: dict[str, np.dtype] = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
@@ -42,25 +42,6 @@ MAX_NDIM = 8
 MAX_DIM = 1 << 31
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
-
-
-class Reason(enum.StrEnum):
-    """Why a message was refused. The values are stable: they travel in receipts and logs."""
-
-    TOO_LARGE = "too_large"  # longer than the receiver's limit (checked before anything else)
-    BAD_VERSION = "bad_version"  # a protocol version this receiver does not speak
-    MALFORMED = "malformed"  # not a well-formed message of the expected kind
-    WRONG_KEY = "wrong_key"  # made for a key the receiver does not hold or trust (rotated, unknown)
-    BAD_SEAL = "bad_seal"  # the sealed box does not open with the named key
-    BAD_SIGNATURE = "bad_signature"  # the signature does not verify
-    UNKNOWN_SITE = "unknown_site"  # the sending site is not enrolled
-    SITE_MISMATCH = "site_mismatch"  # signed by or for another site than the topic's
-    WRONG_FEDERATION = "wrong_federation"
-    STALE_ROUND = "stale_round"  # for another round than the open one
-    WRONG_BASE_MODEL = "wrong_base_model"  # trained from another global model
-    BAD_DTYPE = "bad_dtype"
-    BAD_SHAPE = "bad_shape"  # tensor names or shapes differ from the model's
-    NON_FINITE = "non_finite"  # a NaN or an infinity
 
 
 class WireError(FedNCAError):

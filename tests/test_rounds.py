@@ -12,16 +12,16 @@ from fednca_broker.rounds import (
     Ack,
     Announce,
     CloseRound,
-    IllegalEvent,
+    IllegalRoundEvent,
     LogEvent,
     OpenRound,
     RoundConfig,
     RoundState,
+    RoundStateError,
     SaveState,
     SendReceipt,
     SiteEnrolled,
     SiteRevoked,
-    StateError,
     StoreUpdate,
     Tick,
     UpdateRejected,
@@ -267,14 +267,14 @@ def test_illegal_events_raise_and_leave_the_state_as_it_was(event, status):
     if status == "closed":
         state, _ = handle(state, up("A"), 1.0)
     saved = state.to_dict()
-    with pytest.raises(IllegalEvent):
+    with pytest.raises(IllegalRoundEvent):
         handle(state, event, 5.0)
     assert state.to_dict() == saved
 
 
 @pytest.mark.parametrize("now", [float("nan"), float("inf"), None, True])
 def test_the_clock_must_be_a_finite_number(now):
-    with pytest.raises(IllegalEvent, match="now"):
+    with pytest.raises(IllegalRoundEvent, match="now"):
         handle(start(), Tick(), now)
 
 
@@ -319,16 +319,16 @@ def test_state_from_dict_refuses_broken_fields():
                          ({"accepted": [dict(good["accepted"][0], samples="10")]}, "accepted.samples"),
                          ({"quorum_at": 5.0}, "quorum_at"), ({"deadline": None}, "deadline"),
                          ({"extensions": -1}, "extensions")]:
-        with pytest.raises(StateError) as info:
+        with pytest.raises(RoundStateError) as info:
             RoundState.from_dict(good | change)
         assert info.value.field == name, change
-    with pytest.raises(StateError, match="closed_at"):
+    with pytest.raises(RoundStateError, match="closed_at"):
         RoundState.from_dict({k: v for k, v in good.items() if k != "closed_at"})
 
 
 def test_state_refuses_two_updates_from_one_site():
     state = handle(start(), up("A"), 10.0)[0]
-    with pytest.raises(StateError, match="more than one"):
+    with pytest.raises(RoundStateError, match="more than one"):
         RoundState.from_dict(state.to_dict() | {"accepted": state.to_dict()["accepted"] * 2})
 
 

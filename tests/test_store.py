@@ -18,9 +18,11 @@ from fednca_broker.rounds import (
     handle,
     open_round,
 )
+from fednca_broker.roundlog import RoundClosedRecord, RoundOpenedRecord, UpdateAcceptedRecord, encode
 from fednca_broker.store import RoundStore, StoreError
 
 SHA = "c" * 64
+CLOSED = RoundClosedRecord(at=2.0, round=1, reason="all_reported", sites=("a",), samples=1, extensions=0)
 UID = {"a": "0a" * 16, "b": "0b" * 16, "c": "0c" * 16}
 
 
@@ -97,18 +99,19 @@ def test_accepted_updates_are_read_back_in_acceptance_order(store):
 
 
 def test_the_log_appends_lines_and_drops_a_torn_tail(store):
-    store.append_log({"kind": "round_opened", "round": 1})
-    store.append_log({"kind": "update_accepted", "site": "a"})
+    store.append_log(RoundOpenedRecord(at=0.0, round=1, model_sha256=SHA, deadline=60.0, quorum=1, enrolled=("a",)))
+    store.append_log(UpdateAcceptedRecord(at=1.0, round=1, site="a", update_id="a1", samples=1, steps=1, partial=False))
     with open(store.log_path, "ab") as f:
         f.write(b'{"kind": "upd')  # a crash in the middle of an append
     assert [r["kind"] for r in store.read_log()] == ["round_opened", "update_accepted"]
     again = RoundStore(root=store.folder.parent, federation="fed")
-    again.append_log({"kind": "round_closed"})  # the next process cuts the torn line before appending
+    again.append_log(CLOSED)  # the next process cuts the torn line before appending
     assert [r["kind"] for r in again.read_log()] == ["round_opened", "update_accepted", "round_closed"]
 
 
 def test_a_damaged_log_line_is_named(store):
-    store.log_path.write_bytes(b'{"kind": "a"}\nnonsense\n{"kind": "b"}\n')
+    line = json.dumps(encode(CLOSED)).encode()
+    store.log_path.write_bytes(line + b"\nnonsense\n" + line + b"\n")
     with pytest.raises(StoreError, match="line 2"):
         store.read_log()
 
@@ -179,7 +182,7 @@ def _perform(store, actions, payload, budget, acked):
         elif isinstance(action, Ack):
             acked.add(action.update_id)
         elif isinstance(action, LogEvent):
-            store.append_log({"kind": action.kind, **action.fields})
+            store.append_log(action.record)
         elif isinstance(action, SendReceipt):
             pass  # published to the site; nothing durable on this side
     return True

@@ -93,6 +93,7 @@ def _traffic(telemetry: dict[str, dict]) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from fednca_broker.roundlog import RoundAggregatedRecord
     from fednca_broker.store import RoundStore
 
     from fednca import modelfile
@@ -137,22 +138,22 @@ def run(args: argparse.Namespace) -> int:
                              steps_per_site=steps_per_site, seed=args.seed, background=True)
         while True:
             done = parties.finished()
-            closed = [r for r in store.read_log() if r.get("kind") == "round_aggregated"]
+            closed = [r for r in store.read_log() if isinstance(r, RoundAggregatedRecord)]
             for record in closed[seen:]:
-                rnd = int(record["round"])
+                rnd = record.round
                 weights = store.load_model(rnd + 1)
                 dice = site_dice(weights, model_cfg, sites, seed=args.seed)
                 traffic = _traffic(parties.telemetry())
                 up, down = traffic[0] - last_traffic[0], traffic[1] - last_traffic[1]
                 model_up = sum(p.stat().st_size for p in (store.folder / "rounds" / str(rnd)).glob("*.bin"))
                 model_down = _announcement_bytes(federation.sites) * args.sites
-                row = {"round": rnd, "sites": record["sites"], "reason": record["reason"],
+                row = {"round": rnd, "sites": list(record.sites), "reason": str(record.reason),
                        "bytes_up": up, "bytes_down": down, "model_bytes_up": model_up,
                        "model_bytes_down": model_down, "dice": dice,
                        "dice_mean": float(np.mean(list(dice.values()))),
-                       "seconds": round(float(record["at"]) - last_at, 1)}
+                       "seconds": round(record.at - last_at, 1)}
                 history.append(row)
-                last_at, last_traffic = float(record["at"]), traffic
+                last_at, last_traffic = record.at, traffic
                 print(f"round {rnd:>2}: {len(row['sites'])}/{args.sites} sites ({row['reason']}), "
                       f"up {up / 1024:.0f} KiB, down {down / 1024:.0f} KiB "
                       f"(model {model_up / 1024:.0f} + {model_down / 1024:.0f} KiB), "

@@ -1,0 +1,104 @@
+"""What the coordinator tells the world: the signed round announcement, signed receipts, and the
+``events`` topic with its mirror in the ``logging`` module.
+
+Every message goes out at QoS 1. The handles of those the broker has not yet taken are kept, so
+that :meth:`Publisher.wait_published` can hold a shutdown until they are safe; without it a
+receipt still in the client's memory would die with the process.
+
+An event is the round-log record (:mod:`.roundlog`) with the federation's name added. A very large
+federation's site lists can make one longer than the broker's limit; then each list is sent as its
+length instead, and the full record stays in the round log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any, Mapping
+
+import numpy as np
+from nacl.signing import SigningKey
+
+from fednca.config import ModelConfig, TrainConfig
+from fednca.topics import Topics
+from fednca.transport.base import Client, PayloadTooLarge, PublishHandle
+from fednca.wire import make_announcement, make_receipt
+
+from .round_events import SendReceipt
+from .roundlog import LogRecord, encode
+
+log = logging.getLogger("fednca.coordinator")
+
+NO_UPDATE_ID = "0" * 32  # a receipt's update id when the update's own could not be read
+_WARNING_KINDS = frozenset({"update_rejected", "update_dropped", "message_dropped", "deadline_extended"})
+_KEEP_HANDLES = 256  # answered handles are pruned once this many are held
+
+
+class Publisher:
+    """Publishes for one federation through ``client``, signing with ``signing_key``."""
+
+    def __init__(
+        self, *, client: Client, topics: Topics, federation: str, signing_key: SigningKey, train: TrainConfig,
+        model: ModelConfig,
+    ) -> None:  # fmt: skip
+        self._client = client
+        self._topics = topics
+        self._federation = federation
+        self._signing = signing_key
+        self._train = train
+        self._model = model
+        self._pending: list[PublishHandle] = []  # not yet answered by the broker
+
+    def announce(self, *, round: int, deadline: float, quorum: int, tensors: Mapping[str, np.ndarray]) -> None:
+        """The signed, retained announcement of ``round`` with its global model."""
+        payload = make_announcement(
+            federation=self._federation, round=round, deadline=math.ceil(deadline), quorum=quorum,
+            train=self._train, model=self._model, tensors=tensors, signing_key=self._signing,
+        )  # fmt: skip
+        self._publish(self._topics.round, payload, retain=True)
+
+    def receipt(self, action: SendReceipt) -> None:
+        payload = make_receipt(
+            federation=self._federation, site=action.site, round=action.round,
+            update_id=action.update_id or NO_UPDATE_ID, reason=None if action.accepted else action.reason,
+            signing_key=self._signing,
+        )  # fmt: skip
+        self._publish(self._topics.receipts(action.site), payload)
+
+    def event(self, record: LogRecord) -> None:
+        """One record on the ``events`` topic and as a line of the ``logging`` module."""
+        fields = encode(record)
+        message = {"federation": self._federation, **fields}
+        try:
+            self._publish(self._topics.events, _json(message))
+        except PayloadTooLarge:  # a very large federation's site lists: send their lengths instead
+            self._publish(self._topics.events, _json(_shortened(message, 0)))
+        level = logging.WARNING if record.kind in _WARNING_KINDS else logging.INFO
+        # The log line has its own time, and names the kind first.
+        shown = _shortened({k: v for k, v in fields.items() if k not in ("kind", "at")}, 8)
+        log.log(level, "%s %s", record.kind, " ".join(f"{k}={v}" for k, v in shown.items()))
+
+    def wait_published(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until the broker has taken every message published so far."""
+        deadline = time.monotonic() + timeout
+        for handle in self._pending:
+            if not handle.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        self._pending = []
+        return True
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if len(self._pending) >= _KEEP_HANDLES:
+            self._pending = [h for h in self._pending if not h.done]
+        self._pending.append(self._client.publish(topic, payload, qos=1, retain=retain))
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _shortened(fields: Mapping[str, Any], longest: int) -> dict[str, Any]:
+    """``fields`` with every list longer than ``longest`` replaced by its length."""
+    return {k: len(v) if isinstance(v, list) and len(v) > longest else v for k, v in fields.items()}
