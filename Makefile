@@ -5,7 +5,7 @@ RUNTIME := $(VENV)/.runtime-stamp
 STAMP  := $(VENV)/.test-stamp
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test bench mosquitto clean install-daemon
+.PHONY: demo test bench mosquitto clean install-daemon install-coordinator
 
 # The demo needs only the runtime; the tests add pytest, hypothesis and the ONNX exporter.
 $(RUNTIME): setup.cfg pyproject.toml
@@ -37,6 +37,11 @@ bench: $(STAMP)
 # Install the edge daemon on this board (as root): user, venv, /etc/fednca skeleton, systemd unit.
 install-daemon:
 	systemd/install-daemon.sh --source .
+
+# Install the coordinator on the hub (as root): user, venv, /etc/fednca/mosquitto and
+# /var/lib/fednca-coordinator, its unit and mosquitto's drop-in. ARGS=--dry-run shows the steps.
+install-coordinator:
+	systemd/install-coordinator.sh --source . $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
