@@ -1,0 +1,163 @@
+"""The coordinator's signed messages (docs/wire.md): the round announcement, which carries the
+global model and the round's training configuration, and the receipt that answers an update.
+
+Both are signed with the coordinator's key and readable by anyone on the topic; neither is
+sealed. ``open_*`` verifies the signature before it parses a field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from nacl.signing import SigningKey, VerifyKey
+
+from .config import ModelConfig, TrainConfig
+from .errors import ConfigError
+from .tensorcodec import (
+    Field, Reason, WireError, code_field, config_field, format_fields, hex_field, id_field, int_field, malformed,
+    model_sha256, parse_fields, word_field, write_document,
+)
+from .wire_envelope import (
+    ANNOUNCEMENT, MAX_MESSAGE_BYTES, MAX_RECEIPT_BYTES, RECEIPT, ROUND, UPDATE_ID, VERSION, check_tensors, failer,
+    float32, make_prefix, open_signed,
+)
+
+
+@dataclass(frozen=True)
+class AnnouncementHeader:
+    federation: str
+    round: int
+    deadline: int  # unix seconds
+    quorum: int
+    train: TrainConfig
+    model: ModelConfig
+    model_sha256: str
+    key_id: str  # the coordinator signing key's id
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
+class Announcement:
+    header: AnnouncementHeader
+    tensors: Mapping[str, np.ndarray]  # the global model, float32, read-only
+
+
+@dataclass(frozen=True)
+class Receipt:
+    federation: str
+    site: str
+    round: int
+    update_id: str
+    accepted: bool
+    reason: str  # "" when accepted, else a reason code
+    key_id: str
+    version: int = VERSION
+
+
+ANNOUNCEMENT_FIELDS: dict[str, Field] = {
+    "federation": id_field, "round": ROUND, "deadline": int_field(0, 2**40), "quorum": int_field(1, 10**6),
+    "train": config_field(TrainConfig), "model": config_field(ModelConfig), "model_sha256": hex_field(64),
+}
+RECEIPT_FIELDS: dict[str, Field] = {
+    "federation": id_field, "site": id_field, "round": ROUND, "update_id": UPDATE_ID,
+    "verdict": word_field({"accepted": "accepted", "rejected": "rejected"}), "reason": code_field,
+}
+
+
+
+def make_announcement(
+    *,
+    federation: str,
+    round: int,
+    deadline: int,
+    quorum: int,
+    train: TrainConfig,
+    model: ModelConfig,
+    tensors: Mapping[str, Any],
+    signing_key: SigningKey,
+) -> bytes:
+    """A signed round announcement carrying the global model as float32."""
+    arrays = float32(tensors, "tensor")
+    fields = dict(federation=federation, round=round, deadline=deadline, quorum=quorum, train=train,
+                  model=model, model_sha256=model_sha256(arrays))
+    prefix = make_prefix(ANNOUNCEMENT, signing_key.verify_key)
+    body = write_document(arrays, format_fields(fields, ANNOUNCEMENT_FIELDS, "announcement"))
+    return prefix + signing_key.sign(prefix + body).signature + body
+
+
+def make_receipt(
+    *, federation: str, site: str, round: int, update_id: str, reason: str | None, signing_key: SigningKey
+) -> bytes:
+    """A signed receipt: ``reason`` None means accepted, else the reason code of the refusal."""
+    fields = dict(federation=federation, site=site, round=round, update_id=update_id,
+                  verdict="accepted" if reason is None else "rejected", reason=str(reason or ""))
+    prefix = make_prefix(RECEIPT, signing_key.verify_key)
+    body = write_document({}, format_fields(fields, RECEIPT_FIELDS, "receipt"))
+    return prefix + signing_key.sign(prefix + body).signature + body
+
+
+def open_announcement(
+    payload: bytes,
+    *,
+    coordinator_verify_key: VerifyKey | Sequence[VerifyKey],
+    federation: str,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    min_round: int | None = None,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> Announcement:
+    """A verified round announcement and its float32 global model.
+
+    ``shapes`` default to those of the announced model configuration. ``min_round`` refuses an
+    older announcement (a broker replaying a stale retained message) as ``stale_round``.
+    """
+    doc, kid = open_signed(payload, ANNOUNCEMENT, coordinator_verify_key, max_bytes)
+    header = AnnouncementHeader(**parse_fields(doc.metadata, ANNOUNCEMENT_FIELDS, "announcement"), key_id=kid)
+    fail = failer(header)
+    if header.federation != federation:
+        raise fail(Reason.WRONG_FEDERATION, f"announcement is for federation {header.federation!r}, not {federation!r}")
+    if min_round is not None and header.round < min_round:
+        raise fail(Reason.STALE_ROUND, f"announcement of round {header.round} is older than round {min_round}")
+    if any(e.dtype != "F32" for e in doc.entries):
+        raise fail(Reason.BAD_DTYPE, "the global model must travel as F32")
+    if shapes is None:
+        shapes = _model_shapes(header.model, fail)
+    tensors = check_tensors(doc, shapes, fail)
+    if model_sha256(tensors) != header.model_sha256:
+        raise fail(Reason.MALFORMED, "model_sha256 does not match the announced tensors")
+    return Announcement(header=header, tensors=tensors)
+
+
+def _model_shapes(cfg: ModelConfig, fail: Any) -> dict[str, tuple[int, ...]]:
+    from .config import tensor_shapes
+
+    try:
+        return tensor_shapes(cfg)
+    except ConfigError as e:
+        raise fail(Reason.MALFORMED, f"announced model configuration: {e}") from None
+
+
+def open_receipt(
+    payload: bytes,
+    *,
+    coordinator_verify_key: VerifyKey | Sequence[VerifyKey],
+    federation: str,
+    topic_site: str,
+    max_bytes: int = MAX_RECEIPT_BYTES,
+) -> Receipt:
+    """A verified receipt for ``topic_site``'s update; ``header`` of a refusal is the Receipt."""
+    doc, kid = open_signed(payload, RECEIPT, coordinator_verify_key, max_bytes)
+    if doc.entries:
+        raise malformed("a receipt carries no tensors")
+    fields = parse_fields(doc.metadata, RECEIPT_FIELDS, "receipt")
+    verdict = fields.pop("verdict")
+    if (verdict == "accepted") != (fields["reason"] == ""):
+        raise malformed("a receipt has a reason code exactly when it is a rejection")
+    receipt = Receipt(**fields, accepted=verdict == "accepted", key_id=kid)
+    if receipt.federation != federation:
+        raise WireError(Reason.WRONG_FEDERATION, f"receipt is for federation {receipt.federation!r}", header=receipt)
+    if receipt.site != topic_site:
+        raise WireError(Reason.SITE_MISMATCH, f"receipt for site {receipt.site!r} came on the topic of "
+                        f"{topic_site!r}", header=receipt)
+    return receipt

@@ -1,0 +1,220 @@
+"""A site's update (docs/wire.md): signed with the site's key, then sealed to the coordinator.
+
+An update opens in two steps so the coordinator can answer a stale update with a receipt:
+:func:`verify_update` (unseal, verify against the enrolled key of the topic's site: an
+authenticated header) then :func:`check_update` (federation, round, base model, tensors);
+:func:`open_update` does both. A refusal after the signature carries the authenticated header.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from nacl.exceptions import CryptoError
+from nacl.public import PrivateKey, PublicKey, SealedBox
+from nacl.signing import SigningKey
+
+from .keys import Registry, key_id
+from .tensorcodec import (
+    Document, Entry, Field, Reason, WireError, format_fields, hex_field, id_field, int_field, malformed,
+    metrics_field, parse_fields, read_document, word_field, write_document,
+)
+from .wire_envelope import (
+    MAX_MESSAGE_BYTES, PREFIX, ROUND, SEAL_BYTES, SIGNATURE_BYTES, UPDATE, UPDATE_ID, VERSION, check_tensors,
+    failer, float32, make_prefix, open_prefix, pick, verify,
+)
+
+UPDATE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    federation: str
+    site: str
+    round: int
+    base_sha256: str  # model_sha256 of the global model it was trained from
+    update_id: str  # 32 hex digits, random
+    site_key: str  # key id of the site's signing key
+    coordinator_key: str  # key id of the coordinator box key it was sealed to
+    samples: int
+    steps: int
+    partial: bool  # the deadline came before the planned steps
+    metrics: Mapping[str, float]
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
+class Update:
+    header: UpdateHeader
+    dtype: str  # "float16" or "float32", as it travelled
+    delta: Mapping[str, np.ndarray]  # local minus global, float32, read-only
+
+
+@dataclass(frozen=True)
+class VerifiedUpdate:
+    """An update whose seal and signature are good; round, base model and tensors not yet checked."""
+
+    header: UpdateHeader
+    document: Document
+
+
+UPDATE_FIELDS: dict[str, Field] = {
+    "federation": id_field, "site": id_field, "round": ROUND, "base_sha256": hex_field(64),
+    "update_id": UPDATE_ID, "site_key": hex_field(16), "samples": int_field(1, 10**9),
+    "steps": int_field(1, 10**9), "partial": word_field({"true": True, "false": False}),
+    "metrics": metrics_field,
+}
+
+def max_update_bytes(shapes: Mapping[str, Sequence[int]]) -> int:
+    """A size limit for updates of a model with these shapes: a float32 delta plus headroom."""
+    params = sum(int(np.prod(s)) for s in shapes.values())
+    return PREFIX.size + SEAL_BYTES + SIGNATURE_BYTES + 8 + 4 * params + 256 * len(shapes) + 4096
+
+
+def make_update(
+    *,
+    federation: str,
+    site: str,
+    round: int,
+    base_sha256: str,
+    samples: int,
+    steps: int,
+    partial: bool,
+    metrics: Mapping[str, float],
+    delta: Mapping[str, Any],
+    signing_key: SigningKey,
+    coordinator_box: PublicKey,
+    dtype: str = "float16",
+    update_id: str | None = None,
+) -> bytes:
+    """A site's update: signed with its key, then sealed to the coordinator's box key.
+
+    ``delta`` is local minus global per tensor; it travels as ``dtype`` (float16 or float32).
+    A value that float16 cannot hold raises ``non_finite`` (send float32 instead).
+    """
+    if dtype not in UPDATE_DTYPES:
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    with np.errstate(over="ignore"):  # overflow to infinity is refused just below
+        arrays = {name: a.astype(UPDATE_DTYPES[dtype]) for name, a in float32(delta, "delta").items()}
+    for name, a in arrays.items():
+        if not np.isfinite(a).all():
+            raise WireError(Reason.NON_FINITE, f"delta {name}: values beyond the {dtype} range; send float32")
+    fields = dict(federation=federation, site=site, round=round, base_sha256=base_sha256,
+                  update_id=secrets.token_hex(16) if update_id is None else update_id,
+                  site_key=key_id(signing_key.verify_key), samples=samples, steps=steps, partial=partial,
+                  metrics=metrics)
+    prefix = make_prefix(UPDATE, coordinator_box)
+    body = write_document(arrays, format_fields(fields, UPDATE_FIELDS, "update"))
+    signature = signing_key.sign(prefix + body).signature
+    return prefix + SealedBox(coordinator_box).encrypt(signature + body)
+
+
+
+def _entry_dtype(entries: Sequence[Entry]) -> str:
+    return "float16" if entries and entries[0].dtype == "F16" else "float32"
+
+
+
+def verify_update(
+    payload: bytes,
+    *,
+    topic_site: str,
+    coordinator_keys: PrivateKey | Sequence[PrivateKey],
+    registry: Registry,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> VerifiedUpdate:
+    """Unseal with the coordinator box key the prefix names, verify with ``topic_site``'s enrolled key.
+
+    ``coordinator_keys`` are the box keys still accepted (the current one, and during a rotation
+    the previous one); an update sealed to any other key is ``wrong_key``.
+    """
+    view, prefix, kid = open_prefix(payload, UPDATE, max_bytes)
+    box = pick(coordinator_keys, kid, "coordinator box")
+    verify_key = registry.verify_key(topic_site)
+    if verify_key is None:
+        raise WireError(Reason.UNKNOWN_SITE, f"site {topic_site!r} is not enrolled")
+    try:
+        plain = SealedBox(box).decrypt(bytes(view[PREFIX.size :]))
+    except CryptoError:
+        raise WireError(Reason.BAD_SEAL, f"update does not open with coordinator box key {kid.hex()}") from None
+    if len(plain) < SIGNATURE_BYTES:
+        raise malformed(f"sealed content of {len(plain)} bytes is too short to hold a signature")
+    signature, body = plain[:SIGNATURE_BYTES], memoryview(plain)[SIGNATURE_BYTES:]
+    if not verify(verify_key, prefix, body, signature):
+        raise _explain_bad_signature(prefix, signature, body, topic_site, registry)
+    doc = read_document(body)
+    header = UpdateHeader(**parse_fields(doc.metadata, UPDATE_FIELDS, "update"), coordinator_key=kid.hex())
+    if header.site != topic_site:
+        raise WireError(Reason.SITE_MISMATCH, f"update names site {header.site!r} but came from {topic_site!r}",
+                        header=header)
+    if header.site_key != key_id(verify_key):
+        raise WireError(Reason.MALFORMED, f"update names signing key {header.site_key}, "
+                        f"but verified with {key_id(verify_key)}", header=header)
+    return VerifiedUpdate(header=header, document=doc)
+
+
+def _explain_bad_signature(
+    prefix: bytes, signature: bytes, body: memoryview, topic_site: str, registry: Registry
+) -> WireError:
+    """Why an update does not verify with the topic site's key: another site's, an unknown key, or forged."""
+    default = WireError(Reason.BAD_SIGNATURE, f"update is not signed by the enrolled key of site {topic_site!r}")
+    try:
+        meta = read_document(body).metadata
+    except WireError:
+        return default
+    claimed_site, claimed_key = meta.get("site"), meta.get("site_key")
+    enrolled = key_id(registry.verify_key(topic_site))  # type: ignore[arg-type]
+    if claimed_site == topic_site and claimed_key != enrolled and registry.site_of_key(str(claimed_key)) is None:
+        return WireError(Reason.WRONG_KEY, f"update of site {topic_site!r} is signed with key {str(claimed_key)[:16]!r}, "
+                         f"not its enrolled key {enrolled}")
+    owner = registry.site_of_key(str(claimed_key))
+    if owner is not None and owner == claimed_site != topic_site:
+        if verify(registry.verify_key(owner), prefix, body, signature):  # type: ignore[arg-type]
+            return WireError(Reason.SITE_MISMATCH, f"update of site {owner!r} was published as site {topic_site!r}")
+    return default
+
+
+def check_update(
+    verified: VerifiedUpdate,
+    *,
+    federation: str,
+    round: int | None,
+    base_sha256: str | None,
+    shapes: Mapping[str, Sequence[int]],
+) -> Update:
+    """Federation, round, base model, tensor names, shapes, dtype and values of a verified update.
+
+    ``round`` or ``base_sha256`` None leaves that check to the caller, e.g. a round policy that
+    tells an update for an older round from one for a round not yet opened.
+    """
+    header, fail = verified.header, failer(verified.header)
+    if header.federation != federation:
+        raise fail(Reason.WRONG_FEDERATION, f"update is for federation {header.federation!r}, not {federation!r}")
+    if round is not None and header.round != round:
+        raise fail(Reason.STALE_ROUND, f"update is for round {header.round}; the open round is {round}")
+    if base_sha256 is not None and header.base_sha256 != base_sha256:
+        raise fail(Reason.WRONG_BASE_MODEL, f"update was trained from model {header.base_sha256[:16]}…, "
+                   f"round {header.round} trains from {base_sha256[:16]}…")
+    delta = check_tensors(verified.document, shapes, fail)
+    return Update(header=header, dtype=_entry_dtype(verified.document.entries), delta=delta)
+
+
+def open_update(
+    payload: bytes,
+    *,
+    topic_site: str,
+    coordinator_keys: PrivateKey | Sequence[PrivateKey],
+    registry: Registry,
+    federation: str,
+    round: int,
+    base_sha256: str,
+    shapes: Mapping[str, Sequence[int]],
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> Update:
+    """:func:`verify_update` then :func:`check_update`."""
+    verified = verify_update(payload, topic_site=topic_site, coordinator_keys=coordinator_keys,
+                             registry=registry, max_bytes=max_bytes)
+    return check_update(verified, federation=federation, round=round, base_sha256=base_sha256, shapes=shapes)
