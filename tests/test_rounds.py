@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fednca.errors import ConfigError
+from fednca.errors import ConfigError, FedNCAError
+from fednca.rounds_vocab import CloseReason, Reason, RoundReason, RoundStatus
+from fednca_broker.errors import BrokerError, CoordinatorError, StoreError
 from fednca_broker.rounds import (
     Ack,
     Announce,
@@ -330,6 +332,27 @@ def test_state_refuses_two_updates_from_one_site():
     state = handle(start(), up("A"), 10.0)[0]
     with pytest.raises(RoundStateError, match="more than one"):
         RoundState.from_dict(state.to_dict() | {"accepted": state.to_dict()["accepted"] * 2})
+
+
+def test_codes_are_the_shared_enums_and_keep_their_spelling():
+    state, _ = handle(start(enrolled=("A",)), up("A"), 10.0)
+    assert state.status is RoundStatus.CLOSED and state.close_reason is CloseReason.ALL_REPORTED
+    saved = json.loads(json.dumps(state.to_dict()))
+    assert (saved["status"], saved["close_reason"]) == ("closed", "all_reported")
+    assert RoundState.from_dict(saved).status is RoundStatus.CLOSED
+    _, actions = handle(start(), up("A", base=OTHER), 1.0)
+    assert [a.reason for a in actions if isinstance(a, SendReceipt)] == [Reason.WRONG_BASE_MODEL]
+    state, _ = handle(start(), up("A"), 1.0)
+    _, actions = handle(state, up("A", "a2"), 2.0)
+    receipt = next(a for a in actions if isinstance(a, SendReceipt))
+    assert receipt.reason is RoundReason.DUPLICATE_SITE and receipt.reason == "duplicate_site"
+    assert next(a for a in actions if isinstance(a, LogEvent)).fields["reason"] == "duplicate_site"
+
+
+def test_round_errors_sit_under_the_broker_root():
+    assert issubclass(IllegalRoundEvent, BrokerError) and issubclass(RoundStateError, BrokerError)
+    assert issubclass(StoreError, BrokerError) and issubclass(CoordinatorError, BrokerError)
+    assert issubclass(BrokerError, FedNCAError)
 
 
 # Any sequence of events keeps the invariants; a refused message acts like a mere tick. --------------

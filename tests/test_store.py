@@ -7,6 +7,9 @@ import stat
 import numpy as np
 import pytest
 
+from fednca.rounds_vocab import CloseReason
+from fednca_broker.recovery import RoundLogIndex
+from fednca_broker.roundlog import RoundClosedRecord, RoundOpenedRecord, UpdateAcceptedRecord, encode
 from fednca_broker.rounds import (
     Ack,
     LogEvent,
@@ -18,7 +21,6 @@ from fednca_broker.rounds import (
     handle,
     open_round,
 )
-from fednca_broker.roundlog import RoundClosedRecord, RoundOpenedRecord, UpdateAcceptedRecord, encode
 from fednca_broker.store import RoundStore, StoreError
 
 SHA = "c" * 64
@@ -107,6 +109,37 @@ def test_the_log_appends_lines_and_drops_a_torn_tail(store):
     again = RoundStore(root=store.folder.parent, federation="fed")
     again.append_log(CLOSED)  # the next process cuts the torn line before appending
     assert [r["kind"] for r in again.read_log()] == ["round_opened", "update_accepted", "round_closed"]
+
+
+def test_the_log_reads_back_typed_records_spelt_as_before(store):
+    accepted = UpdateAcceptedRecord(at=1.5, round=1, site="a", update_id="a1", samples=5, steps=50, partial=False,
+                                    recovered=True)  # fmt: skip
+    store.append_logs([accepted, CLOSED])
+    lines = [json.loads(line) for line in store.log_path.read_text().splitlines()]
+    assert lines[1] == {"kind": "round_closed", "at": 2.0, "round": 1, "reason": "all_reported", "sites": ["a"],
+                        "samples": 1, "extensions": 0}  # fmt: skip
+    assert lines[0]["recovered"] is True and "recovered" not in lines[1]
+    records = store.read_log()
+    assert records == [accepted, CLOSED]
+    assert isinstance(records[1], RoundClosedRecord) and records[1].reason is CloseReason.ALL_REPORTED
+    assert records[1].sites == ("a",) and records[1]["sites"] == ["a"] and records[1].get("recovered") is None
+
+
+def test_a_line_of_an_unknown_kind_or_with_a_missing_field_is_named(store):
+    for line in (b'{"kind": "round_paused", "at": 1.0}\n', b'{"kind": "round_closed", "at": 1.0, "round": 1}\n'):
+        store.log_path.write_bytes(line)
+        with pytest.raises(StoreError, match="line 1 is not a round-log record"):
+            store.read_log()
+
+
+def test_a_restart_finds_the_lines_a_crash_kept_out_of_the_log():
+    state, _ = opened(sites=("a",))
+    state, _ = handle(state, update("a"), 1.0)  # the only site: the round closes
+    first = UpdateAcceptedRecord(at=1.0, round=1, site="a", update_id=UID["a"], samples=5, steps=50, partial=False)
+    missing = RoundLogIndex([first]).missing(state)
+    assert [(r.kind, r.recovered) for r in missing] == [("round_closed", True)]
+    assert [r.kind for r in RoundLogIndex().missing(state)] == ["update_accepted", "round_closed"]
+    assert RoundLogIndex([first, *missing]).missing(state) == []
 
 
 def test_a_damaged_log_line_is_named(store):
