@@ -1,4 +1,5 @@
-"""The transport over a real MQTT broker, through paho-mqtt 2.x. paho is imported here only.
+"""The transport over a real MQTT broker, through paho-mqtt 2.x. This module is the only one in
+the project that imports paho; everything else speaks :class:`fednca.transport.base.Client`.
 
 Behaviour (see also :mod:`fednca.transport.base`):
 
@@ -363,7 +364,11 @@ class MqttClient(Client):
             else:
                 self._sub_waits[mid] = wait
         if not wait.done.wait(timeout):
-            raise TransportError(f"no answer to the subscription {topic_filter!r} in {timeout} s")
+            with self._lock:  # nobody waits any more: a late answer is kept as an early one
+                if self._sub_waits.get(mid) is wait:
+                    del self._sub_waits[mid]
+            if not wait.done.is_set():  # the answer may have come while we took the lock
+                raise TransportError(f"no answer to the subscription {topic_filter!r} in {timeout} s")
         if wait.refusal is not None:
             raise SubscribeRefused(topic_filter, wait.refusal)
 
