@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import pwd
 import shutil
 import stat
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -165,3 +171,134 @@ def test_the_test_kill_hook_is_off_unless_asked(monkeypatch):
     for name in ("Ack", "SaveState", "Ack", "Ack"):
         hook(name)
     assert len(killed) == 1
+
+
+# ----------------------------------------------------------------------- TLS, ownership, broker-config
+
+
+def tls_init(folder, *extra):
+    return main(["coordinator", "init", str(folder), "--federation", "clinics", "--broker",
+                 "mqtts://clinic-hub.example:8883", "--listen", "0.0.0.0:8883", "--tls-name", "clinic-hub.example",
+                 "--tls-name", "10.0.0.5", *extra])  # fmt: skip
+
+
+def directives(path):
+    return [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+
+
+def test_an_mqtts_broker_gets_a_tls_listener_and_certificates_never_a_plain_one(tmp_path, capsys):
+    from fednca_broker import tls
+
+    fed = tmp_path / "fed"
+    assert tls_init(fed) == 0
+    lines = directives(fed / "mosquitto" / "mosquitto.conf")
+    assert not any(line.startswith("listener 1883") for line in lines)
+    assert [line for line in lines if line.startswith("listener")] == ["listener 8883 0.0.0.0"]
+    assert "tls_version tlsv1.2" in lines and f"keyfile {fed / 'mosquitto' / 'server.key'}" in lines
+    names = tls.names_of((fed / "mosquitto" / "server.pem").read_bytes())
+    assert names == ("clinic-hub.example", "10.0.0.5")
+    assert mode(fed / "keys" / "broker-ca.key") == 0o600 and mode(fed / "mosquitto" / "server.key") == 0o640
+    cfg = load_config(fed / "coordinator.yaml")
+    assert cfg.broker.url == "mqtts://clinic-hub.example:8883" and cfg.broker.ca_file == str(fed / "broker-ca.pem")
+    assert cfg.mosquitto.tls_names == ("clinic-hub.example", "10.0.0.5")
+    capsys.readouterr()
+    assert enroll(fed, "site-a", bytes(SiteKeys.generate().verify_key).hex(), "--out", str(tmp_path / "b")) == 0
+    assert (tmp_path / "b" / "ca.crt").read_bytes() == (fed / "broker-ca.pem").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [(["--broker", "mqtt://0.0.0.0:1883"], "--broker"), (["--broker", "mqtts://hub:8883"], "--tls-name"),
+     (["--broker", "mqtt://hub:1883", "--tls-name", "hub"], "--tls-name"),
+     (["--broker", "mqtts://hub:8883", "--tls-name", "hub", "--listen", "0.0.0.0:9999"], "--listen")],
+)
+def test_init_refuses_contradictory_broker_flags_naming_them(tmp_path, capsys, args, flag):
+    assert main(["coordinator", "init", str(tmp_path / "f"), "--federation", "x", *args]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+    assert not (tmp_path / "f" / "coordinator.yaml").exists()
+
+
+needs_broker_user = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("getent") is None
+    or subprocess.run(["getent", "passwd", "mosquitto"], capture_output=True).returncode != 0,
+    reason="needs root and the mosquitto user (Debian's mosquitto package)")
+
+
+def owner(path):
+    st = path.stat()
+    return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, stat.S_IMODE(st.st_mode)
+
+
+@needs_broker_user
+def test_broker_files_stay_root_mosquitto_0640_through_enroll_and_revoke(fed, capsys):
+    broker = fed / "mosquitto"
+    expected = {"passwd": ("root", "mosquitto", 0o640), "acl": ("root", "mosquitto", 0o640),
+                "mosquitto.conf": ("root", "mosquitto", 0o640)}  # fmt: skip
+    assert {name: owner(broker / name) for name in expected} == expected
+    assert owner(broker) == ("root", "mosquitto", 0o750) and owner(broker / "data")[0] == "mosquitto"
+    assert "user mosquitto" in directives(broker / "mosquitto.conf")
+    for step in (lambda: enroll(fed, "site-a", bytes(SiteKeys.generate().verify_key).hex()),
+                 lambda: enroll(fed, "site-a", bytes(SiteKeys.generate().verify_key).hex(), "--replace"),
+                 lambda: main(["coordinator", "revoke", str(fed), "site-a"])):
+        assert step() == 0
+        assert {name: owner(broker / name) for name in expected} == expected
+
+
+def test_the_listener_limits_follow_the_enrolled_sites(fed, capsys):
+    for i in range(25):
+        assert enroll(fed, f"site-{i}", bytes(SiteKeys.generate().verify_key).hex()) == 0
+    lines = directives(fed / "mosquitto" / "mosquitto.conf")
+    assert "max_queued_messages 2600" in lines and "max_inflight_messages 25" in lines
+
+
+@pytest.fixture
+def open_dir():
+    """A folder any user may enter (pytest's own are 0700): where mosquitto's files can live."""
+    folder = Path(tempfile.mkdtemp(prefix="fednca-broker-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_broker_config_writes_the_broker_files_again_from_the_configuration(tmp_path, open_dir, capsys):
+    fed, broker = tmp_path / "fed", open_dir / "broker"
+    assert main(["coordinator", "init", str(fed), "--federation", "clinics", "--broker", "mqtt://127.0.0.1:18830",
+                 "--broker-dir", str(broker)]) == 0  # fmt: skip
+    assert not (fed / "mosquitto").exists() and (broker / "mosquitto.conf").exists()
+    key = bytes(SiteKeys.generate().verify_key).hex()
+    assert enroll(fed, "site-a", key) == 0
+    site_line = next(line for line in (broker / "passwd").read_text().splitlines() if line.startswith("site-a:"))
+    for name in ("mosquitto.conf", "acl"):
+        (broker / name).write_text("garbage\n")
+    assert main(["coordinator", "broker-config", str(fed)]) == 0
+    assert "listener 18830 127.0.0.1" in directives(broker / "mosquitto.conf")
+    assert "user site-a" in (broker / "acl").read_text()
+    assert site_line in (broker / "passwd").read_text()  # the site keeps its password
+    assert [line.split(":")[0] for line in (broker / "passwd").read_text().splitlines()] == ["coordinator", "site-a"]
+    assert mode(broker / "acl") == mode(broker / "passwd") == 0o640
+
+
+def test_broker_config_refuses_a_broker_folder_mosquitto_cannot_enter(fed, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("as another user the files are that user's own")
+    assert main(["coordinator", "broker-config", str(fed)]) == 2
+    assert "chmod o+x" in capsys.readouterr().err
+
+
+def test_broker_config_moves_to_tls_and_renews_the_certificate(tmp_path, open_dir, capsys):
+    fed = tmp_path / "fed"
+    assert tls_init(fed, "--broker-dir", str(open_dir / "broker")) == 0
+    cert = (open_dir / "broker" / "server.pem").read_bytes()
+    ca = (fed / "broker-ca.pem").read_bytes()
+    assert main(["coordinator", "broker-config", str(fed)]) == 0
+    assert (open_dir / "broker" / "server.pem").read_bytes() == cert  # nothing changed: nothing issued
+    assert main(["coordinator", "broker-config", str(fed), "--new-server-certificate"]) == 0
+    assert (open_dir / "broker" / "server.pem").read_bytes() != cert and (fed / "broker-ca.pem").read_bytes() == ca
+    path = fed / "coordinator.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["mosquitto"]["port"] = 1883
+    path.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    assert main(["coordinator", "broker-config", str(fed)]) == 2
+    assert "mosquitto.port" in capsys.readouterr().err
