@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from fednca.segment import overlay as draw_overlay
+
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-TRUTH, PRED = (0, 220, 0), (255, 40, 40)
 
 
 def _font() -> ImageFont.ImageFont:
@@ -70,25 +71,15 @@ def line_chart(
     img.save(path)
 
 
-def _edge(mask: np.ndarray) -> np.ndarray:
-    """Boundary pixels of a boolean mask (foreground with a background 4-neighbour)."""
-    m = np.pad(mask, 1)
-    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
-    return mask & ~inner
-
-
 def overlay(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, *, scale: int = 1) -> Image.Image:
-    """A grey uint8 image with the predicted mask tinted red and the true outline in green."""
+    """A grey uint8 image drawn as :func:`fednca.segment.overlay` draws it: the predicted mask
+    tinted red with a red outline, the true outline in green; enlarged ``scale`` times first so
+    the outlines stay one pixel wide."""
     if scale > 1:
         image = np.kron(image, np.ones((scale, scale), np.uint8))
         pred = np.kron(pred, np.ones((scale, scale), bool))
         truth = None if truth is None else np.kron(truth, np.ones((scale, scale), bool))
-    rgb = np.repeat(image[..., None], 3, -1).astype(np.float32)
-    rgb[pred] = 0.55 * rgb[pred] + 0.45 * np.array(PRED, np.float32)
-    rgb[_edge(pred)] = PRED
-    if truth is not None:
-        rgb[_edge(truth)] = TRUTH
-    return Image.fromarray(rgb.astype(np.uint8))
+    return Image.fromarray(draw_overlay(image / 255.0, pred, truth=truth))
 
 
 def overlay_grid(

@@ -212,16 +212,29 @@ def mask_at(probability: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return probability > 0.5
 
 
-def overlay(grey: np.ndarray, mask: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
-    """RGB uint8: the image in grey, the mask tinted red and its border drawn in full red."""
-    base = np.repeat((np.clip(grey, 0.0, 1.0) * 255.0)[..., None], 3, axis=2)
-    red = np.array([255.0, 0.0, 0.0])
-    out = np.where(mask[..., None], (1 - alpha) * base + alpha * red, base)
-    inner = mask.copy()  # a mask pixel is inner when its four neighbours are mask pixels too
+RED, GREEN = (255, 0, 0), (0, 220, 0)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The mask pixels that touch a background pixel (4-neighbours); the image's own edge is not
+    background, so a mask cut off by the frame has no line along the frame."""
+    inner = mask.copy()
     padded = np.pad(mask, 1, mode="edge")
     for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
         inner &= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
-    out[mask & ~inner] = red
+    return mask & ~inner
+
+
+def overlay(grey: np.ndarray, mask: np.ndarray, *, alpha: float = 0.4, truth: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8: the image in grey (values in [0, 1]), the mask tinted red and its outline drawn in
+    full red; with ``truth``, its outline in green on top, for figures that compare with ground
+    truth. The one way masks are drawn, by ``fednca segment`` and by the training figures alike."""
+    base = np.repeat((np.clip(grey, 0.0, 1.0) * 255.0)[..., None], 3, axis=2)
+    red = np.array(RED, np.float64)
+    out = np.where(mask[..., None], (1 - alpha) * base + alpha * red, base)
+    out[outline(mask)] = red
+    if truth is not None:
+        out[outline(truth)] = GREEN
     return np.rint(out).astype(np.uint8)
 
 

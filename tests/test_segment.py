@@ -154,3 +154,15 @@ def test_mask_resize_overlay_and_sigmoid_known_answers():
     assert tuple(rgb[2, 2]) == (178, 76, 76)  # inner pixel: 60 % grey + 40 % red
     assert tuple(rgb[1, 1]) == (255, 0, 0) and tuple(rgb[0, 0]) == (128, 128, 128)  # border, outside
     np.testing.assert_allclose(sigmoid(np.array([-1000.0, 0.0, 1000.0])), [0.0, 0.5, 1.0])
+
+
+def test_overlay_draws_the_truth_outline_in_green_and_no_line_along_the_frame():
+    mask = np.zeros((5, 5), bool)
+    mask[:, :3] = True  # cut off by the left edge of the image
+    truth = np.zeros((5, 5), bool)
+    truth[1:4, 1:4] = True
+    rgb = overlay(np.full((5, 5), 0.5), mask, truth=truth)
+    assert tuple(rgb[2, 0]) == (178, 76, 76), "the frame is not background: no outline along it"
+    assert tuple(rgb[0, 1]) == (178, 76, 76) and tuple(rgb[0, 2]) == (255, 0, 0) and tuple(rgb[2, 2]) == (255, 0, 0)
+    assert tuple(rgb[1, 1]) == (0, 220, 0) and tuple(rgb[2, 3]) == (0, 220, 0)  # truth drawn on top
+    np.testing.assert_array_equal(rgb, overlay(np.full((5, 5), 0.5), mask, truth=truth))
