@@ -7,7 +7,8 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
 .PHONY: demo test bench mosquitto clean install-daemon install-coordinator
 
-# The demo needs only the runtime; the tests add pytest, hypothesis and the ONNX exporter.
+# The demo needs only the runtime (the ONNX exporter, onnx and onnxscript, is part of it); the
+# tests add pytest, pytest-timeout and hypothesis (setup.cfg's [test] extra).
 $(RUNTIME): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) -e .
