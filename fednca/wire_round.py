@@ -15,6 +15,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from .config import ModelConfig, TrainConfig
 from .errors import ConfigError
+from .rounds_vocab import Verdict
 from .tensorcodec import (
     Field, Reason, WireError, code_field, config_field, format_fields, hex_field, id_field, int_field, malformed,
     model_sha256, parse_fields, word_field, write_document,
@@ -62,7 +63,7 @@ ANNOUNCEMENT_FIELDS: dict[str, Field] = {
 }
 RECEIPT_FIELDS: dict[str, Field] = {
     "federation": id_field, "site": id_field, "round": ROUND, "update_id": UPDATE_ID,
-    "verdict": word_field({"accepted": "accepted", "rejected": "rejected"}), "reason": code_field,
+    "verdict": word_field({v.value: v for v in Verdict}), "reason": code_field,
 }
 
 
@@ -92,7 +93,7 @@ def make_receipt(
 ) -> bytes:
     """A signed receipt: ``reason`` None means accepted, else the reason code of the refusal."""
     fields = dict(federation=federation, site=site, round=round, update_id=update_id,
-                  verdict="accepted" if reason is None else "rejected", reason=str(reason or ""))
+                  verdict=Verdict.ACCEPTED if reason is None else Verdict.REJECTED, reason=str(reason or ""))
     prefix = make_prefix(RECEIPT, signing_key.verify_key)
     body = write_document({}, format_fields(fields, RECEIPT_FIELDS, "receipt"))
     return prefix + signing_key.sign(prefix + body).signature + body
@@ -152,9 +153,9 @@ def open_receipt(
         raise malformed("a receipt carries no tensors")
     fields = parse_fields(doc.metadata, RECEIPT_FIELDS, "receipt")
     verdict = fields.pop("verdict")
-    if (verdict == "accepted") != (fields["reason"] == ""):
+    if (verdict == Verdict.ACCEPTED) != (fields["reason"] == ""):
         raise malformed("a receipt has a reason code exactly when it is a rejection")
-    receipt = Receipt(**fields, accepted=verdict == "accepted", key_id=kid)
+    receipt = Receipt(**fields, accepted=verdict == Verdict.ACCEPTED, key_id=kid)
     if receipt.federation != federation:
         raise WireError(Reason.WRONG_FEDERATION, f"receipt is for federation {receipt.federation!r}", header=receipt)
     if receipt.site != topic_site:
