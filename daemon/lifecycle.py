@@ -2,7 +2,18 @@
 
 The shell (:mod:`fednca_daemon.service`) turns MQTT messages, trainer messages, sensor readings,
 signals and the clock into events and performs the returned actions in order. ``now`` is
-wall-clock seconds (the round deadline is wall-clock); nothing here reads a clock or a file.
+wall-clock seconds (the round deadline is wall-clock); nothing here reads a clock or a file. The
+state, events and actions are defined in :mod:`.lifecycle_vocab` and re-exported here.
+
+How an event is handled is looked up in :data:`TRANSITIONS`, keyed by (trainer state, event
+type). Events about the round, the gates, the outbox, time and stopping are legal whatever the
+trainer does; the trainer's own events only where a trainer can send them (``WorkerReady`` while
+it starts, ``ChunkDone`` while a chunk runs, ``WorkerExited`` while there is one, and each also
+while it is being stopped). Any other pair is a bug of the shell: it raises
+:class:`~fednca_daemon.errors.IllegalTransition` and no new state is produced. After the
+transition, one scheduling step decides what to do next from the new state and the time
+(start a trainer, run a chunk, rest, submit, stop): that part depends on the whole state, not on
+the event, so it is one function rather than table entries.
 
 Invariants:
 
@@ -25,242 +36,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Union
+from typing import Callable
 
 from .budget import backoff_seconds, rest_seconds
 from .errors import IllegalTransition
-
-
-class Worker(StrEnum):
-    NONE = "none"
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"  # a chunk is running
-    STOPPING = "stopping"  # asked to exit
-
-
-class Phase(StrEnum):
-    IDLE = "idle"  # no round needing work
-    TRAINING = "training"
-    PAUSED = "paused"  # a gate is closed
-    BACKOFF = "backoff"  # the trainer failed; waiting before the next try
-    SUBMITTED = "submitted"  # update stored and sent, waiting for its receipt
-    STOPPING = "stopping"
-
-
-@dataclass(frozen=True)
-class Policy:
-    chunk_s: float
-    min_steps: int
-    deadline_margin_s: float
-    duty_cycle: float
-    threads: int = 1
-    resend_s: float = 900.0
-    backoff_s: float = 10.0
-
-
-@dataclass(frozen=True)
-class RoundInfo:
-    round: int
-    deadline: float
-    model_sha256: str
-
-
-@dataclass(frozen=True)
-class Pending:
-    """A stored update waiting for its receipt."""
-
-    round: int
-    update_id: str
-    sent_at: float
-
-
-@dataclass(frozen=True)
-class State:
-    policy: Policy
-    round: RoundInfo | None = None  # the newest verified announcement
-    done_round: int = -1  # rounds up to this one need no more work
-    outbox: tuple[Pending, ...] = ()
-    worker: Worker = Worker.NONE
-    worker_round: int | None = None
-    steps: int = 0  # optimiser steps done in the current round
-    planned: int | None = None  # steps planned for it; None until a trainer (or checkpoint) said
-    rest_until: float | None = None
-    rest_s: float = 0.0
-    gates_open: bool = True
-    gate_reasons: tuple[str, ...] = ()
-    failures: int = 0  # trainer failures in a row
-    error: str | None = None
-    submitting: bool = False
-    stopping: bool = False
-    exited: bool = False
-    last_receipt: str | None = None  # "accepted" or the reason code of the last receipt
-
-    @property
-    def needs_work(self) -> bool:
-        r = self.round
-        return (r is not None and r.round > self.done_round
-                and not any(p.round == r.round for p in self.outbox))
-
-    @property
-    def phase(self) -> Phase:
-        if self.stopping:
-            return Phase.STOPPING
-        if self.round is not None and any(p.round == self.round.round for p in self.outbox):
-            return Phase.SUBMITTED
-        if not self.needs_work:
-            return Phase.IDLE
-        if not self.gates_open:
-            return Phase.PAUSED
-        if self.failures and self.worker == Worker.NONE:
-            return Phase.BACKOFF
-        return Phase.TRAINING
-
-    @property
-    def may_ping_watchdog(self) -> bool:
-        """False while a trainer is starting or running a chunk: a hung trainer stops the pings."""
-        return self.worker not in (Worker.STARTING, Worker.BUSY)
-
-
-# -------------------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class Announced:
-    round: int
-    deadline: float
-    model_sha256: str
-
-
-@dataclass(frozen=True)
-class GatesChanged:
-    open: bool
-    reasons: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class WorkerReady:
-    round: int
-    steps: int
-    planned: int
-    cpu_s: float
-    wall_s: float
-
-
-@dataclass(frozen=True)
-class ChunkDone:
-    round: int
-    steps: int
-    planned: int
-    cpu_s: float
-    wall_s: float
-
-
-@dataclass(frozen=True)
-class WorkerExited:
-    error: str | None = None  # None: it exited when asked, or cleanly
-
-
-@dataclass(frozen=True)
-class UpdateStored:
-    round: int
-    update_id: str
-
-
-@dataclass(frozen=True)
-class SubmitFailed:
-    error: str
-
-
-@dataclass(frozen=True)
-class ReceiptArrived:
-    round: int
-    update_id: str
-    accepted: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class Tick:
-    pass
-
-
-@dataclass(frozen=True)
-class StopRequested:
-    pass
-
-
-Event = Union[Announced, GatesChanged, WorkerReady, ChunkDone, WorkerExited, UpdateStored, SubmitFailed,
-              ReceiptArrived, Tick, StopRequested]
-
-# ------------------------------------------------------------------------------------- actions
-
-
-@dataclass(frozen=True)
-class StartWorker:
-    round: int
-
-
-@dataclass(frozen=True)
-class RunChunk:
-    seconds: float
-
-
-@dataclass(frozen=True)
-class StopWorker:
-    interrupt: bool  # True: end the running chunk now; False: the trainer is idle, let it exit
-
-
-@dataclass(frozen=True)
-class Submit:
-    round: int
-    partial: bool
-
-
-@dataclass(frozen=True)
-class Publish:
-    """Publish a stored update (again)."""
-
-    round: int
-    update_id: str
-
-
-@dataclass(frozen=True)
-class DropUpdate:
-    round: int
-    update_id: str
-
-
-@dataclass(frozen=True)
-class SaveDone:
-    round: int
-    result: str  # "accepted" or a reason code
-
-
-@dataclass(frozen=True)
-class PingWatchdog:
-    pass
-
-
-@dataclass(frozen=True)
-class Telemetry:
-    pass
-
-
-@dataclass(frozen=True)
-class Exit:
-    pass
-
-
-Action = Union[StartWorker, RunChunk, StopWorker, Submit, Publish, DropUpdate, SaveDone, PingWatchdog, Telemetry,
-               Exit]
-
-
-PAST_DEADLINE = "past_deadline"  # the result of a round announced after its deadline
-DEADLINE_RESOLUTION_S = 1.0  # deadlines travel as whole seconds, rounded up
-
+from .lifecycle_vocab import (DEADLINE_RESOLUTION_S, PAST_DEADLINE, Action, Announced, ChunkDone, DropUpdate, Event,
+                              Exit, GatesChanged, Pending, Phase, PingWatchdog, Policy, Publish, ReceiptArrived,
+                              RoundInfo, RunChunk, SaveDone, StartWorker, State, StopRequested, StopWorker, Submit,
+                              SubmitFailed, Telemetry, Tick, UpdateStored, Worker, WorkerExited, WorkerReady)
+
+__all__ = [
+    "DEADLINE_RESOLUTION_S", "PAST_DEADLINE", "TRANSITIONS", "Action", "Announced", "ChunkDone", "DropUpdate",
+    "Event", "Exit", "GatesChanged", "IllegalTransition", "Pending", "Phase", "PingWatchdog", "Policy", "Publish",
+    "ReceiptArrived", "RoundInfo", "RunChunk", "SaveDone", "StartWorker", "State", "StopRequested", "StopWorker",
+    "Submit", "SubmitFailed", "Telemetry", "Tick", "UpdateStored", "Worker", "WorkerExited", "WorkerReady",
+    "handle", "initial", "next_wakeup",
+]
 
 # ------------------------------------------------------------------------------------- machine
 
@@ -287,10 +78,14 @@ def initial(policy: Policy, *, now: float, round: RoundInfo | None, done_round: 
 
 
 def handle(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    """The state after ``event`` at ``now``, and the actions the shell performs, in order.
+    An event the table has no transition for raises :class:`IllegalTransition`."""
     _check_now(now)
-    apply = _HANDLERS.get(type(event))
+    apply = TRANSITIONS.get((state.worker, type(event)))
     if apply is None:
-        raise IllegalTransition(f"not a lifecycle event: {event!r}")
+        if type(event) not in _EVENT_TYPES:
+            raise IllegalTransition(f"not a lifecycle event: {event!r}")
+        raise IllegalTransition(f"{type(event).__name__} cannot happen while the trainer is {state.worker.value}")
     out: list[Action] = []
     new = apply(state, event, now, out)
     new = _schedule(new, now, out)
@@ -358,29 +153,53 @@ def _progress(s: State, rnd: int, steps: int, planned: int) -> State:
     return _r(s, steps=steps, planned=planned)
 
 
-def _on_ready(s: State, e: WorkerReady, now: float, out: list[Action]) -> State:
-    if s.worker == Worker.STARTING:
-        s = _r(s, worker=Worker.IDLE)
+def _after_trainer_work(s: State, rnd: int, steps: int, planned: int, cpu_s: float, wall_s: float, now: float,
+                        out: list[Action]) -> State:
     out.append(PingWatchdog())
-    return _rest(_progress(s, e.round, e.steps, e.planned), now, e.cpu_s, e.wall_s)
+    return _rest(_progress(s, rnd, steps, planned), now, cpu_s, wall_s)
+
+
+def _on_ready(s: State, e: WorkerReady, now: float, out: list[Action]) -> State:
+    """STARTING -> IDLE."""
+    return _after_trainer_work(_r(s, worker=Worker.IDLE), e.round, e.steps, e.planned, e.cpu_s, e.wall_s, now, out)
+
+
+def _on_ready_while_stopping(s: State, e: WorkerReady, now: float, out: list[Action]) -> State:
+    """STOPPING stays: asked to stop while it started; its progress still counts."""
+    return _after_trainer_work(s, e.round, e.steps, e.planned, e.cpu_s, e.wall_s, now, out)
 
 
 def _on_chunk(s: State, e: ChunkDone, now: float, out: list[Action]) -> State:
-    if s.worker == Worker.BUSY:
-        s = _r(s, worker=Worker.IDLE, failures=0, error=None)  # a chunk went through: the trainer works
-    out.append(PingWatchdog())
-    return _rest(_progress(s, e.round, e.steps, e.planned), now, e.cpu_s, e.wall_s)
+    """BUSY -> IDLE; a chunk went through, so the trainer works: the failure count ends."""
+    s = _r(s, worker=Worker.IDLE, failures=0, error=None)
+    return _after_trainer_work(s, e.round, e.steps, e.planned, e.cpu_s, e.wall_s, now, out)
 
 
-def _on_exited(s: State, e: WorkerExited, now: float, out: list[Action]) -> State:
-    asked = s.worker == Worker.STOPPING
+def _on_chunk_while_stopping(s: State, e: ChunkDone, now: float, out: list[Action]) -> State:
+    """STOPPING stays: the interrupted chunk reports what it did before the trainer exits."""
+    return _after_trainer_work(s, e.round, e.steps, e.planned, e.cpu_s, e.wall_s, now, out)
+
+
+def _on_failed(s: State, e: WorkerExited, now: float, out: list[Action]) -> State:
+    """STARTING, IDLE or BUSY -> NONE, unasked: a failure, retried after a back-off."""
     s = _r(s, worker=Worker.NONE, worker_round=None)
-    if (asked and e.error is None) or s.stopping:
+    if s.stopping:
         return s
+    return _fail(s, e.error or "the trainer exited unexpectedly", now)
+
+
+def _on_exited_as_asked(s: State, e: WorkerExited, now: float, out: list[Action]) -> State:
+    """STOPPING -> NONE; an error on the way out still counts as a failure."""
+    s = _r(s, worker=Worker.NONE, worker_round=None)
+    if e.error is None or s.stopping:
+        return s
+    return _fail(s, e.error, now)
+
+
+def _fail(s: State, error: str, now: float) -> State:
     failures = s.failures + 1
     wait = backoff_seconds(failures=failures, base_s=s.policy.backoff_s)
-    return _r(s, failures=failures, error=e.error or "the trainer exited unexpectedly",
-              rest_until=now + wait, rest_s=wait)
+    return _r(s, failures=failures, error=error, rest_until=now + wait, rest_s=wait)
 
 
 def _on_stored(s: State, e: UpdateStored, now: float, out: list[Action]) -> State:
@@ -420,11 +239,28 @@ def _on_stop(s: State, e: StopRequested, now: float, out: list[Action]) -> State
     return _r(s, stopping=True)
 
 
-_HANDLERS = {
-    Announced: _on_announced, GatesChanged: _on_gates, WorkerReady: _on_ready, ChunkDone: _on_chunk,
-    WorkerExited: _on_exited, UpdateStored: _on_stored, SubmitFailed: _on_submit_failed,
-    ReceiptArrived: _on_receipt, Tick: _on_tick, StopRequested: _on_stop,
+Transition = Callable[[State, Event, float, list[Action]], State]
+
+# Events that do not come from the trainer: legal whatever the trainer does.
+_ANY_TRAINER_STATE: dict[type, Transition] = {
+    Announced: _on_announced, GatesChanged: _on_gates, UpdateStored: _on_stored,  # type: ignore[dict-item]
+    SubmitFailed: _on_submit_failed, ReceiptArrived: _on_receipt, Tick: _on_tick,  # type: ignore[dict-item]
+    StopRequested: _on_stop,  # type: ignore[dict-item]
 }
+
+# (trainer state, event) -> transition. A pair that is missing raises IllegalTransition.
+TRANSITIONS: dict[tuple[Worker, type], Transition] = {
+    **{(w, ev): t for w in Worker for ev, t in _ANY_TRAINER_STATE.items()},
+    (Worker.STARTING, WorkerReady): _on_ready,  # type: ignore[dict-item]
+    (Worker.STOPPING, WorkerReady): _on_ready_while_stopping,  # type: ignore[dict-item]
+    (Worker.BUSY, ChunkDone): _on_chunk,  # type: ignore[dict-item]
+    (Worker.STOPPING, ChunkDone): _on_chunk_while_stopping,  # type: ignore[dict-item]
+    (Worker.STARTING, WorkerExited): _on_failed,  # type: ignore[dict-item]
+    (Worker.IDLE, WorkerExited): _on_failed,  # type: ignore[dict-item]
+    (Worker.BUSY, WorkerExited): _on_failed,  # type: ignore[dict-item]
+    (Worker.STOPPING, WorkerExited): _on_exited_as_asked,  # type: ignore[dict-item]
+}
+_EVENT_TYPES = frozenset(ev for _, ev in TRANSITIONS)
 
 
 def _stop_worker(s: State, out: list[Action]) -> State:

@@ -290,3 +290,34 @@ def test_a_wakeup_time_already_past_is_not_waited_for_again():
     assert lc.next_wakeup(s, margin_time - 1) == margin_time
     later = lc.next_wakeup(s, margin_time + 1)
     assert later is None or later > margin_time + 1
+
+
+@pytest.mark.parametrize("event", [lc.WorkerReady(1, 0, 100, 0.0, 0.0), lc.ChunkDone(1, 5, 100, 0.0, 0.0),
+                                   lc.WorkerExited(None)])
+def test_a_trainer_event_without_a_trainer_is_illegal_and_changes_nothing(event):
+    s = fresh()  # no round, no trainer
+    before = s
+    with pytest.raises(IllegalTransition, match="trainer is none"):
+        lc.handle(s, event, T0)
+    assert s == before and s.worker == lc.Worker.NONE
+
+
+def test_a_chunk_report_while_no_chunk_runs_is_illegal():
+    s, _ = lc.handle(fresh(), lc.Announced(1, DEADLINE, SHA), T0)  # trainer starting
+    with pytest.raises(IllegalTransition, match="ChunkDone cannot happen while the trainer is starting"):
+        lc.handle(s, lc.ChunkDone(1, 5, 100, 0.0, 0.0), T0)
+
+
+def test_the_table_accepts_every_non_trainer_event_in_every_trainer_state():
+    for worker in lc.Worker:
+        for event in (lc.Announced, lc.GatesChanged, lc.UpdateStored, lc.SubmitFailed, lc.ReceiptArrived, lc.Tick,
+                      lc.StopRequested):
+            assert (worker, event) in lc.TRANSITIONS
+
+
+def test_a_trainer_that_fails_on_its_way_out_counts_as_a_failure():
+    s = training()  # a chunk of round 1 runs
+    s, out = lc.handle(s, lc.Announced(2, DEADLINE, SHA2), T0)
+    assert s.worker == lc.Worker.STOPPING and lc.StopWorker(interrupt=True) in out
+    s, _ = lc.handle(s, lc.WorkerExited("killed by signal 9"), T0 + 1)
+    assert s.worker == lc.Worker.NONE and s.failures == 1 and s.error == "killed by signal 9"
