@@ -13,9 +13,11 @@ import datetime as dt
 import os
 import pwd
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -154,4 +156,36 @@ def test_tls_end_to_end_the_bundle_ca_is_trusted_and_nothing_else(tmp_path, open
             with tls12.wrap_socket(raw, server_hostname="localhost") as wrapped:
                 assert wrapped.version() == "TLSv1.2"
     finally:
+        broker.stop()
+
+
+def test_the_coordinator_tells_systemd_ready_watchdog_and_stopping(tmp_path, open_dir, capsys):
+    """`coordinator run` as its Type=notify unit runs it: READY=1 once connected, WATCHDOG=1 from
+    its loop at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM, exit status 0."""
+    port = free_port()
+    fed = tmp_path / "fed"
+    init(fed, open_dir / "broker", "--broker", f"mqtt://127.0.0.1:{port}")
+    broker = Broker(load_config(fed / "coordinator.yaml").mosquitto_settings().conf_path, port)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(WAIT)
+    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "NOTIFY_SOCKET")}
+    env.update(NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="400000")
+    fednca = Path(sys.executable).with_name("fednca")
+    process = subprocess.Popen([str(fednca), "coordinator", "run", str(fed), "--poll", "0.1"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        got: list[str] = []
+        while got.count("WATCHDOG=1") < 2:
+            got.append(notify.recv(4096).decode())  # times out (and fails) after WAIT seconds of silence
+        assert got[0].startswith("READY=1")
+        process.send_signal(signal.SIGTERM)
+        while not got[-1].startswith("STOPPING=1"):
+            got.append(notify.recv(4096).decode())
+        assert process.wait(timeout=30) == 0, process.stderr.read() if process.stderr else ""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        notify.close()
         broker.stop()
