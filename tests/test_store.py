@@ -102,7 +102,8 @@ def test_accepted_updates_are_read_back_in_acceptance_order(store):
 
 def test_the_log_appends_lines_and_drops_a_torn_tail(store):
     store.append_log(RoundOpenedRecord(at=0.0, round=1, model_sha256=SHA, deadline=60.0, quorum=1, enrolled=("a",)))
-    store.append_log(UpdateAcceptedRecord(at=1.0, round=1, site="a", update_id="a1", samples=1, steps=1, partial=False))
+    store.append_log(UpdateAcceptedRecord(at=1.0, round=1, site="a", update_id="a1", samples=1, steps=1,
+                                          partial=False))  # fmt: skip
     with open(store.log_path, "ab") as f:
         f.write(b'{"kind": "upd')  # a crash in the middle of an append
     assert [r["kind"] for r in store.read_log()] == ["round_opened", "update_accepted"]
