@@ -6,7 +6,9 @@ thread). The main loop takes events, feeds :func:`fednca_daemon.lifecycle.handle
 the returned actions in order; timers (gate readings, telemetry, the watchdog, the machine's own
 wake-up) are checked on every turn. Every QoS 1 message is acknowledged once it is handled.
 
-The daemon process imports no PyTorch; training runs in a child (:mod:`.workerproc`).
+The daemon process imports no PyTorch; training runs in a child, supervised by :mod:`.supervisor`.
+The coordinator's announcements and receipts are verified by :mod:`.coordinator_inbox`; what
+other threads hand over and the loop's timers are the typed items of :mod:`.shell_events`.
 
 ``probe(point)`` is called at the named points where a crash matters (``chunk-started``,
 ``chunk-done``, ``update-stored``, ``update-published``, ``update-delivered``,
@@ -27,10 +29,11 @@ from fednca import __version__
 from fednca.keys import CoordinatorPublicKeys, SiteKeys
 from fednca.topics import TopicError, Topics
 from fednca.transport.base import Client, Message, PayloadTooLarge, PublishHandle, TransportError
-from fednca.wire import Announcement, WireError, open_announcement, open_receipt
+from fednca.wire import Announcement, WireError
 
 from . import lifecycle as lc
 from .config import DaemonConfig
+from .coordinator_inbox import CoordinatorInbox
 from .gates import GateState, Readings, evaluate
 from .inference import InferenceKeeper
 from fednca.notify import Notifier
@@ -38,7 +41,7 @@ from .errors import StateFolderError
 from .outbox import Done, StateFolder
 from .sensors import Sensors
 from .shell_events import Inbound, Queued, StopAsked, Timer, Timers
-from .submission import CheckpointMismatch, build_update, progress_of
+from .submission import CheckpointMismatch, build_update
 from .supervisor import FromTrainer, TrainerSetup, TrainerSupervisor
 from .telemetry import Snapshot, status_json, status_line
 from .trainer_protocol import DataSpec
@@ -89,8 +92,8 @@ class Service:
         self.inference = InferenceKeeper(state_dir=config.state_dir, python=python) if config.inference.export else None
         self.policy = policy_of(config)
         self.state = lc.State(policy=self.policy)
-        self.announcement: Announcement | None = None
-        self._announcement_bytes: bytes | None = None
+        self.inbox = CoordinatorInbox(federation=config.federation, site=config.site, coordinator=coordinator,
+                                      folder=self.folder)
         self._events: queue.SimpleQueue[Queued] = queue.SimpleQueue()
         self._pending: collections.deque[lc.Event] = collections.deque()
         self.trainer = TrainerSupervisor(
@@ -101,7 +104,6 @@ class Service:
             deliver=self._events.put, follow=self.sensors.follow_trainer, python=python)
         self._gates = GateState()
         self._readings: Readings | None = None
-        self._message_error: str | None = None
         self._sent_updates: list[tuple[PublishHandle, int, str]] = []  # waiting for the broker's PUBACK
         self._closing = threading.Event()
         self._exited = False
@@ -121,6 +123,15 @@ class Service:
     @property
     def trainer_pids(self) -> list[int]:
         return self.trainer.pids
+
+    @property
+    def announcement(self) -> Announcement | None:
+        """The newest verified round announcement."""
+        return self.inbox.announcement
+
+    @property
+    def _message_error(self) -> str | None:
+        return self.inbox.error
 
     def run(self) -> int:
         self.folder.open()
@@ -144,17 +155,7 @@ class Service:
 
     def _start(self) -> None:
         done = self.folder.load_done()
-        round_info, steps, planned = None, 0, None
-        saved = self.folder.load_announcement()
-        if saved is not None:
-            try:
-                ann = self._open_announcement(saved, min_round=None)
-                self.announcement, self._announcement_bytes = ann, saved
-                h = ann.header
-                round_info = lc.RoundInfo(h.round, float(h.deadline), h.model_sha256)
-                steps, planned = progress_of(self.folder.load_checkpoint(), round=h.round, base_sha256=h.model_sha256)
-            except WireError as e:
-                log.warning("the saved round announcement no longer verifies (%s); waiting for a new one", e)
+        round_info, steps, planned = self.inbox.resume()
         self._read_gates()  # before anything starts: a device that boots hot starts no trainer
         self.state, actions = lc.initial(self.policy, now=self.wall(), round=round_info, done_round=done.round,
                                          outbox=self.folder.outbox.entries(), steps=steps, planned=planned,
@@ -344,10 +345,6 @@ class Service:
 
     # -- messages -------------------------------------------------------------------------------
 
-    def _open_announcement(self, payload: bytes, *, min_round: int | None) -> Announcement:
-        return open_announcement(payload, coordinator_verify_key=self.coordinator.verify,
-                                 federation=self.cfg.federation, min_round=min_round)
-
     def _on_message(self, m: Message) -> None:
         try:
             parsed = self.topics.parse(m.topic)
@@ -361,38 +358,18 @@ class Service:
             self.client.ack(m)
 
     def _on_announcement(self, payload: bytes) -> None:
-        if not payload or payload == self._announcement_bytes:
-            return  # cleared, or the retained copy again
-        s = self.state
-        min_round = s.round.round if s.round is not None else (s.done_round if s.done_round >= 0 else None)
-        try:
-            ann = self._open_announcement(payload, min_round=min_round)
-        except WireError as e:
-            self._message_error = f"round announcement refused: {e.reason}"
-            log.warning("round announcement refused (%s): %s", e.reason, e)
+        event = self.inbox.announcement_arrived(payload, state=self.state)
+        if event is None:
             return
-        self.folder.save_announcement(payload)
-        self.announcement, self._announcement_bytes = ann, payload
-        self._message_error = None
-        h = ann.header
-        log.info("round %d announced (deadline %s, model %s)", h.round,
-                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.deadline)), h.model_sha256[:12])
-        self._feed(lc.Announced(h.round, float(h.deadline), h.model_sha256))
+        self._feed(event)
         if self.inference is not None:
-            self.inference.offer(ann)
+            assert self.inbox.announcement is not None
+            self.inference.offer(self.inbox.announcement)
 
     def _on_receipt(self, payload: bytes) -> None:
-        try:
-            r = open_receipt(payload, coordinator_verify_key=self.coordinator.verify,
-                             federation=self.cfg.federation, topic_site=self.cfg.site)
-        except WireError as e:
-            log.warning("receipt refused (%s): %s", e.reason, e)
-            return
-        if r.accepted:
-            log.info("round %d: update %s accepted", r.round, r.update_id[:8])
-        else:
-            log.warning("round %d: update %s rejected: %s", r.round, r.update_id[:8], r.reason)
-        self._feed(lc.ReceiptArrived(r.round, r.update_id, r.accepted, r.reason))
+        event = self.inbox.receipt_arrived(payload)
+        if event is not None:
+            self._feed(event)
 
     # -- sensors and telemetry ------------------------------------------------------------------
 
