@@ -71,6 +71,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     exit 1
 fi
 if [ -z "${SKIP_USER:-}" ] && ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    do_ apt-get update -qq
     do_ apt-get install -y mosquitto
 fi
 if [ -z "${SKIP_USER:-}" ] && ! getent passwd "$BROKER_USER" >/dev/null && [ -z "$DRY" ]; then
