@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import time
@@ -226,3 +227,29 @@ def test_tls_listener_with_password(mosquitto_factory, tmp_path):
         assert untrusting.connect(0.5) is False  # the test CA is not among the system's
     finally:
         untrusting.disconnect()
+
+
+def test_without_a_mosquitto_user_the_files_stay_ours_and_mosquitto_is_told_so(tmp_path, monkeypatch, caplog):
+    def no_such_user(name):
+        raise KeyError(name)
+
+    monkeypatch.setattr(mq.pwd, "getpwnam", no_such_user)
+    account = mq.broker_account("mosquitto")
+    assert account == mq.BrokerAccount.current()
+    assert "no 'mosquitto' user" in caplog.text
+    conf = render_conf(dataclasses.replace(settings(), user=account.user))
+    assert f"user {account.user}" in directives(conf)
+
+
+@needs_passwd
+def test_secure_gives_the_files_their_modes_and_names_a_folder_mosquitto_cannot_enter(tmp_path):
+    s = settings(folder=str(tmp_path / "broker"))
+    mq.write_files(s, coordinator_password="pw", site_passwords={"s1": "pw1"})
+    (tmp_path / "broker" / "acl").chmod(0o600)
+    me = mq.BrokerAccount.current()
+    assert mq.secure(s, me) == []  # our own folders: we may enter them
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "broker").iterdir()}
+    assert modes == {"acl": 0o640, "passwd": 0o640, "mosquitto.conf": 0o640, "data": 0o700}
+    stranger = mq.BrokerAccount(user="nobody-here", uid=65533, gid=65533, owner=me.uid)
+    tmp_path.chmod(0o700)
+    assert tmp_path in mq.secure(s, stranger)  # a user of its own could not pass tmp_path
