@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
         --federation) FEDERATION=$2; shift 2 ;;
         --broker) BROKER=$2; shift 2 ;;
         --dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "install-daemon: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
