@@ -19,8 +19,9 @@ Group commit: the messages waiting in the inbox (at most ``batch``) are judged o
 then performed together (:mod:`.commit`): payloads, one state save, acks, one log append.
 
 When the policy closes a round, the accepted updates are read back from the store one at a time,
-opened again, aggregated (streaming FedAvg, or the configured method, after clipping), applied to
-the global model in float32, the new model is saved, the round is logged and the next round is
+opened again, bounded and aggregated by the configured method, applied to the global model in
+float32 and checked (:func:`.global_model.guarded_model`: a refused aggregate keeps the previous
+model, and the round log says why), the new model is saved, the round is logged and the next round is
 announced. After ``max_rounds`` the final model is announced as round ``max_rounds + 1`` with its
 deadline at the moment the federation finished, and ``federation_finished`` is published.
 
@@ -43,7 +44,6 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from fednca import aggregate
 from fednca.errors import ConfigError
 from fednca.keys import CoordinatorKeys, Registry
 from fednca.rounds_vocab import RoundStatus
@@ -55,7 +55,7 @@ from . import rounds
 from .commit import STORE_THREADS, GroupCommit
 from .config import FederationConfig
 from .errors import CoordinatorError
-from .global_model import GlobalModel, float32, stored_deltas
+from .global_model import GlobalModel, float32, guarded_model, stored_deltas
 from .publisher import NO_UPDATE_ID, Publisher
 from .recovery import RoundLogIndex
 from .round_events import (
@@ -353,17 +353,22 @@ class Coordinator:
         else:
             deltas = stored_deltas(store=self._store, state=state, model=self._model, registry=self._registry,
                                    box_key=self._keys.box)  # fmt: skip
-            model = aggregate.apply(self._model.tensors, aggregate.aggregate(deltas, self._cfg.aggregation))
+            model, kept = guarded_model(self._model.tensors, deltas, self._cfg.aggregation)
+            if kept is not None:
+                log.warning("round %d: the aggregate was refused, the next round keeps the previous model: %s",
+                            state.round, kept)
             size = len(self._store.save_model(nxt, model, metadata={"round": str(nxt)}))
             self._done("SaveModel")
-        self._model = GlobalModel.of(model)
+        previous_sha, self._model = self._model.sha256, GlobalModel.of(model)
         if not logged:
             assert state.close_reason is not None  # a closed state has one
+            kept_previous = self._model.sha256 == previous_sha
             self._emit(RoundAggregatedRecord(
                 round=state.round, at=self._clock(), reason=state.close_reason,
                 sites=tuple(a.site for a in state.accepted), samples=sum(a.samples for a in state.accepted),
                 method=self._cfg.aggregation.method, clip_norm=self._cfg.aggregation.clip_norm,
                 model_sha256=self._model.sha256, model_bytes=size, seconds=round(time.perf_counter() - started, 3),
+                model_kept=(kept or "the aggregate left the model unchanged") if kept_previous else None,
             ), durable=True)  # fmt: skip
             self._done("LogRound")
         if self._cfg.max_rounds is not None and state.round >= self._cfg.max_rounds:

@@ -9,16 +9,21 @@ checked before anything else of a message is read).
 and opens them again, exactly as when they arrived, so aggregation streams over them without
 holding every delta in memory, and a payload that changed on disk is an error, not a silent
 contribution.
+
+:func:`guarded_model` is the last step of a round: the aggregate, or the previous model when the
+aggregate fails its checks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from nacl.public import PrivateKey
 
+from fednca import aggregate
+from fednca.aggregate import AggregationConfig, AggregationError
 from fednca.keys import Registry
 from fednca.wire import WireError, max_update_bytes, model_sha256, open_update
 
@@ -76,3 +81,23 @@ def stored_deltas(
         if update.header.update_id != entry.update_id:
             raise StoreError(f"{path}: holds update {update.header.update_id}, not {entry.update_id}")
         yield update.delta, entry.samples
+
+
+def guarded_model(
+    previous: Mapping[str, np.ndarray], deltas: Iterable[tuple[Mapping[str, np.ndarray], float]],
+    cfg: AggregationConfig,
+) -> tuple[dict[str, np.ndarray], str | None]:  # fmt: skip
+    """The next global model and None, or the previous model and why the aggregate was refused.
+
+    What sites sent can make aggregation fail (values that overflow) or give a model that
+    ``aggregate.check_model`` refuses; either way the round closes, the federation keeps the model
+    it had, and the reason goes into the round log. Nothing a site sends stops the coordinator.
+    """
+    try:
+        candidate = aggregate.apply(previous, aggregate.aggregate(deltas, cfg))
+    except AggregationError as e:
+        return dict(previous), f"aggregation failed: {e}"
+    problem = aggregate.check_model(candidate, previous, cfg)
+    if problem is not None:
+        return dict(previous), problem
+    return candidate, None

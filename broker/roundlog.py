@@ -160,6 +160,7 @@ class RoundAggregatedRecord(LogRecord):
     model_sha256: str
     model_bytes: int
     seconds: float
+    model_kept: str | None = None  # why the previous model was kept instead of the aggregate
 
 
 @dataclass(frozen=True, kw_only=True)

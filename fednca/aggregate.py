@@ -12,9 +12,17 @@ the input dtype (deltas travel as float16 by default).
   every update at once (a coordinate-wise order statistic cannot be streamed) and they ignore the
   sample counts: a site that lies about its sample count must not be able to outweigh the others.
 * ``clip_norm`` bounds one delta's global L2 norm (over all tensors together); ``aggregate``
-  clips every delta first when the configuration asks for it.
+  clips every delta first when the configuration asks for it, to a fixed bound and/or to a
+  multiple of the round's own median delta norm (``bound_by_median``), and caps each site's sample
+  weight at a multiple of the round's median (``cap_weights``), so that no single site's update,
+  whatever it claims, weighs or pulls more than a few honest ones.
+* ``check_model`` is the last gate before a model is published: finite, bounded in magnitude, and
+  not moved further from the previous model than a round may move it.
 
 Aggregators are picked by name from ``AGGREGATORS``; an unknown name is a ``ConfigError``.
+The defaults (docs/rounds.md says why) resist one poisoning site in five: every delta bounded by
+twice the round's median norm, then the coordinate-wise mean of what is left after dropping at
+least the largest and the smallest value of every coordinate.
 """
 
 from __future__ import annotations
@@ -102,20 +110,30 @@ def median(updates: Iterable[Update]) -> dict[str, np.ndarray]:
     return {name: np.median(stack, axis=0).astype(np.float32) for name, stack in _stacked(updates).items()}
 
 
-def trimmed_mean(updates: Iterable[Update], *, trim: float = 0.1) -> dict[str, np.ndarray]:
+def trimmed_mean(updates: Iterable[Update], *, trim: float = 0.1, min_trim: int = 0) -> dict[str, np.ndarray]:
     """Coordinate-wise mean after dropping the ``floor(trim * n)`` largest and smallest values.
 
     With 5 sites, ``trim`` below 0.2 drops nothing (the plain mean); 0.2 drops one at each end.
+    ``min_trim`` drops at least that many at each end whenever at least one value is left
+    (``n > 2 * min_trim``), so that trimming still trims at small n.
     """
     problem = _trim_problem(trim)
     if problem:
         raise AggregationError(f"trim {problem}")
     out = {}
     for name, stack in _stacked(updates).items():
-        cut = int(math.floor(trim * len(stack)))
+        cut = trim_count(len(stack), trim=trim, min_trim=min_trim)
         ordered = np.sort(stack, axis=0)
         out[name] = ordered[cut : len(stack) - cut].mean(axis=0).astype(np.float32)
     return out
+
+
+def trim_count(n: int, *, trim: float, min_trim: int = 0) -> int:
+    """How many values ``trimmed_mean`` drops at each end of ``n``."""
+    cut = int(math.floor(trim * n))
+    if n > 2 * min_trim:
+        cut = max(cut, min_trim)
+    return cut
 
 
 def _trim_problem(trim: float) -> str | None:
@@ -146,6 +164,43 @@ def clip_norm(delta: Delta, max_norm: float) -> dict[str, np.ndarray]:
     return out
 
 
+def lower_median(values: Iterable[float]) -> float:
+    """The lower middle value: with two values, the smaller one (a liar cannot lift it alone)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise AggregationError("no updates to aggregate")
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def bound_by_median(updates: Iterable[Update], factor: float) -> list[tuple[dict[str, np.ndarray], float]]:
+    """Each delta clipped to ``factor`` times the lower median of the round's delta norms.
+
+    An honest round's deltas have norms of one order of magnitude; a poisoning delta is huge, or
+    its harm grows with its norm. Bounding by the round's own median needs no tuned constant and
+    holds while fewer than half of the sites lie (the median is then an honest norm).
+    """
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor < math.inf:
+        raise AggregationError(f"the median norm factor must be a finite number > 0, got {factor!r}")
+    listed = list(_checked(updates))
+    bound = factor * lower_median(global_norm(delta) for delta, _ in listed)
+    if bound <= 0:  # every delta is zero, or most are: nothing to scale
+        return [({n: np.array(v, dtype=np.float32) for n, v in delta.items()}, w) for delta, w in listed]
+    return [(clip_norm(delta, bound), weight) for delta, weight in listed]
+
+
+def cap_weights(updates: Iterable[Update], ratio: float) -> list[tuple[Delta, float]]:
+    """Sample weights capped at ``ratio`` times the round's lower median weight.
+
+    Sample counts are the site's own claim; a site that claims a thousand times more images than
+    the others would otherwise steer FedAvg alone.
+    """
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 1 <= ratio < math.inf:
+        raise AggregationError(f"the weight ratio must be a finite number >= 1, got {ratio!r}")
+    listed = list(_checked(updates))
+    cap = ratio * lower_median(weight for _, weight in listed)
+    return [(delta, min(weight, cap)) for delta, weight in listed]
+
+
 def _scaled(delta: Delta, scale: float) -> dict[str, np.ndarray]:
     return {name: (np.asarray(value, dtype=np.float64) * scale).astype(np.float32) for name, value in delta.items()}
 
@@ -157,11 +212,20 @@ AGGREGATORS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
 }
 
 
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
 @dataclass(frozen=True)
 class AggregationConfig:
-    method: str = "fedavg"  # a name in AGGREGATORS
-    trim: float = 0.1  # trimmed_mean: fraction dropped at each end, per coordinate
-    clip_norm: float | None = None  # bound on each delta's global L2 norm; None = no clipping
+    method: str = "trimmed_mean"  # a name in AGGREGATORS
+    trim: float = 0.2  # trimmed_mean: fraction dropped at each end, per coordinate
+    min_trim: int = 1  # trimmed_mean: at least this many dropped at each end while n > 2 * min_trim
+    clip_norm: float | None = None  # fixed bound on each delta's global L2 norm; None = none
+    median_norm_factor: float | None = 2.0  # bound each delta by this x the round's median norm; None = none
+    max_weight_ratio: float | None = 2.0  # fedavg: cap sample weights at this x the round's median; None = none
+    max_model_change: float | None = 0.5  # a new model may move at most this x the previous model's norm
+    max_abs_weight: float = 1e4  # no weight of a published model may exceed this in magnitude
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in AGGREGATORS:
@@ -169,19 +233,57 @@ class AggregationConfig:
         problem = _trim_problem(self.trim)
         if problem:
             raise ConfigError("trim", problem)
-        c = self.clip_norm
-        if c is not None and (not isinstance(c, (int, float)) or isinstance(c, bool) or not 0 < c < math.inf):
-            raise ConfigError("clip_norm", f"must be a finite number > 0 or null, got {c!r}")
+        if not isinstance(self.min_trim, int) or isinstance(self.min_trim, bool) or not 0 <= self.min_trim <= 16:
+            raise ConfigError("min_trim", f"must be a whole number from 0 to 16, got {self.min_trim!r}")
+        for field in ("clip_norm", "median_norm_factor", "max_model_change"):
+            value = getattr(self, field)
+            if value is not None and not _positive(value):
+                raise ConfigError(field, f"must be a finite number > 0 or null, got {value!r}")
+        r = self.max_weight_ratio
+        if r is not None and (not _positive(r) or r < 1):
+            raise ConfigError("max_weight_ratio", f"must be a finite number >= 1 or null, got {r!r}")
+        if not _positive(self.max_abs_weight):
+            raise ConfigError("max_abs_weight", f"must be a finite number > 0, got {self.max_abs_weight!r}")
 
 
 def aggregate(updates: Iterable[Update], cfg: AggregationConfig) -> dict[str, np.ndarray]:
-    """Clip each delta if ``cfg.clip_norm`` is set, then combine them with ``cfg.method``."""
+    """Bound each delta (``cfg.clip_norm``, then ``cfg.median_norm_factor``), cap the sample
+    weights (``cfg.max_weight_ratio``), then combine the deltas with ``cfg.method``."""
     if cfg.clip_norm is not None:
         bound = cfg.clip_norm
         updates = ((clip_norm(delta, bound), weight) for delta, weight in updates)
-    if cfg.method == "trimmed_mean":
-        return trimmed_mean(updates, trim=cfg.trim)
-    return AGGREGATORS[cfg.method](updates)
+    if cfg.median_norm_factor is not None:
+        updates = bound_by_median(updates, cfg.median_norm_factor)
+    if cfg.max_weight_ratio is not None and cfg.method == "fedavg":
+        updates = cap_weights(updates, cfg.max_weight_ratio)
+    options = {"trimmed_mean": {"trim": cfg.trim, "min_trim": cfg.min_trim}}.get(cfg.method, {})
+    return AGGREGATORS[cfg.method](updates, **options)
+
+
+def check_model(new: Delta, previous: Delta, cfg: AggregationConfig) -> str | None:
+    """Why ``new`` must not be published after ``previous``, or None when it may.
+
+    The gate behind every aggregator: a model is finite, no weight is larger than
+    ``cfg.max_abs_weight``, and the step from the previous model is at most
+    ``cfg.max_model_change`` times the previous model's norm (an honest round moves it by a few
+    per cent; docs/rounds.md has the figures).
+    """
+    if _layout(new) != _layout(previous):
+        return f"the new model does not fit the previous one: {_difference(_layout(previous), _layout(new))}"
+    for name, value in new.items():
+        array = np.asarray(value)
+        if not np.all(np.isfinite(array)):
+            return f"tensor {name!r} is not finite"
+        peak = float(np.max(np.abs(array))) if array.size else 0.0
+        if peak > cfg.max_abs_weight:
+            return f"tensor {name!r} holds {peak:.3g}, above max_abs_weight {cfg.max_abs_weight:g}"
+    if cfg.max_model_change is not None:
+        step = global_norm({n: np.asarray(new[n], np.float64) - np.asarray(previous[n], np.float64) for n in new})
+        allowed = cfg.max_model_change * global_norm(previous)
+        if step > allowed:
+            return (f"the model would move by {step:.3g}, more than max_model_change {cfg.max_model_change:g} "
+                    f"x the previous model's norm ({allowed:.3g})")
+    return None
 
 
 def apply(global_tensors: Delta, delta: Delta) -> dict[str, np.ndarray]:

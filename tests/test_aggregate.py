@@ -10,10 +10,14 @@ from fednca.aggregate import (
     AggregationError,
     aggregate,
     apply,
+    bound_by_median,
+    cap_weights,
+    check_model,
     clip_norm,
     fedavg,
     global_norm,
     median,
+    trim_count,
     trimmed_mean,
 )
 from fednca.errors import ConfigError
@@ -178,6 +182,67 @@ def test_integer_deltas_are_refused():
     ],
 )
 def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError) as info:
+        AggregationConfig(**kwargs)
+    assert info.value.field == field
+
+
+# -- bounded influence: the defaults against one poisoning site ---------------------------------
+
+
+def test_min_trim_trims_at_small_n_and_leaves_two_alone():
+    assert [trim_count(n, trim=0.1, min_trim=1) for n in (1, 2, 3, 5, 10, 20)] == [0, 0, 1, 1, 1, 2]
+    updates = [({"w": np.array([v])}, 1) for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
+    np.testing.assert_allclose(trimmed_mean(updates, trim=0.1, min_trim=1)["w"], [3.0])
+
+
+def test_bound_by_median_scales_only_the_outlier():
+    updates = [({"w": np.array([3.0, 4.0])}, 1), ({"w": np.array([0.0, 1.0])}, 1), ({"w": np.array([1e30, 0.0])}, 1)]
+    out = bound_by_median(updates, 2.0)
+    assert [global_norm(d) for d, _ in out] == pytest.approx([5.0, 1.0, 10.0], rel=1e-6)
+
+
+def test_a_liar_cannot_lift_the_median_of_two():
+    updates = [({"w": np.array([1.0])}, 1), ({"w": np.array([1e6])}, 1)]
+    out = bound_by_median(updates, 2.0)
+    assert global_norm(out[1][0]) == pytest.approx(2.0)
+
+
+def test_cap_weights_stops_an_inflated_sample_count():
+    updates = [({"w": np.array([1.0])}, 10), ({"w": np.array([1.0])}, 12), ({"w": np.array([-50.0])}, 1e9)]
+    assert [w for _, w in cap_weights(updates, 2.0)] == [10, 12, 24]
+
+
+@pytest.mark.parametrize("method", ["fedavg", "median", "trimmed_mean"])
+def test_default_bounds_keep_one_poisoner_in_five_near_the_honest_mean(method):
+    rng = np.random.default_rng(1)
+    honest = [({"w": (np.ones(50) + 0.1 * rng.normal(size=50)).astype(np.float32)}, 16) for _ in range(4)]
+    attacks = [({"w": np.full(50, 3e38, np.float32)}, 1e9),  # huge finite values, inflated count
+               ({"w": -honest[0][0]["w"] * 40}, 16),  # sign-flipped and scaled
+               ({"w": -sum(d["w"] for d, _ in honest)}, 16)]  # the negated sum of the others
+    for bad in attacks:
+        out = aggregate(honest + [bad], AggregationConfig(method=method))["w"]
+        assert np.all(np.isfinite(out))
+        assert np.abs(out - 1.0).max() < 0.7, (method, np.abs(out - 1.0).max())
+
+
+def test_check_model_names_what_is_wrong():
+    cfg = AggregationConfig()
+    old = {"w": np.ones(4, np.float32)}
+    assert check_model({"w": np.full(4, 1.1, np.float32)}, old, cfg) is None
+    assert "not finite" in check_model({"w": np.array([1, np.nan, 1, 1], np.float32)}, old, cfg)
+    assert "max_abs_weight" in check_model({"w": np.array([1, 1, 1, 2e4], np.float32)}, old, cfg)
+    assert "move by" in check_model({"w": np.full(4, 3.0, np.float32)}, old, cfg)
+    assert check_model({"w": np.full(4, 3.0, np.float32)}, old, AggregationConfig(max_model_change=None)) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"min_trim": -1}, "min_trim"), ({"median_norm_factor": 0}, "median_norm_factor"),
+     ({"max_weight_ratio": 0.5}, "max_weight_ratio"), ({"max_model_change": float("nan")}, "max_model_change"),
+     ({"max_abs_weight": None}, "max_abs_weight")],
+)
+def test_new_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as info:
         AggregationConfig(**kwargs)
     assert info.value.field == field

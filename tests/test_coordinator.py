@@ -62,11 +62,13 @@ def world():
                 update=update, updates=updates)  # fmt: skip
 
 
-def expected_model(world, sites=SITES, method="fedavg"):
-    """What aggregation must give: the float16 deltas as the sites sent them, combined."""
+def expected_model(world, sites=SITES, method=None):
+    """What aggregation must give: the float16 deltas as the sites sent them, combined by the
+    federation's aggregation (the default one unless ``method`` names another)."""
     travelled = [({n: a.astype(np.float16).astype(np.float32) for n, a in world["deltas"][s].items()}, SAMPLES[s])
                  for s in sites]  # fmt: skip
-    return aggregate.apply(world["model"], aggregate.aggregate(travelled, AggregationConfig(method=method)))
+    cfg = AggregationConfig() if method is None else AggregationConfig(method=method)
+    return aggregate.apply(world["model"], aggregate.aggregate(travelled, cfg))
 
 
 class Federation:
@@ -133,7 +135,7 @@ def test_round_one_is_announced_signed_and_retained(world, tmp_path):
     assert opened[0]["kind"] == "round_opened" and opened[0]["enrolled"] == list(SITES)
 
 
-def test_a_round_closes_when_every_site_reports_with_the_fedavg_model(world, tmp_path):
+def test_a_round_closes_when_every_site_reports_with_the_aggregated_model(world, tmp_path):
     fed = Federation(world, tmp_path).start()
     for site in SITES:
         fed.send(site)

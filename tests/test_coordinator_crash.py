@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from fednca import aggregate, wire
+from fednca.aggregate import AggregationConfig
 from fednca_app.cli import main
 from fednca.keys import SiteKeys, read_coordinator_public
 from fednca.transport.mqtt import MqttClient
@@ -77,7 +78,7 @@ class Case:
     def expected_sha(self):
         travelled = [({n: a.astype(np.float16).astype(np.float32) for n, a in self.deltas[s].items()}, SAMPLES[s])
                      for s in SITES]  # fmt: skip
-        return wire.model_sha256(aggregate.apply(self.initial, aggregate.fedavg(travelled)))
+        return wire.model_sha256(aggregate.apply(self.initial, aggregate.aggregate(travelled, AggregationConfig())))
 
     def start(self, kill=None):
         env = {k: v for k, v in os.environ.items() if k != KILL_ENV}

@@ -19,6 +19,7 @@ import pytest
 
 from e2e_support import FEDERATION, Federation, wait_until
 from fednca import aggregate, wire
+from fednca.aggregate import AggregationConfig
 from fednca.keys import read_coordinator_keys, read_coordinator_public, read_registry, read_site_keys
 from fednca_broker.coordinator import NO_UPDATE_ID
 from fednca_daemon.telemetry import OFFLINE
@@ -129,7 +130,7 @@ def check_rounds(fed: Federation, *, rounds: int, published: list) -> dict[int, 
                                       federation=FEDERATION, round=rnd, base_sha256=base, shapes=shapes)
             assert (update.header.update_id, update.header.samples) == (r["update_id"], r["samples"])
             updates.append((update.delta, r["samples"]))
-        expected = aggregate.apply(model, aggregate.fedavg(updates))
+        expected = aggregate.apply(model, aggregate.aggregate(updates, AggregationConfig()))  # init's default
         stored = fed.store.load_model(rnd + 1)
         assert sorted(stored) == sorted(expected)
         for name, value in expected.items():
