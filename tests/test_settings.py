@@ -7,7 +7,7 @@ import pytest
 
 from fednca.config import ModelConfig, TrainConfig, preset
 from fednca.errors import ConfigError, FedNCAError
-from fednca.settings import Parser, from_mapping
+from fednca.settings import BAD, Parser, from_mapping
 from fednca_broker.config import ConfigFileError, parse_config
 from fednca_broker.rounds import RoundConfig
 from fednca_daemon import config as dc
@@ -78,7 +78,8 @@ def test_good_values_round_trip_and_lists_become_tuples():
 
 def test_a_section_that_is_not_a_mapping_is_named():
     parser = Parser()
-    assert parser.section(TrainConfig, [1, 2], "train") is not None
+    assert parser.section(TrainConfig, {"batch_size": 8}, "train") == TrainConfig(batch_size=8)
+    assert parser.section(TrainConfig, [1, 2], "train") is BAD
     assert parser.problems.items == [("train", "must be a mapping of keys, got list")]
 
 
