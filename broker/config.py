@@ -48,6 +48,8 @@ class ConfigFileError(ConfigError):
     """The configuration file is unreadable or has invalid keys; ``problems`` lists each
     (dotted key, why), all of them."""
 
+    heading = "problem(s) in the configuration"
+
     def __init__(self, path: Path, problems: list[tuple[str, str]]) -> None:
         (field_name, why), *more = problems
         super().__init__(field_name, why, more=more, source=str(path))

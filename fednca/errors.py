@@ -22,6 +22,8 @@ class ConfigError(FedNCAError, ValueError):
     coordinator alike, reports its problems with this one type.
     """
 
+    heading = "problem(s)"  # what the first line of a list of problems calls them
+
     def __init__(self, field: str, why: str, *, more: Sequence[tuple[str, str]] = (),
                  source: str | None = None) -> None:
         self.field = field
@@ -33,7 +35,7 @@ class ConfigError(FedNCAError, ValueError):
         else:
             lines = "\n".join(f"  {k}: {w}" for k, w in self.problems)
             head = f"{source}: " if source is not None else ""
-            super().__init__(f"{head}{len(self.problems)} problem(s):\n{lines}")
+            super().__init__(f"{head}{len(self.problems)} {self.heading}:\n{lines}")
 
     @classmethod
     def collected(cls, problems: Sequence[tuple[str, str]], *, source: str | None = None) -> "ConfigError":

@@ -126,7 +126,7 @@ def test_a_bad_coordinator_value_names_its_key(changes, key):
     with pytest.raises(ConfigError) as err:
         parse_config(coordinator(**changes), folder=Path("/srv/fed"))
     assert isinstance(err.value, ConfigFileError) and keys(err.value) == [key]
-    assert f"  {key}: " in str(err.value) and str(err.value).startswith("/srv/fed/coordinator.yaml: 1 problem(s):")
+    assert f"  {key}: " in str(err.value) and str(err.value).startswith("/srv/fed/coordinator.yaml: 1 problem(s) in the configuration:")
 
 
 def test_the_coordinator_lists_problems_of_every_section_without_follow_up_errors():
