@@ -232,3 +232,21 @@ def test_users_need_a_federation_and_a_known_role():
         MemoryBroker().add_user("s1", password="p", role=SITE)
     with pytest.raises(TransportError, match="role"):
         MemoryBroker(federation="fed").add_user("s1", password="p", role="admin")
+
+
+def test_session_keeps_order_window_and_unique_packet_ids_without_a_broker():
+    from fednca.transport.memory_session import MAX_MID, Pending, Session
+
+    session = Session("c", None, None, clean=False)
+    messages = [Pending(f"t/{i}", b"x", 1) for i in range(4)]
+    assert [session.enqueue(m, limit=3) for m in messages] == [True, True, True, False]
+    assert session.dropped == 1
+    assert list(session.release(window=2)) == [], "nothing goes in flight while the client is offline"
+    session.client = object()  # type: ignore[assignment]
+    session.next_mid = MAX_MID
+    released = list(session.release(window=2))
+    assert released == [(MAX_MID, messages[0]), (1, messages[1])], "ids wrap from 65535 to 1, in order"
+    assert list(session.release(window=2)) == [] and len(session.queue) == 1
+    assert session.settle(1) and not session.settle(1), "a second ack of the same id frees nothing"
+    session.next_mid = MAX_MID  # the id still in flight is skipped
+    assert list(session.release(window=2)) == [(1, messages[2])]
