@@ -98,6 +98,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     conf.add_argument("folder", type=Path)
     conf.add_argument("--new-server-certificate", action="store_true",
                       help="issue the broker's TLS certificate again (same CA: sites need nothing new)")
+    back = sub.add_parser("rollback", help="go back to an earlier global model, in a new round (coordinator stopped)")
+    back.add_argument("folder", type=Path, metavar="DIR", help="the federation folder")
+    back.add_argument("--to-round", type=int, required=True, metavar="N", help="train on from the model of round N")
     show = sub.add_parser("show", help="print the federation's configuration, sites and round")
     show.add_argument("folder", type=Path)
     show.add_argument("--json", action="store_true")
@@ -105,7 +108,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     actions = {"init": _init, "enroll": _enroll, "revoke": _revoke, "broker-config": _broker_config, "run": _run,
-               "show": _show}  # fmt: skip
+               "rollback": _rollback, "show": _show}  # fmt: skip
     return actions[args.action](args)
 
 
@@ -367,8 +370,9 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.folder / CONFIG_NAME)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     client = broker_client(cfg)
+    coordinator_store = RoundStore(root=cfg.store_root, federation=cfg.federation.name)
     coordinator = Coordinator(
-        config=cfg.federation, store=RoundStore(root=cfg.store_root, federation=cfg.federation.name),
+        config=cfg.federation, store=coordinator_store,
         keys=k.read_coordinator_keys(cfg.keys_dir), registry=k.read_registry(cfg.registry_path), client=client,
         clock=time.time, after_action=kill_hook(os.environ.get(KILL_ENV)),
     )  # fmt: skip
@@ -376,24 +380,42 @@ def _run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: coordinator.stop())
     watcher = RegistryWatcher(cfg.registry_path)
     notifier = Notifier()
-    try:
-        coordinator.start()
-        notifier.ready(f"federation {cfg.federation.name}: running")
-        pinged = time.monotonic()
-        while not coordinator.finished and not coordinator.stopped:
-            coordinator.step(args.poll)
-            registry = watcher.changed()
-            if registry is not None:
-                coordinator.set_registry(registry)
-            if notifier.watchdog_interval is not None and time.monotonic() - pinged >= notifier.watchdog_interval:
-                notifier.watchdog()  # from the loop itself: a hung step stops the pings
-                pinged = time.monotonic()
-    finally:
-        notifier.stopping()
-        if not coordinator.wait_published(10.0):
-            logging.getLogger("fednca.coordinator").warning("the broker did not take every message within 10 s")
-        client.disconnect()
-        notifier.close()
+    with coordinator_store.lock():  # one coordinator per store; rollback waits for it to stop
+        try:
+            coordinator.start()
+            notifier.ready(f"federation {cfg.federation.name}: running")
+            pinged = time.monotonic()
+            while not coordinator.finished and not coordinator.stopped:
+                coordinator.step(args.poll)
+                registry = watcher.changed()
+                if registry is not None:
+                    coordinator.set_registry(registry)
+                if notifier.watchdog_interval is not None and time.monotonic() - pinged >= notifier.watchdog_interval:
+                    notifier.watchdog()  # from the loop itself: a hung step stops the pings
+                    pinged = time.monotonic()
+        finally:
+            notifier.stopping()
+            if not coordinator.wait_published(10.0):
+                logging.getLogger("fednca.coordinator").warning("the broker did not take every message within 10 s")
+            client.disconnect()
+            notifier.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ rollback
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from .rollback import roll_back
+
+    cfg = load_config(args.folder / CONFIG_NAME)
+    store = RoundStore(root=cfg.store_root, federation=cfg.federation.name)
+    with store.lock():
+        done = roll_back(store=store, to_round=args.to_round, enrolled=frozenset(k.read_registry(cfg.registry_path).sites),
+                         config=cfg.federation.rounds, now=time.time())  # fmt: skip
+    abandoned = f"; {done.abandoned} accepted update(s) of the open round abandoned" if done.abandoned else ""
+    print(f"round {done.round} will train from the model of round {done.to_round} "
+          f"(model {done.model_sha256[:12]}){abandoned}; start the coordinator to announce it")
     return 0
 
 

@@ -164,6 +164,16 @@ class RoundAggregatedRecord(LogRecord):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelRolledBackRecord(LogRecord):
+    KIND: ClassVar[str] = "model_rolled_back"
+    round: int  # the new round, opened with the earlier model
+    from_round: int  # the round that was current (abandoned when it was open)
+    to_round: int  # the round whose stored model the new round trains from
+    model_sha256: str
+    abandoned: int  # accepted updates of the abandoned round
+
+
+@dataclass(frozen=True, kw_only=True)
 class FederationFinishedRecord(LogRecord):
     KIND: ClassVar[str] = "federation_finished"
     round: int  # the last round aggregated
@@ -194,11 +204,12 @@ KINDS: dict[str, type[LogRecord]] = {
         RoundOpenedRecord, DeadlineExtendedRecord, UpdateAcceptedRecord, UpdateRedeliveredRecord,
         UpdateRejectedRecord, UpdateDroppedRecord, SiteEnrolledRecord, SiteRevokedRecord, RoundClosedRecord,
         RoundAggregatedRecord, FederationFinishedRecord, CoordinatorResumedRecord, MessageDroppedRecord,
+        ModelRolledBackRecord,
     )
 }  # fmt: skip
 
 # Fields written only when they differ from this value, as lines have been spelt from the start.
-_OMITTED_WHEN = {"recovered": False}
+_OMITTED_WHEN = {"recovered": False, "model_kept": None}
 
 
 def encode(record: LogRecord) -> dict[str, Any]:

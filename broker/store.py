@@ -29,6 +29,7 @@ After a crash, call :meth:`RoundStore.recover` once, before anything else. It
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -71,6 +72,13 @@ class RoundStore:
         self._log_checked = False
         for folder in (self.folder, self.folder / "rounds", self.folder / "models"):
             _make_dir(folder)
+
+    # The one coordinator ---------------------------------------------------------------------------
+
+    def lock(self) -> "StoreLock":
+        """Hold the store for one process: ``coordinator run`` and ``rollback`` take it, so a second
+        coordinator (or a rollback under a running one) is refused instead of racing it."""
+        return StoreLock(self.folder / "lock")
 
     # State ----------------------------------------------------------------------------------------
 
@@ -246,6 +254,31 @@ class RoundStore:
             if folder.is_dir():
                 orphans = [p for p in sorted(folder.glob("*.bin")) if p not in counted]
         return Recovery(state=state, orphans=tuple(orphans), removed=tuple(removed), log_cut=log_cut)
+
+
+class StoreLock:
+    """An exclusive ``flock`` on a file in the store, released when the process ends (even by
+    SIGKILL), so a crash never leaves a stale lock behind."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> "StoreLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{self.path.parent} is in use by a running coordinator; stop it first "
+                             "(systemctl stop fednca-coordinator)") from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
 
 
 def _make_dir(folder: Path) -> None:

@@ -426,3 +426,51 @@ def test_without_a_model_it_starts_from_the_configured_preset_and_seed(world, tm
     built = {n: t.numpy() for n, t in tensors(build(world["cfg"], seed=3)).items()}
     assert coordinator.model_sha256 == wire.model_sha256(built) != world["base"]
     assert coordinator.state.enrolled == frozenset() and coordinator.state.quorum == 1
+
+
+# -- a poisoned aggregate, and rolling back ------------------------------------------------------
+
+
+def test_an_aggregate_that_fails_the_gate_keeps_the_previous_model_and_says_why(world, tmp_path):
+    unbounded = AggregationConfig(method="fedavg", median_norm_factor=None, max_weight_ratio=None)
+    config = FederationConfig(name=FED, model=world["cfg"], aggregation=unbounded, max_rounds=None)
+    fed = Federation(world, tmp_path, config=config).start()
+    huge = {n: np.full(a.shape, 6e4, np.float32) for n, a in world["model"].items()}  # finite in float16
+    fed.send("a", world["update"]("a", delta=huge))
+    for site in ("b", "c"):
+        fed.send(site)
+    fed.clock.now += 5
+    assert fed.coordinator.step() == 3
+    assert fed.coordinator.round == 2  # the round closed and the next one opened
+    assert fed.coordinator.model_sha256 == world["base"]  # on the model the federation had
+    assert fed.announcement().header.model_sha256 == world["base"]
+    summary = next(r for r in fed.store.read_log() if r["kind"] == "round_aggregated")
+    assert "max_model_change" in summary["model_kept"]
+
+
+def test_rollback_opens_a_new_round_on_an_earlier_model_that_a_restart_announces(world, tmp_path):
+    from fednca_broker.rollback import roll_back
+    from fednca_broker.store import StoreError
+
+    fed = Federation(world, tmp_path).start()
+    for site in SITES:
+        fed.send(site)
+    fed.clock.now += 5
+    fed.coordinator.step()
+    assert fed.coordinator.round == 2 and fed.coordinator.model_sha256 != world["base"]
+    fed.send("a", world["update"]("a", round=2, base_sha256=fed.coordinator.model_sha256))
+    fed.coordinator.step()
+    fed.coordinator.stop()
+    with pytest.raises(StoreError, match=r"no stored model of that round \(stored: 1, 2\)"):
+        roll_back(store=fed.store, to_round=7, enrolled=frozenset(SITES), config=RoundConfig(), now=fed.clock.now)
+    with fed.store.lock(), pytest.raises(StoreError, match="running coordinator"):
+        with fed.store.lock():
+            pass
+    done = roll_back(store=fed.store, to_round=1, enrolled=frozenset(SITES), config=RoundConfig(), now=fed.clock.now)
+    assert (done.round, done.model_sha256, done.abandoned) == (3, world["base"], 1)
+    again = Federation(world, tmp_path, broker=fed.broker, clock=fed.clock).start()
+    assert (again.coordinator.round, again.coordinator.model_sha256) == (3, world["base"])
+    announced = again.announcement()
+    assert (announced.header.round, announced.header.model_sha256) == (3, world["base"])
+    kinds = [r["kind"] for r in again.store.read_log()]
+    assert kinds[-2:] == ["model_rolled_back", "round_opened"]
