@@ -89,7 +89,7 @@ class Problems:
             raise ConfigError.collected(self.items, source=source)
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path"}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a non-empty string", bool: "true or false", Path: "a path"}
 _PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans", Path: "paths"}
 
 
