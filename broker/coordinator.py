@@ -25,6 +25,13 @@ model, and the round log says why), the new model is saved, the round is logged 
 announced. After ``max_rounds`` the final model is announced as round ``max_rounds + 1`` with its
 deadline at the moment the federation finished, and ``federation_finished`` is published.
 
+Floods: after the topic check, every message on ``updates/<site>`` or ``status/<site>`` is
+charged to its site's budget (:mod:`.admission`); one beyond it is acknowledged and counted, and
+nothing else is done: no unsealing, no receipt, no durable write, so the queue drains fast and
+the other sites' messages are handled as usual. The verdict lines a peer can repeat at will
+(``update_rejected``, ``site_throttled``) pass through :mod:`.line_limit`: one per site, kind and
+reason a minute, then one ``lines_suppressed`` line with the count left out.
+
 Messages that cannot be attributed to a site (a topic outside the federation's) are logged on
 ``events`` and acknowledged; status telemetry of enrolled sites is kept in memory, the last
 message per site. Nothing a peer sends raises out of :meth:`Coordinator.step`.
@@ -52,19 +59,23 @@ from fednca.transport.base import Client, Message
 from fednca.wire import UpdateHeader, WireError, check_update, verify_update
 
 from . import rounds
+from .admission import Admission, budget_for
 from .commit import STORE_THREADS, GroupCommit
 from .config import FederationConfig
 from .errors import CoordinatorError
+from .line_limit import LineKey, LineLimiter
 from .global_model import GlobalModel, float32, guarded_model, stored_deltas
 from .publisher import NO_UPDATE_ID, Publisher
 from .recovery import RoundLogIndex
 from .round_events import (
-    Ack, Action, Announce, CloseRound, Event, OpenRound, SendReceipt, SiteEnrolled, SiteRevoked, Tick,
+    Ack, Action, Announce, CloseRound, Event, LogEvent, OpenRound, SendReceipt, SiteEnrolled, SiteRevoked, Tick,
     UpdateRejected, UpdateVerified,
 )
 from .round_state import RoundState
 from .roundlog import (
     CoordinatorResumedRecord, FederationFinishedRecord, LogRecord, MessageDroppedRecord, RoundAggregatedRecord,
+    SiteThrottledRecord, UpdateRejectedRecord,
+    UpdateAcceptedRecord,
 )
 from .store import RoundStore
 from .telemetry import STATUS_MAX_BYTES, SiteStatus, StatusCache
@@ -123,9 +134,12 @@ class Coordinator:
         self._commit = GroupCommit(store=store, perform=self._perform_deferred, event=self._publisher.event,
                                    done=self._done)  # fmt: skip
         self._statuses = StatusCache(clock=clock)
+        self._admission: Admission | None = None  # sized from the model on the first message
+        self._lines = LineLimiter()
         self._state: RoundState | None = None
         self._model = GlobalModel.empty()
         self._logged = RoundLogIndex()  # what the round log held at a restart
+        self._metrics: dict[tuple[str, str], dict[str, float]] = {}  # (site, update id) -> what the site measured
         self._finished = False
         self._started = False
         self._stop = threading.Event()
@@ -182,7 +196,10 @@ class Coordinator:
         else:
             self._state = state
             self._model = GlobalModel.of(self._store.load_model(state.round), expect=state.model_sha256)
-            self._logged = RoundLogIndex(self._store.read_log())
+            records = self._store.read_log()
+            self._logged = RoundLogIndex(records)
+            self._metrics = {(r.site, r.update_id): dict(r.metrics) for r in records
+                             if isinstance(r, UpdateAcceptedRecord) and r.round == state.round}  # fmt: skip
             self._emit(CoordinatorResumedRecord(round=state.round, at=self._clock(), status=state.status,
                                                 accepted=len(state.accepted), uncounted=len(recovery.orphans)))
             for record in self._logged.missing(state):  # lines a crash kept out of the log
@@ -207,6 +224,8 @@ class Coordinator:
             if handled >= self._batch or self._finished:
                 break
             message = self._client.receive(0.0)
+        for record in self._lines.due(self._clock()):
+            self._commit.add(LogEvent(record), None)
         self._commit.flush()
         if not self._finished:
             self._apply(Tick(), None)
@@ -266,8 +285,15 @@ class Coordinator:
                 self._commit.flush()
                 self._finish_round(self.state)
                 self._done("CloseRound")
-            else:
+            elif not self._quiet(action):
                 self._commit.add(action, message)
+
+    def _quiet(self, action: Action) -> bool:
+        """Whether ``action`` is a verdict line of a kind and site already written this minute."""
+        if not isinstance(action, LogEvent) or not isinstance(action.record, UpdateRejectedRecord):
+            return False
+        r = action.record
+        return not self._lines.offer(LineKey(r.kind, r.site, r.reason.value), r.at)
 
     def _perform_deferred(self, action: Action, message: Message | None) -> None:
         """An action the group commit performs once the batch's state is saved."""
@@ -293,6 +319,8 @@ class Coordinator:
             parsed = self._topics.parse(message.topic)
         except TopicError as e:
             return self._drop(message, str(e))
+        if parsed.kind in ("status", "updates") and not self._admitted(parsed.kind, parsed.site, message):
+            return None
         if parsed.kind == "status":
             assert parsed.site is not None
             enrolled = self._registry.verify_key(parsed.site) is not None
@@ -302,6 +330,24 @@ class Coordinator:
         if parsed.kind != "updates":
             return self._drop(message, f"the coordinator does not take messages on {parsed.kind!r}")
         self._apply(self._open(parsed.site, message.payload), message)  # type: ignore[arg-type]
+
+    def _admitted(self, kind: str, site: str | None, message: Message) -> bool:
+        """Charge ``message`` to its site's budget; a refused one is acknowledged, counted and
+        logged at most once a minute per site, and goes no further."""
+        assert site is not None
+        now, size = self._clock(), len(message.payload)
+        if self._admission is None:
+            self._admission = Admission(budget=budget_for(max_update_bytes=self._model.max_update_bytes,
+                                                          status_max_bytes=STATUS_MAX_BYTES))  # fmt: skip
+        payer = site if site in self._registry.sites else "*"  # one bucket for all names not enrolled
+        if self._admission.admit(payer, size, now):
+            return True
+        if self._lines.offer(LineKey(SiteThrottledRecord.KIND, site, ""), now):
+            refused = self._admission.refused(payer).messages
+            self._commit.add(LogEvent(SiteThrottledRecord(at=now, site=site, topic=kind, bytes=size,
+                                                          refused=refused)), None)  # fmt: skip
+        self._commit.add(Ack(site, None), message)
+        return False
 
     def _open(self, site: str, payload: bytes) -> UpdateVerified | UpdateRejected:
         try:
@@ -313,8 +359,9 @@ class Coordinator:
             log.debug("update on %s refused: %s", self._topics.updates(site), e)
             h = e.header if isinstance(e.header, UpdateHeader) else None
             return UpdateRejected(site, h.update_id if h else None, e.reason, h.round if h else None)
+        self._metrics[(site, header.update_id)] = dict(header.metrics)
         return UpdateVerified(site, header.update_id, header.round, header.base_sha256, header.samples,
-                              header.steps, header.partial)
+                              header.steps, header.partial, dict(header.metrics))
 
     def _drop(self, message: Message, why: str) -> None:
         self._emit(MessageDroppedRecord(at=self._clock(), topic=message.topic[:200], bytes=len(message.payload),
@@ -369,8 +416,10 @@ class Coordinator:
                 method=self._cfg.aggregation.method, clip_norm=self._cfg.aggregation.clip_norm,
                 model_sha256=self._model.sha256, model_bytes=size, seconds=round(time.perf_counter() - started, 3),
                 model_kept=(kept or "the aggregate left the model unchanged") if kept_previous else None,
+                metrics_mean=mean_metrics([self._metrics.get((a.site, a.update_id), {}) for a in state.accepted]),
             ), durable=True)  # fmt: skip
             self._done("LogRound")
+        self._metrics.clear()  # the next round's updates bring their own
         if self._cfg.max_rounds is not None and state.round >= self._cfg.max_rounds:
             self._finish_federation(state)
             return
@@ -393,6 +442,8 @@ class Coordinator:
             self._apply(SiteEnrolled(site), None)
         for site in sorted(enrolled - wanted):
             self._statuses.forget(site)
+            if self._admission is not None:
+                self._admission.forget(site)
             self._apply(SiteRevoked(site), None)
         self._commit.flush()
 
@@ -407,3 +458,9 @@ class Coordinator:
         if durable:
             self._store.append_log(record)
         self._publisher.event(record)
+
+
+def mean_metrics(reported: list[Mapping[str, float]]) -> dict[str, float]:
+    """Per metric name, the mean over the sites that reported it (rounded to 4 decimals)."""
+    names = sorted({name for m in reported for name in m})
+    return {name: round(float(np.mean([m[name] for m in reported if name in m])), 4) for name in names}

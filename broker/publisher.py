@@ -31,8 +31,18 @@ from .roundlog import LogRecord, encode
 
 log = logging.getLogger("fednca.coordinator")
 
+_TIMES = ("deadline", "previous_deadline")  # clock readings a reader wants as local dates, not unix time
+
+
+def _shown(key: str, value: object) -> object:
+    """A log line's value: the deadline fields as local dates (the JSON on ``events`` keeps the number)."""
+    if key in _TIMES and isinstance(value, (int, float)):
+        return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(value))
+    return value
+
 NO_UPDATE_ID = "0" * 32  # a receipt's update id when the update's own could not be read
-_WARNING_KINDS = frozenset({"update_rejected", "update_dropped", "message_dropped", "deadline_extended"})
+_WARNING_KINDS = frozenset({"update_rejected", "update_dropped", "message_dropped", "deadline_extended",
+                            "site_throttled", "lines_suppressed"})
 _KEEP_HANDLES = 256  # answered handles are pruned once this many are held
 
 
@@ -78,7 +88,7 @@ class Publisher:
         level = logging.WARNING if record.kind in _WARNING_KINDS else logging.INFO
         # The log line has its own time, and names the kind first.
         shown = _shortened({k: v for k, v in fields.items() if k not in ("kind", "at")}, 8)
-        log.log(level, "%s %s", record.kind, " ".join(f"{k}={v}" for k, v in shown.items()))
+        log.log(level, "%s %s", record.kind, " ".join(f"{k}={_shown(k, v)}" for k, v in shown.items()))
 
     def wait_published(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s until the broker has taken every message published so far."""

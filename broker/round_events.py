@@ -8,8 +8,8 @@ compare the actions it returns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Union
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
 
 from fednca.rounds_vocab import CloseReason, Reason, RejectReason, Verdict
 
@@ -30,6 +30,7 @@ class UpdateVerified:
     samples: int
     steps: int
     partial: bool = False
+    metrics: Mapping[str, float] = field(default_factory=dict)  # the site's own measurements, for the log
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,20 @@ field (``"kind"`` included), for tools that treat the log as the JSON lines it i
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
 from fednca.rounds_vocab import CloseReason, RejectReason, RoundReason, RoundStatus, reject_reason
+
+
+def _numbers(value: Any) -> dict[str, float]:
+    """A metrics mapping: string names to finite numbers (a site's word, bounded by the wire codec)."""
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and type(v) in (int, float) and math.isfinite(v) for k, v in value.items()
+    ):
+        raise TypeError(f"must be an object of finite numbers, got {value!r}")
+    return {k: float(v) for k, v in value.items()}
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -83,6 +93,7 @@ class DeadlineExtendedRecord(LogRecord):
 @dataclass(frozen=True, kw_only=True)
 class UpdateAcceptedRecord(LogRecord):
     KIND: ClassVar[str] = "update_accepted"
+    _COERCE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {"metrics": _numbers}
     round: int
     site: str
     update_id: str
@@ -90,6 +101,7 @@ class UpdateAcceptedRecord(LogRecord):
     steps: int
     partial: bool
     recovered: bool = False  # written on a restart: the crash came between the state save and the log
+    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)  # the site's own word (e.g. test Dice)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,7 +162,8 @@ class RoundClosedRecord(LogRecord):
 @dataclass(frozen=True, kw_only=True)
 class RoundAggregatedRecord(LogRecord):
     KIND: ClassVar[str] = "round_aggregated"
-    _COERCE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {"reason": CloseReason, "sites": _strings}
+    _COERCE: ClassVar[Mapping[str, Callable[[Any], Any]]] = {"reason": CloseReason, "sites": _strings,
+                                                             "metrics_mean": _numbers}
     round: int  # the round aggregated; its result is the model of round + 1
     reason: CloseReason
     sites: tuple[str, ...]
@@ -161,6 +174,9 @@ class RoundAggregatedRecord(LogRecord):
     model_bytes: int
     seconds: float
     model_kept: str | None = None  # why the previous model was kept instead of the aggregate
+    # per metric name, the mean over the sites aggregated that reported it (dice_global: the test
+    # Dice of this round's model on the sites' held-out images, as the sites measured it)
+    metrics_mean: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,18 +214,37 @@ class MessageDroppedRecord(LogRecord):
     why: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class SiteThrottledRecord(LogRecord):
+    KIND: ClassVar[str] = "site_throttled"
+    site: str  # from the topic (the broker's ACL confines a site to its own)
+    topic: str  # the kind of topic: "updates" or "status"
+    bytes: int  # the size of the message that found the site's budget spent
+    refused: int = 1  # the site's messages refused since the coordinator started
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinesSuppressedRecord(LogRecord):
+    KIND: ClassVar[str] = "lines_suppressed"
+    line_kind: str  # the kind of the lines left out
+    site: str
+    reason: str = ""  # their reason code, when the kind has one
+    count: int  # lines left out since ``since``
+    since: float  # when the first of them would have been written
+
+
 KINDS: dict[str, type[LogRecord]] = {
     cls.KIND: cls
     for cls in (
         RoundOpenedRecord, DeadlineExtendedRecord, UpdateAcceptedRecord, UpdateRedeliveredRecord,
         UpdateRejectedRecord, UpdateDroppedRecord, SiteEnrolledRecord, SiteRevokedRecord, RoundClosedRecord,
         RoundAggregatedRecord, FederationFinishedRecord, CoordinatorResumedRecord, MessageDroppedRecord,
-        ModelRolledBackRecord,
+        ModelRolledBackRecord, SiteThrottledRecord, LinesSuppressedRecord,
     )
 }  # fmt: skip
 
 # Fields written only when they differ from this value, as lines have been spelt from the start.
-_OMITTED_WHEN = {"recovered": False, "model_kept": None}
+_OMITTED_WHEN: dict[str, Any] = {"recovered": False, "model_kept": None, "metrics": {}, "metrics_mean": {}}
 
 
 def encode(record: LogRecord) -> dict[str, Any]:
@@ -219,6 +254,8 @@ def encode(record: LogRecord) -> dict[str, Any]:
         value = getattr(record, f.name)
         if f.name in _OMITTED_WHEN and value == _OMITTED_WHEN[f.name]:
             continue
+        if isinstance(value, Mapping):
+            value = dict(value)
         data[f.name] = list(value) if isinstance(value, tuple) else value
     return data
 

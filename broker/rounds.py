@@ -191,7 +191,8 @@ def _on_update(state: RoundState, e: UpdateVerified, now: float, out: _Actions) 
     out.stored.append(StoreUpdate(state.round, e.site, e.update_id))
     out.rest += [Ack(e.site, e.update_id), SendReceipt(e.site, e.update_id, e.round, True, Verdict.ACCEPTED)]
     out.log(roundlog.UpdateAcceptedRecord(round=state.round, at=now, site=e.site, update_id=e.update_id,
-                                          samples=e.samples, steps=e.steps, partial=e.partial))  # fmt: skip
+                                          samples=e.samples, steps=e.steps, partial=e.partial,
+                                          metrics=e.metrics))  # fmt: skip
     return _evolve(state, now, accepted=state.accepted + (entry,))
 
 
