@@ -103,7 +103,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     back.add_argument("--to-round", type=int, required=True, metavar="N", help="train on from the model of round N")
     show = sub.add_parser("show", help="print the federation's configuration, sites and round")
     show.add_argument("folder", type=Path)
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print one JSON object (times as unix seconds)")
+    show.add_argument("--rounds", type=int, default=5, metavar="N", help="the latest N rounds' Dice (default 5)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -423,28 +424,47 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from fednca.display import local_time, relative, safe
+
+    from .round_history import history, render_rounds
+
     cfg = load_config(args.folder / CONFIG_NAME)
     registry = k.read_registry(cfg.registry_path)
-    state = RoundStore(root=cfg.store_root, federation=cfg.federation.name).load_state()
-    f = cfg.federation
+    store = RoundStore(root=cfg.store_root, federation=cfg.federation.name)
+    state = store.load_state()
+    h = history(store.read_log(), enrolled=registry.sites)
+    f, now = cfg.federation, time.time()
     info: dict[str, Any] = {
         "federation": f.name, "broker": cfg.broker.url, "sites": sorted(registry.sites),
         "round": None if state is None else {
-            "round": state.round, "status": state.status, "deadline": state.deadline, "quorum": state.quorum,
-            "accepted": [a.site for a in state.accepted], "close_reason": state.close_reason,
+            "round": state.round, "status": str(state.status), "deadline": float(state.deadline),
+            "quorum": state.quorum, "accepted": [a.site for a in state.accepted],
+            "close_reason": None if state.close_reason is None else str(state.close_reason),
         },
         "max_rounds": f.max_rounds, "aggregation": f.aggregation.method, "model": f.model.preset,
+        "finished": h.finished, "finished_at": h.finished_at, "revoked": list(h.revoked),
+        "errors": {s: e.to_dict() for s, e in sorted(h.errors.items())},
+        "rounds": [r.to_dict() for r in h.latest(args.rounds)],
     }  # fmt: skip
     if args.json:
         print(json.dumps(info, sort_keys=True))
         return 0
     print(f"federation {f.name!r} at {cfg.folder} (broker {cfg.broker.url})")
-    print(f"  sites ({len(registry.sites)}): {', '.join(sorted(registry.sites)) or 'none enrolled'}")
+    print(f"  sites ({len(registry.sites)}): {', '.join(sorted(registry.sites)) or 'none enrolled'}"
+          + (f"; revoked: {', '.join(h.revoked)}" if h.revoked else ""))
     if state is None:
         print("  no round opened yet")
+    elif h.finished:
+        print(f"  finished after {h.finished_round} rounds, {local_time(h.finished_at)} "
+              f"({relative(h.finished_at, now)}); the final model is announced as round {state.round}")
     else:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.deadline))
+        when = f"deadline {local_time(state.deadline)} ({relative(state.deadline, now)})"
         print(f"  round {state.round} of {f.max_rounds or 'unlimited'}: {state.status}"
-              + (f" ({state.close_reason})" if state.close_reason else f", deadline {when}")
+              + (f" ({state.close_reason})" if state.close_reason else f", {when}")
               + f"; {len(state.accepted)} of {state.quorum} needed accepted")
+    for line in render_rounds(h, count=args.rounds, now=now):
+        print(f"  {line}")
+    for site, e in sorted(h.errors.items()):
+        print(f"  error: site {safe(site, 40)}: update of round {e.round} rejected ({safe(e.reason, 40)}), "
+              f"{relative(e.at, now)}")
     return 0

@@ -302,3 +302,39 @@ def test_broker_config_moves_to_tls_and_renews_the_certificate(tmp_path, open_di
     capsys.readouterr()
     assert main(["coordinator", "broker-config", str(fed)]) == 2
     assert "mosquitto.port" in capsys.readouterr().err
+
+
+def test_show_reports_learning_errors_revocations_and_relative_times(fed, capsys):
+    import time
+
+    from history_support import write_history
+
+    assert enroll(fed, "site-a", bytes(SiteKeys.generate().verify_key).hex()) == 0
+    capsys.readouterr()
+    now = time.time()
+    write_history(RoundStore(root=fed / "store", federation="clinics"), now=now, finished=False)
+    assert main(["coordinator", "show", str(fed), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["finished"] is False and info["revoked"] == ["site-b"]
+    assert [r["mean"]["dice_global"] for r in info["rounds"]] == [0.30, 0.50]
+    assert info["rounds"][1]["sites"]["site-b"] == {"dice_global": 0.48}
+    assert info["errors"]["site-a"]["reason"] == "stale_round" and isinstance(info["errors"]["site-a"]["at"], float)
+    assert isinstance(info["round"]["deadline"], float)
+    assert main(["coordinator", "show", str(fed)]) == 0
+    out = capsys.readouterr().out
+    assert "revoked: site-b" in out and "stale_round" in out and "min ago" in out
+    assert "0.300" in out and "0.520" in out and "deadline" in out and "in 59 min" in out
+    assert str(int(now)) not in out  # no raw unix time
+
+
+def test_show_says_a_finished_federation_is_finished(fed, capsys):
+    import time
+
+    from history_support import write_history
+
+    write_history(RoundStore(root=fed / "store", federation="clinics"), now=time.time(), finished=True)
+    assert main(["coordinator", "show", str(fed)]) == 0
+    out = capsys.readouterr().out
+    assert "finished after 2 rounds" in out and "deadline" not in out
+    assert main(["coordinator", "show", str(fed), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["finished"] is True
