@@ -32,6 +32,15 @@ class StateFolderError(DaemonError):
     """The state folder is unusable or holds a damaged file; the message names it."""
 
 
+class TrainerError(DaemonError):
+    """The trainer child cannot start or go on (another trainer holds the state folder, the saved
+    announcement is of another round); it reports this on its pipe and exits."""
+
+
+class CheckpointMismatch(DaemonError):
+    """The checkpoint is unreadable or belongs to another round or model than the one to submit."""
+
+
 class TrainerProtocolError(DaemonError):
     """A message between the daemon and its trainer child is not one of theirs (bad JSON, an
     unknown kind, a missing or mistyped field)."""

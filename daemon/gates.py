@@ -23,13 +23,13 @@ import re
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from fednca.errors import FedNCAError
+from .errors import DaemonError
 
 _WINDOW = re.compile(r"(\d{2}):(\d{2})-(\d{2}):(\d{2})")
 MINUTES_PER_DAY = 24 * 60
 
 
-class WindowError(FedNCAError, ValueError):
+class WindowError(DaemonError, ValueError):
     """A time window is not ``HH:MM-HH:MM`` with valid times."""
 
 

@@ -28,15 +28,12 @@ from nacl.signing import SigningKey
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 
-from fednca.errors import FedNCAError
 from fednca.wire import Announcement, Reason, WireError, make_update
+
+from .errors import CheckpointMismatch
 
 CHECKPOINT_FORMAT = "fednca-checkpoint/1"  # fednca.train.FORMAT (not imported: it brings PyTorch)
 _METRICS = ("train_loss", "dice_global", "dice_local")
-
-
-class CheckpointMismatch(FedNCAError):
-    """The checkpoint is unreadable or belongs to another round or model than the one to submit."""
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from fednca.atomic import write_bytes
 from fednca.errors import FedNCAError
 
 from .outbox import StateFolder
-from .errors import TrainerProtocolError
+from .errors import TrainerError, TrainerProtocolError
 from .trainer_protocol import (ChunkCommand, ChunkReport, TrainerEvent, TrainerFailed, TrainerReady, WorkerSpec,
                                decode_command, encode_event)
 
@@ -85,7 +85,7 @@ def _lock(path: Path) -> int:
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
                 os.close(fd)
-                raise FedNCAError(f"{path}: another trainer holds the lock") from None
+                raise TrainerError(f"{path}: another trainer holds the lock") from None
             time.sleep(0.05)
 
 
@@ -130,7 +130,7 @@ class Session:
                                 federation=spec.federation)
         h = ann.header
         if h.round != spec.round:
-            raise FedNCAError(f"the saved announcement is for round {h.round}, not {spec.round}")
+            raise TrainerError(f"the saved announcement is for round {h.round}, not {spec.round}")
         self.train, self.test = _load_data(spec, h.model.input_size)
         trainer, extra = None, {}
         if self.checkpoint_path.exists():
@@ -220,7 +220,7 @@ def _command(line: bytes) -> ChunkCommand:
     try:
         return decode_command(line)
     except TrainerProtocolError:
-        raise FedNCAError(f"unknown command from the daemon: {line[:80]!r}") from None
+        raise TrainerProtocolError(f"unknown command from the daemon: {line[:80]!r}") from None
 
 
 def _peak_rss() -> int:
