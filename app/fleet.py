@@ -4,15 +4,22 @@ Pure: payloads and the time in, rows and text out. ``fednca status`` feeds it fr
 Telemetry is a peer's word: it is read by the one strict parser of the status message
 (:func:`fednca.telemetry.parse_status`), and a payload that is not one shows as unreadable
 rather than stopping the view.
+
+What a site wrote (its error text above all) is printed through :func:`fednca.display.safe`: no
+control character or terminal escape of a peer reaches the operator's terminal, and every cell
+is bounded. The round log adds what telemetry cannot say (:func:`annotate`): a revoked site is
+shown as revoked whatever its last telemetry said, the latest rejected update's reason fills the
+error column when the site reports none, and each site's latest reported test Dice.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+from fednca.display import number, safe
 from fednca.telemetry import OFFLINE, TelemetryError, parse_status
 
-COLUMNS = ("site", "state", "round", "progress", "last seen", "cpu %", "temp °C", "outbox")
+COLUMNS = ("site", "state", "round", "progress", "last seen", "cpu %", "temp °C", "outbox", "Dice", "error")
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,8 @@ class SiteRow:
     outbox: int | None = None
     samples_per_s: float | None = None
     error: str | None = None
+    dice: float | None = None  # the latest test Dice the site reported with an accepted update
+    seen_at: float | None = None  # the site's own timestamp (unix seconds)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,12 +55,20 @@ def row(site: str, payload: bytes, now: float) -> SiteRow:
         round=m.round,
         progress=m.progress,
         age_s=max(0.0, now - m.time),
+        seen_at=float(m.time),
         cpu_percent=m.cpu_percent,
         temperature_c=m.temperature_c,
         outbox=m.outbox,
         samples_per_s=m.samples_per_s,
         error=None if m.error is None else m.error[:80],
     )
+
+
+def annotate(r: SiteRow, *, revoked: bool, rejected: str | None, dice: float | None) -> SiteRow:
+    """``r`` with what the round log knows: revoked (the state), the latest rejection (the error
+    when telemetry names none) and the latest reported test Dice."""
+    state = "revoked" if revoked else r.state
+    return replace(r, state=state, error=r.error or rejected, dice=dice)
 
 
 def _age(seconds: float | None) -> str:
@@ -68,14 +85,16 @@ def render(rows: list[SiteRow], *, header: str = "") -> str:
     """A fixed-width text table, one line per site, sorted by site id."""
     def cells(r: SiteRow) -> tuple[str, ...]:
         return (
-            r.site,
-            r.state,
+            safe(r.site, 40),
+            safe(r.state, 20),
             "-" if r.round is None else str(r.round),
-            "-" if r.progress is None else f"{100 * r.progress:.0f}%",
+            "-" if r.progress is None or r.state == "revoked" else f"{100 * r.progress:.0f}%",
             _age(r.age_s),
-            "-" if r.cpu_percent is None else f"{r.cpu_percent:.0f}",
-            "-" if r.temperature_c is None else f"{r.temperature_c:.0f}",
+            number(r.cpu_percent, ".0f", bound=1e4),
+            number(r.temperature_c, ".0f", bound=1e4),
             "-" if r.outbox is None else str(r.outbox),
+            number(r.dice, ".3f", bound=1.0),
+            "-" if not r.error else safe(r.error, 60),
         )
 
     table = [COLUMNS] + [cells(r) for r in sorted(rows, key=lambda r: r.site)]

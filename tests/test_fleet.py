@@ -1,6 +1,7 @@
 import json
 
 from fednca_app.fleet import render, row
+from fednca.telemetry import MAX_TEXT
 from fednca_daemon.telemetry import Snapshot, status_json
 
 
@@ -37,3 +38,26 @@ def test_render_is_one_aligned_line_per_site_sorted():
     assert lines[1].startswith("site") and lines[3].startswith("a ") and lines[4].startswith("b ")
     assert "100%" in lines[3] and "50 min ago" in lines[3]
     assert "no site has reported" in render([])
+
+
+def test_a_hostile_error_text_reaches_the_terminal_escaped_and_bounded():
+    evil = "\x1b]0;owned\x07\x1b[2J\x1b[31mdisk full\r\n" + "x" * 500
+    r = row("a", status(error=evil[:MAX_TEXT]), now=1000)
+    assert r.error is not None and "\x1b" in r.error  # the parser keeps the site's text as it came
+    text = render([r])
+    assert "\x1b" not in text and "\x07" not in text and "\r" not in text
+    assert "\\x1b[2J" in text and "\\x07" in text
+    assert max(len(line) for line in text.splitlines()) < 200
+
+
+def test_the_round_log_marks_revoked_sites_errors_and_dice():
+    from fednca_app.fleet import annotate
+
+    training = row("a", status(round=3, steps=25), now=1000)
+    revoked = annotate(training, revoked=True, rejected=None, dice=0.61)
+    text = render([revoked])
+    assert "revoked" in text and "training" not in text and "25%" not in text and "0.610" in text
+    rejected = annotate(training, revoked=False, rejected="update rejected: stale_round", dice=None)
+    assert "stale_round" in render([rejected]) and rejected.to_dict()["error"] == "update rejected: stale_round"
+    own = annotate(row("a", status(error="sensor lost"), now=1000), revoked=False, rejected="x", dice=None)
+    assert own.error == "sensor lost"  # the site's own word comes first

@@ -49,3 +49,32 @@ def test_status_names_an_unreachable_broker(tmp_path, capsys):
     assert main(["coordinator", "init", str(folder), "--federation", FED, "--broker", "mqtt://127.0.0.1:9"]) == 0
     assert main(["status", str(folder), "--wait", "0.1", "--timeout", "1"]) == 2
     assert "127.0.0.1:9" in capsys.readouterr().err
+
+
+def _view(tmp_path, *, finished, latest):
+    import types
+
+    from fednca_app.commands.status import view
+    from fednca_broker.store import RoundStore
+    from history_support import write_history
+
+    cfg = types.SimpleNamespace(store_root=tmp_path / "store", federation=types.SimpleNamespace(name=FED))
+    now = time.time()
+    write_history(RoundStore(root=cfg.store_root, federation=FED), now=now, finished=finished)
+    return view(cfg, RoundStore, {"site-a": None}, latest, now)
+
+
+def test_status_view_shows_learning_revocation_errors_and_a_finished_federation(tmp_path):
+    latest = {s: status_json(Snapshot(site=s, version="1", time=time.time(), state="training", round=3, steps=25,
+                                      planned=100)) for s in ("site-a", "site-b")}  # fmt: skip
+    text, data = _view(tmp_path / "open", finished=False, latest=latest)
+    sites = {s["site"]: s for s in data["sites"]}
+    assert sites["site-b"]["state"] == "revoked" and sites["site-a"]["state"] == "training"
+    assert sites["site-a"]["error"] == "update rejected: stale_round" and sites["site-a"]["dice"] == 0.52
+    assert [r["mean"]["dice_global"] for r in data["rounds"]] == [0.30, 0.50]
+    assert isinstance(data["round"]["deadline"], float) and data["round"]["finished"] is False
+    assert "in 59 min" in text and "revoked" in text and "0.500" in text
+    text, data = _view(tmp_path / "done", finished=True, latest=latest)
+    assert data["round"]["finished"] is True
+    first = text.splitlines()[0]
+    assert "finished after 2 rounds" in first and "deadline" not in first

@@ -25,16 +25,44 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
 
 
-def _round_line(cfg, store_cls) -> tuple[str, dict | None]:
+def _round_line(cfg, store_cls, h, now: float) -> tuple[str, dict | None]:
+    """The header line and the round's JSON; ``h`` the round log's history (finished or not)."""
+    from fednca.display import local_time, relative
+
     state = store_cls(root=cfg.store_root, federation=cfg.federation.name).load_state()
     if state is None:
         return f"federation {cfg.federation.name}: no round opened yet", None
-    info = {"round": state.round, "status": state.status, "accepted": len(state.accepted),
-            "quorum": state.quorum, "deadline": state.deadline}
-    left = state.deadline - time.time()
-    when = f"deadline in {left:.0f} s" if left > 0 else "deadline passed"
+    info = {"round": state.round, "status": str(state.status), "accepted": len(state.accepted),
+            "quorum": state.quorum, "deadline": float(state.deadline), "finished": h.finished,
+            "finished_at": h.finished_at}
+    if h.finished:
+        return (f"federation {cfg.federation.name}: finished after {h.finished_round} rounds, "
+                f"{local_time(h.finished_at)} ({relative(h.finished_at, now)})"), info
+    when = f"deadline {local_time(state.deadline)} ({relative(state.deadline, now)})"
     return (f"federation {cfg.federation.name}: round {state.round} {state.status}, "
             f"{len(state.accepted)}/{state.quorum} accepted, {when}"), info
+
+
+def view(cfg, store_cls, registry_sites, latest: dict[str, bytes], now: float) -> tuple[str, dict]:
+    """The text and the JSON of the status view: telemetry rows annotated from the round log."""
+    from fednca_broker.round_history import history, render_rounds
+
+    from ..fleet import annotate, render, row
+
+    h = history(store_cls(root=cfg.store_root, federation=cfg.federation.name).read_log(), enrolled=registry_sites)
+    header, info = _round_line(cfg, store_cls, h, now)
+    dice: dict[str, float] = {}
+    for summary in h.rounds:
+        for site in summary.sites:
+            if summary.dice(site) is not None:
+                dice[site] = summary.dice(site)  # type: ignore[assignment]
+    rows = [annotate(row(site, payload, now), revoked=site in h.revoked,
+                     rejected=(f"update rejected: {h.errors[site].reason}" if site in h.errors else None),
+                     dice=dice.get(site)) for site, payload in latest.items()]  # fmt: skip
+    text = render(rows, header=header) + "\n" + "\n".join(render_rounds(h, count=5, now=now))
+    data = {"round": info, "sites": [r.to_dict() for r in rows], "rounds": [r.to_dict() for r in h.latest(5)],
+            "revoked": list(h.revoked)}
+    return text, data
 
 
 def _collect(client, topics, wait: float) -> dict[str, bytes]:
@@ -59,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from fednca_broker.config import CONFIG_NAME, load_config
     from fednca_broker.store import RoundStore
 
-    from ..fleet import render, row
+    from fednca.keys import read_registry
     from fednca.topics import Topics
 
     cfg = load_config(args.folder / CONFIG_NAME)
@@ -72,14 +100,13 @@ def run(args: argparse.Namespace) -> int:
         latest: dict[str, bytes] = {}
         while True:
             latest.update(_collect(client, topics, args.wait))
-            header, info = _round_line(cfg, RoundStore)
-            rows = [row(site, payload, time.time()) for site, payload in latest.items()]
+            text, data = view(cfg, RoundStore, read_registry(cfg.registry_path).sites, latest, time.time())
             if args.json:
-                print(json.dumps({"round": info, "sites": [r.to_dict() for r in rows]}))
+                print(json.dumps(data))
                 return 0
             if args.watch and sys.stdout.isatty():
                 sys.stdout.write("\x1b[H\x1b[2J")
-            print(render(rows, header=header), flush=True)
+            print(text, flush=True)
             if not args.watch:
                 return 0
             time.sleep(max(0.0, args.watch - args.wait))
