@@ -16,10 +16,15 @@ Behaviour (see also :mod:`fednca.transport.base`):
   Packet Size from a v5 CONNACK: paho itself ignores that maximum.
 - With v3.1.1 an ACL-denied publish is still acknowledged (the broker drops it silently); v5
   reports reason 135 on the handle.
+- Connection state is logged (logger ``fednca.transport``), one line per change with paho's
+  reason: connected, reconnected (with whether the broker kept the session), refused, and
+  disconnected (asked for, or lost: then paho reconnects with back-off). The shells (coordinator,
+  daemon, status) get these lines without knowing paho.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import threading
@@ -45,6 +50,8 @@ from .base import (
     check_publish,
     publish_packet_size,
 )
+
+log = logging.getLogger("fednca.transport")
 
 UNSUPPORTED_PROTOCOL = 132
 # CONNACK reasons that retrying cannot fix: bad client id, credentials, not authorized, banned,
@@ -208,6 +215,10 @@ class MqttClient(Client):
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def connections(self) -> int:
+        return self._epoch
+
     def connect(self, timeout: float = 10.0) -> bool:
         with self._lock:
             if self._dead:
@@ -282,6 +293,8 @@ class MqttClient(Client):
                 threading.Thread(target=self._fall_back, name="mqtt-fallback", daemon=True).start()
                 return
             error = TransportError(f"broker {self.address} refused the connection: {reason}")
+            log.warning("%s: broker %s refused the connection: %s (code %d)", self.client_id, self.address,
+                        reason, code)
             with self._changed:
                 self.last_error = error
                 if code in PERMANENT_REFUSALS:
@@ -295,7 +308,11 @@ class MqttClient(Client):
             self.session_present = bool(flags.session_present)
             self._max_packet_size = min(self._configured_max, limit or self._configured_max)
             subscriptions = self.subscriptions
+            epoch = self._epoch
             self._changed.notify_all()
+        log.info("%s: %s to broker %s (MQTT %s, session %s)", self.client_id,
+                 "connected" if epoch == 1 else "reconnected", self.address, self.protocol,
+                 "kept" if flags.session_present else "new")
         for topic_filter, qos in subscriptions.items():
             _, mid = client.subscribe(topic_filter, qos)
             if mid is not None:
@@ -305,7 +322,13 @@ class MqttClient(Client):
     def _on_disconnect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if client is self._paho:
             with self._lock:
-                self._connected = False
+                was, self._connected = self._connected, False
+                asked = not self._started or self._dead
+            if asked:
+                log.info("%s: disconnected from broker %s (%s)", self.client_id, self.address, reason)
+            elif was:
+                log.warning("%s: lost the broker %s: %s (code %s); reconnecting", self.client_id, self.address,
+                            reason, getattr(reason, "value", reason))
 
     def _on_message(self, client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         with self._lock:
