@@ -156,10 +156,13 @@ class MosquittoConfig:
     tls_names: tuple[str, ...] = ()  # non-empty: a TLS listener whose certificate names these
     user: str = "mosquitto"  # the account mosquitto drops to; it must be able to read the files
     max_inflight_messages: int | None = None  # None: sized for the enrolled sites
+    bind_client_ids: bool = False  # true: each client's id is its user name (no session takeover)
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_as_root, bool):
             raise ConfigError("run_as_root", f"must be true or false, got {self.run_as_root!r}")
+        if not isinstance(self.bind_client_ids, bool):
+            raise ConfigError("bind_client_ids", f"must be true or false, got {self.bind_client_ids!r}")
         if self.tls_names:
             tls.check_names(list(self.tls_names), field="tls_names")
         self.settings(federation="check", folder=Path("check"), coordinator_user="coordinator")
@@ -173,7 +176,7 @@ class MosquittoConfig:
             coordinator_user=coordinator_user, max_queued_messages=self.max_queued_messages or queued,
             max_inflight_messages=self.max_inflight_messages or inflight, user=self.user,
             data_folder=self.data_folder, persistent_client_expiration=self.persistent_client_expiration,
-            run_as_root=self.run_as_root,
+            run_as_root=self.run_as_root, bind_client_ids=self.bind_client_ids,
         )  # fmt: skip
 
 

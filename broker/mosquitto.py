@@ -21,6 +21,13 @@ that user; a log line says so.
 Listener limits grow with the federation (:func:`limits_for`): the coordinator is the one
 subscriber every site publishes to, and a queue that overflows drops QoS 1 messages mosquitto has
 already acknowledged to their senders, so its queue is sized per enrolled site.
+
+Sessions (``bind_client_ids``): mosquitto lets any authenticated user connect with any client id,
+which takes over the session of whoever held it. With ``use_username_as_clientid`` on every
+listener, each client's id becomes its user name: a site can take over only its own session. The
+price is one session per user: a second client with the same credentials (the coordinator's
+``fednca status`` beside the coordinator) takes over the first, so it is off until the views
+that share the coordinator's account have one of their own (docs/transport.md).
 """
 
 from __future__ import annotations
@@ -95,6 +102,7 @@ class MosquittoSettings:
     run_as_root: bool = False  # add `user root` (containers without a mosquitto account)
     user: str = BROKER_USER  # the account mosquitto drops to when started as root
     data_folder: str | None = None  # persistence; None: <folder>/data
+    bind_client_ids: bool = False  # each client's id is its user name: no user can take over another's session
 
     def __post_init__(self) -> None:
         topics.check_id(self.federation, what="federation")
@@ -173,13 +181,15 @@ def render_conf(settings: MosquittoSettings) -> str:
         f"max_inflight_messages {s.max_inflight_messages}",
         f"user {'root' if s.run_as_root else s.user}",
     ]
+    bound = ["use_username_as_clientid true"] if s.bind_client_ids else []  # a listener's own setting
     if s.plain_listener:
-        lines += ["", f"listener {s.port} {s.address}"]
+        lines += ["", f"listener {s.port} {s.address}", *bound]
     if s.tls is not None:
         t = s.tls
         lines += [
             "",
             f"listener {t.port} {t.address}",
+            *bound,
             f"cafile {t.cafile}",
             f"certfile {t.certfile}",
             f"keyfile {t.keyfile}",

@@ -242,6 +242,12 @@ class Client(ABC):
     @abstractmethod
     def connected(self) -> bool: ...
 
+    @property
+    def connections(self) -> int:
+        """How many times this client has connected: more than one means its connection was lost
+        (or its session taken over by another client) and made again."""
+        raise NotImplementedError
+
     @abstractmethod
     def _send_subscribe(self, topic_filter: str, qos: int, timeout: float) -> None:
         """Subscribe now on the live connection; raise SubscribeRefused or NotConnected."""

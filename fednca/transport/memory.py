@@ -13,6 +13,8 @@ It keeps the guarantees that matter to the protocol, as mosquitto does:
   counted, like mosquitto's ``max_queued_messages``); QoS 0 for an offline client is dropped;
   a ``clean_start=True`` session ends when its connection does;
 - the last will is published when a connection ends without a clean disconnect;
+- sessions bound to users (as mosquitto's ``use_username_as_clientid``): a client id that names
+  another user, or whose session another user made, is refused (:class:`ConnectRefused`);
 - users with a password and a role; the ACL of :func:`fednca.topics.allowed`: a denied publish is
   dropped and its handle settles with reason 135 (as MQTT v5); a denied subscribe is refused
   (mosquitto 2.0 grants it and filters each message instead: either way nothing leaks);
@@ -188,6 +190,7 @@ class MemoryBroker:
             raise NotConnected("broker memory:// is not running")
         role = self._authenticate(client)
         session = self._sessions.get(client.client_id)
+        self._check_owner(client, session)
         if session is not None and session.client is not None:  # takeover: the old one is cut off
             old = session.client
             self._close(old, graceful=False)
@@ -204,6 +207,19 @@ class MemoryBroker:
             self._deliver(session, pending, mid=mid, dup=True)
         self._pump(session)
         return present
+
+    def _check_owner(self, client: MemoryClient, session: Session | None) -> None:
+        """A client id belongs to its user: one that names another user, or whose session another
+        user made, is refused, so no user can take over (or squat) another's session. A user may
+        still take over its own session (a restarted process does)."""
+        if not self._users:
+            return
+        owner = session.username if session is not None else None
+        if owner is None and client.client_id in self._users:
+            owner = client.client_id
+        if owner is not None and owner != client.username:
+            raise ConnectRefused("memory://", f"client id {client.client_id!r} is bound to another user "
+                                 f"({owner!r}); {client.username!r} may not use it")
 
     def _authenticate(self, client: MemoryClient) -> str | None:
         if not self._users:

@@ -50,9 +50,14 @@ class MemoryClient(Client):
         self.password = password
         self.clean_start = clean_start
         self.epoch = 0
+        self._connections = 0  # connections made (refused attempts not counted)
         self.last_error: TransportError | None = None
         self._state = "new"  # new | connected | lost | closed | dead
         self._outbox: list[tuple[PublishHandle, Pending]] = []
+
+    @property
+    def connections(self) -> int:
+        return self._connections
 
     @property
     def connected(self) -> bool:
@@ -80,6 +85,7 @@ class MemoryClient(Client):
             self._state = "closed"
             raise
         self._state = "connected"
+        self._connections += 1
         self._max_packet_size = min(self._max_packet_size, self._broker.max_packet_size)
         for topic_filter, qos in self.subscriptions.items():
             try:

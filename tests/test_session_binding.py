@@ -1,0 +1,141 @@
+"""A session belongs to its user: another authenticated user cannot take it over.
+
+Run on both brokers. The in-memory broker refuses a client id bound to another user with
+ConnectRefused; mosquitto, with the ids bound (``use_username_as_clientid``), gives the intruder
+its own user name as client id instead. Either way the owner keeps its one connection and goes on
+receiving. A message that must arrive after the attempt is the marker: no test waits for
+something not to happen.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fednca import topics
+from fednca.topics import Topics
+from fednca.transport import ConnectRefused
+from fednca.transport.memory import MemoryBroker
+from fednca.transport.mqtt import MqttClient
+from fednca_broker.mosquitto import render_conf
+
+FED = "fed"
+SITES = ("site-a", "site-b")
+T = Topics(FED)
+WAIT = 5.0
+
+
+class Memory:
+    refuses = True
+
+    def __init__(self) -> None:
+        self.broker = MemoryBroker(federation=FED)
+        for user in ("coordinator", *SITES):
+            role = topics.COORDINATOR if user == "coordinator" else topics.SITE
+            self.broker.add_user(user, password=f"{user}-secret", role=role)
+
+    def make(self, user: str, client_id: str, **kwargs):
+        return self.broker.client(client_id=client_id, username=user, password=f"{user}-secret", **kwargs)
+
+
+class Mosquitto:
+    refuses = False
+
+    def __init__(self, running) -> None:
+        self.running = running
+
+    def make(self, user: str, client_id: str, **kwargs):
+        return MqttClient(url=self.running.url, client_id=client_id, username=user,
+                          password=self.running.passwords[user], reconnect_min_delay=0.05,
+                          reconnect_max_delay=0.2, **kwargs)  # fmt: skip
+
+
+@pytest.fixture(params=["memory", "mosquitto"])
+def broker(request):
+    if request.param == "memory":
+        harness = Memory()
+    else:
+        harness = Mosquitto(request.getfixturevalue("mosquitto_factory")(federation=FED, sites=SITES,
+                                                                          bind_client_ids=True))  # fmt: skip
+    made = []
+
+    def make(user, client_id, **kwargs):
+        client = harness.make(user, client_id, **kwargs)
+        made.append(client)
+        return client
+
+    harness.client = make
+    yield harness
+    for client in made:
+        client.disconnect()
+
+
+def receive(client):
+    message = client.receive(WAIT)
+    assert message is not None, f"{client.client_id} received nothing within {WAIT} s"
+    client.ack(message)
+    return message
+
+
+def owner_and_coordinator(broker, owner_id):
+    owner = broker.client("site-a", owner_id)
+    assert owner.connect(WAIT)
+    owner.subscribe(T.receipts("site-a"), 1)
+    coordinator = broker.client("coordinator", "coordinator")
+    assert coordinator.connect(WAIT)
+    coordinator.publish(T.receipts("site-a"), b"before").result(WAIT)
+    assert receive(owner).payload == b"before"
+    return owner, coordinator
+
+
+def attempt(broker, user, client_id):
+    intruder = broker.client(user, client_id, clean_start=True)
+    if broker.refuses:
+        with pytest.raises(ConnectRefused, match="bound to another user"):
+            intruder.connect(WAIT)
+    else:
+        assert intruder.connect(WAIT)  # mosquitto: connected, under its own user name
+    return intruder
+
+
+@pytest.mark.parametrize("owner_id", ["site-a", "fednca-fed-site-a"])
+def test_another_user_cannot_take_over_a_session(broker, owner_id):
+    owner, coordinator = owner_and_coordinator(broker, owner_id)
+    intruder = attempt(broker, "site-b", owner_id)
+    coordinator.publish(T.receipts("site-a"), b"after").result(WAIT)
+    assert receive(owner).payload == b"after"
+    # mosquitto cuts the old connection before it answers the new one: the marker, published after
+    # the attempt, would have come on a second connection had the session been taken over.
+    assert owner.connected and owner.connections == 1
+    assert not broker.refuses or not intruder.connected
+
+
+def test_the_coordinator_session_cannot_be_taken_by_a_site(broker):
+    coordinator = broker.client("coordinator", "coordinator")
+    assert coordinator.connect(WAIT)
+    coordinator.subscribe(T.all_updates, 1)
+    site = broker.client("site-a", "site-a")
+    assert site.connect(WAIT)
+    attempt(broker, "site-b", "coordinator")
+    site.publish(T.updates("site-a"), b"update").result(WAIT)
+    assert receive(coordinator).payload == b"update"
+    assert coordinator.connected and coordinator.connections == 1
+
+
+def test_a_user_may_still_take_back_its_own_session(broker):
+    first = broker.client("site-a", "site-a")
+    assert first.connect(WAIT)
+    first.disconnect()
+    again = broker.client("site-a", "site-a")
+    assert again.connect(WAIT)
+    assert again.connections == 1
+
+
+def test_the_conf_binds_ids_on_every_listener():
+    from fednca_broker.mosquitto import MosquittoSettings, TLSListener
+
+    tls = TLSListener(cafile="/c/ca.pem", certfile="/c/s.pem", keyfile="/c/s.key")
+    conf = render_conf(MosquittoSettings(federation=FED, folder="/srv/fed", tls=tls, bind_client_ids=True))
+    blocks = conf.split("\nlistener ")[1:]
+    assert len(blocks) == 2 and all("use_username_as_clientid true" in b for b in blocks)
+    unbound = render_conf(MosquittoSettings(federation=FED, folder="/srv/fed"))
+    assert "use_username_as_clientid" not in unbound
