@@ -52,6 +52,10 @@ DEFAULT_PASSES = 10
 # while 0.1 flagged more than half of the frames. Erring towards a second look suits a clinic;
 # calibrate it on a site's own images as docs/inference.md shows.
 DEFAULT_NQM_THRESHOLD = 0.2
+# A mask covering less than this fraction of the image is flagged "empty": the model found (next to)
+# nothing. NQM alone cannot say so: a near-empty prediction scores high for its small mean, the
+# same as a mask the passes disagree on, and a reader must tell "nothing here" from "unsure".
+EMPTY_FOREGROUND = 0.005
 MAX_MODEL_BYTES = 64 << 20
 
 
@@ -157,6 +161,7 @@ class ImageResult:
     nqm: float | None  # None with a single pass
     flagged: bool  # nqm above the threshold
     seconds: float  # model passes only (decoding and writing excluded)
+    flags: tuple[str, ...] = ()  # "empty": foreground below EMPTY_FOREGROUND; "nqm": flagged
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,7 +206,13 @@ def segment_file(
         width=grey.shape[1], height=grey.shape[0], foreground=round(float(mask.mean()), 6),
         nqm=None if score is None else round(score, 6), flagged=score is not None and score > nqm_threshold,
         seconds=round(seconds, 6),
+        flags=result_flags(float(mask.mean()), score is not None and score > nqm_threshold),
     )
+
+
+def result_flags(foreground: float, nqm_flagged: bool) -> tuple[str, ...]:
+    """What a reader must know before trusting a mask: near-empty, and/or passes that disagree."""
+    return (("empty",) if foreground < EMPTY_FOREGROUND else ()) + (("nqm",) if nqm_flagged else ())
 
 
 def mask_at(probability: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

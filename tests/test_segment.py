@@ -166,3 +166,49 @@ def test_overlay_draws_the_truth_outline_in_green_and_no_line_along_the_frame():
     assert tuple(rgb[0, 1]) == (178, 76, 76) and tuple(rgb[0, 2]) == (255, 0, 0) and tuple(rgb[2, 2]) == (255, 0, 0)
     assert tuple(rgb[1, 1]) == (0, 220, 0) and tuple(rgb[2, 3]) == (0, 220, 0)  # truth drawn on top
     np.testing.assert_array_equal(rgb, overlay(np.full((5, 5), 0.5), mask, truth=truth))
+
+
+class NothingFound:
+    """A model whose passes all agree that there is (next to) nothing: a near-empty mask."""
+
+    cfg = CFG
+
+    def passes(self, image, passes, rng):
+        return np.full((passes, CFG.input_size, CFG.input_size), 0.01, np.float32) + rng.random(
+            (passes, CFG.input_size, CFG.input_size), dtype=np.float32) * 1e-3
+
+
+def test_an_empty_prediction_is_flagged_in_json_and_in_words(model_file, capsys, monkeypatch):
+    import fednca_app.commands.segment as command
+
+    _, folder = model_file
+    monkeypatch.setattr(command.Segmenter, "open", classmethod(lambda cls, path, threads=1: _opened()))
+    rc, report = segment(folder, "--seed", "1", capsys=capsys)
+    assert rc == 0 and report["empty"] == 2
+    assert all(r["foreground"] == 0 and "empty" in r["flags"] for r in report["images"])
+    assert main(["segment", str(folder / "grey.png"), "--model", "x.onnx", "--out", str(folder / "out")]) == 0
+    out = capsys.readouterr()
+    assert "EMPTY" in out.out and "near-empty" in out.err
+
+
+def _opened():
+    seg = NothingFound()
+    seg.model_sha256 = "00" * 32
+    return seg
+
+
+def test_flags_name_empty_and_disagreeing_masks_apart():
+    from fednca.segment import EMPTY_FOREGROUND, result_flags
+
+    assert result_flags(0.0, False) == ("empty",) and result_flags(0.3, True) == ("nqm",)
+    assert result_flags(EMPTY_FOREGROUND / 2, True) == ("empty", "nqm") and result_flags(0.3, False) == ()
+
+
+def test_without_a_model_it_says_where_it_looked_and_how_to_point_elsewhere(model_file, capsys, monkeypatch, tmp_path):
+    import fednca_app.commands.segment as command
+
+    _, folder = model_file
+    monkeypatch.setattr(command, "DEFAULT_MODEL", tmp_path / "state" / "inference" / "model.onnx")
+    assert main(["segment", str(folder / "grey.png"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "state" / "inference" / "model.onnx") in err and "--model" in err

@@ -5,8 +5,9 @@ Without ``--model`` it uses the site daemon's inference model, the newest verifi
 
 Runs on onnxruntime, numpy and Pillow only: PyTorch is not imported. For each image it writes
 ``DIR/NAME_mask.png`` (0/255, the image's own size) and ``DIR/NAME_overlay.png`` and reports the
-NQM quality score; an image whose score is above ``--threshold`` is flagged. The exit status is 0
-whether or not images are flagged; errors (an unreadable image, a file that is not an exported
+NQM quality score; an image whose score is above ``--threshold`` is flagged, and a mask that is
+empty or nearly so is flagged ``empty`` (NQM scores such a mask high too, so the flag says which
+it is). The exit status is 0 whether or not images are flagged; errors (an unreadable image, a file that is not an exported
 model) exit with status 2 and name the file.
 """
 
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fednca.errors import ConfigError
-from fednca.segment import DEFAULT_NQM_THRESHOLD, DEFAULT_PASSES, Segmenter, output_paths, segment_file
+from fednca.errors import ConfigError, FedNCAError
+from fednca.segment import (
+    DEFAULT_NQM_THRESHOLD, DEFAULT_PASSES, EMPTY_FOREGROUND, Segmenter, output_paths, segment_file,
+)
 
 # Where a site daemon keeps its newest verified global model (its state_dir, default /var/lib/fednca).
 DEFAULT_MODEL = Path(os.environ.get("FEDNCA_STATE_DIR", "/var/lib/fednca")) / "inference" / "model.onnx"
@@ -49,9 +52,9 @@ def _score(text: str) -> float:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG, any size, grey or colour")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+    p.add_argument("--model", type=Path,
                    help="ONNX file written by 'fednca export' (default: the site daemon's newest global model, "
-                        "%(default)s)")
+                        f"{DEFAULT_MODEL})")
     p.add_argument("--out", type=Path, required=True, help="folder for the masks and overlays (created)")
     p.add_argument("--passes", type=_positive, default=DEFAULT_PASSES,
                    help=f"stochastic passes averaged per image (default {DEFAULT_PASSES}; NQM needs 2 or more)")
@@ -62,7 +65,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with every image's result")
 
 
+def _model_path(given: Path | None) -> Path:
+    """``--model``, else the site daemon's inference model; without either, where it looked and how to
+    point elsewhere."""
+    if given is not None:
+        return given
+    if not DEFAULT_MODEL.exists():
+        raise FedNCAError(
+            f"no model given and none at {DEFAULT_MODEL}, where the site daemon keeps its newest verified global "
+            "model (inference/model.onnx in its state folder: state_dir in daemon.yaml, FEDNCA_STATE_DIR here; "
+            "it appears once the daemon has verified a round). Point to another with --model FILE.onnx "
+            "(made by 'fednca export')")
+    return DEFAULT_MODEL
+
+
 def run(args: argparse.Namespace) -> int:
+    args.model = _model_path(args.model)
     seg = Segmenter.open(args.model, threads=args.threads)
     paths = output_paths(args.images, args.out)
     try:
@@ -78,15 +96,21 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             score = "NQM n/a (1 pass)" if r.nqm is None else f"NQM {r.nqm:.3f}"
             flag = "  FLAGGED: check this mask" if r.flagged else ""
-            print(f"{image}: {100 * r.foreground:.1f}% foreground, {score}{flag} -> {mask}")
+            empty = "  EMPTY: the model found (next to) nothing" if "empty" in r.flags else ""
+            print(f"{image}: {100 * r.foreground:.1f}% foreground, {score}{flag}{empty} -> {mask}")
     if args.json:
         print(json.dumps({
             "model": str(args.model), "model_sha256": seg.model_sha256, "preset": seg.cfg.preset,
             "input_size": seg.cfg.input_size, "passes": args.passes, "seed": seed, "nqm_threshold": args.threshold,
             "threads": args.threads, "flagged": sum(r.flagged for r in results),
+            "empty": sum("empty" in r.flags for r in results),
             "images": [r.to_dict() for r in results],
         }))
-    elif any(r.flagged for r in results):
-        print(f"{sum(r.flagged for r in results)} of {len(results)} image(s) flagged (NQM > {args.threshold})",
-              file=sys.stderr)
+    else:
+        if any(r.flagged for r in results):
+            print(f"{sum(r.flagged for r in results)} of {len(results)} image(s) flagged (NQM > {args.threshold})",
+                  file=sys.stderr)
+        if any("empty" in r.flags for r in results):
+            print(f"{sum('empty' in r.flags for r in results)} of {len(results)} image(s) with an empty or near-empty "
+                  f"mask (under {100 * EMPTY_FOREGROUND:g}% of the pixels)", file=sys.stderr)
     return 0
