@@ -7,18 +7,19 @@ therefore costs the other sites their updates unless the coordinator drains its 
 the flood fills it. Unsealing and verifying an update costs a few milliseconds of crypto and a
 signed receipt; a flood must not get that far.
 
-So, after the topic check and before the codec, each message is charged to its site's bucket:
+So, after the topic check and before the codec, each message is charged to its site's bucket of
+its kind (``updates`` or ``status``: a site's chatty telemetry never spends its updates' budget):
 one token of the message bucket and ``len(payload)`` tokens of the byte bucket. A message that
 finds either bucket short is *refused*: the coordinator acknowledges it to the broker (so the
 queue drains) and counts it, and does nothing else: no unsealing, no receipt, no durable write.
 Every other site's buckets are untouched, so its messages are handled normally.
 
-The budget comes from what an honest site sends (:func:`budget_for`): one update per round, a
-few resends of it when no receipt comes back, and telemetry every few seconds (the daemon's
-default is every 60 s, plus one on each state change). The budget is sized for a site that
-reports every second and resends its update several times in a minute: an order of magnitude
-above an honest site, far below a flood of thousands. A refused honest message is not lost for
-good: the daemon publishes its update again when no receipt arrives.
+The budgets come from what an honest site sends (:func:`budgets_for`): one update per round and
+a few resends of it when no receipt comes back; telemetry every interval (60 s by default) and
+after each training chunk (a few seconds, 0.2 s in the tests). They are sized twice over for
+:data:`UPDATE_SENDS_PER_MINUTE` updates a minute and a status every :data:`FASTEST_TELEMETRY_S`:
+well above an honest site, far below a flood of thousands. A refused honest update is not lost
+for good: the daemon publishes it again when no receipt arrives.
 
 Pure: the clock reading is passed to every call; nothing here sleeps or reads a clock.
 """
@@ -27,10 +28,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# What an honest site may send, at most, that the budget is sized for.
-FASTEST_TELEMETRY_S = 1.0  # one status message a second (the daemon's default is one a minute)
+from typing import Mapping
+
+# What an honest site may send, at most, that the budgets are sized for (twice over).
+FASTEST_TELEMETRY_S = 0.2  # a status after every training chunk of the shortest length
+UPDATE_SENDS_PER_MINUTE = 8  # an update and its resends (rounds of a minute or less)
 BURST_SECONDS = 60.0  # a full bucket holds a minute of that
-UPDATE_SENDS_PER_BURST = 8  # an update and its resends within one burst window
+UPDATES, STATUS = "updates", "status"  # the kinds of message charged, each to a bucket of its own
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,21 +53,19 @@ class Budget:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
-def budget_for(*, max_update_bytes: int, status_max_bytes: int) -> Budget:
-    """The budget of one site of a federation whose updates are at most ``max_update_bytes`` and
-    status messages at most ``status_max_bytes``.
+def _per_minute(messages: float, largest: int) -> Budget:
+    burst = 2 * messages  # twice what an honest site sends in BURST_SECONDS
+    return Budget(burst_messages=burst, messages_per_s=burst / BURST_SECONDS,
+                  burst_bytes=burst * largest, bytes_per_s=burst * largest / BURST_SECONDS)  # fmt: skip
 
-    Messages: telemetry every :data:`FASTEST_TELEMETRY_S` plus :data:`UPDATE_SENDS_PER_BURST`
-    update sends in :data:`BURST_SECONDS`, twice over (state changes send status too); bytes: the
-    same messages at their largest.
-    """
+
+def budgets_for(*, max_update_bytes: int, status_max_bytes: int) -> dict[str, Budget]:
+    """Each kind's budget for one site of a federation whose updates are at most
+    ``max_update_bytes`` and status messages at most ``status_max_bytes``."""
     if max_update_bytes < 1 or status_max_bytes < 1:
         raise ValueError("message sizes must be positive")
-    status_per_burst = BURST_SECONDS / FASTEST_TELEMETRY_S
-    messages = 2 * (status_per_burst + UPDATE_SENDS_PER_BURST)
-    size = 2 * (status_per_burst * status_max_bytes + UPDATE_SENDS_PER_BURST * max_update_bytes)
-    return Budget(burst_messages=messages, messages_per_s=messages / BURST_SECONDS,
-                  burst_bytes=size, bytes_per_s=size / BURST_SECONDS)  # fmt: skip
+    return {UPDATES: _per_minute(UPDATE_SENDS_PER_MINUTE, max_update_bytes),
+            STATUS: _per_minute(BURST_SECONDS / FASTEST_TELEMETRY_S, status_max_bytes)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -101,21 +103,26 @@ class Refused:
 
 
 class Admission:
-    """The buckets of every site that has sent something, and what each has had refused.
+    """The buckets of every site that has sent something, one per kind, and what each site has
+    had refused.
 
     Buckets exist only for the sites named to :meth:`admit`; the coordinator passes the enrolled
     sites' ids (ACLs confine each site to its own topics) and :meth:`forget` drops a revoked one.
     """
 
-    def __init__(self, *, budget: Budget) -> None:
-        self.budget = budget
-        self._buckets: dict[str, Bucket] = {}
+    def __init__(self, *, budgets: Mapping[str, Budget]) -> None:
+        self.budgets = dict(budgets)
+        self._buckets: dict[tuple[str, str], Bucket] = {}
         self._refused: dict[str, Refused] = {}
 
-    def admit(self, site: str, size: int, now: float) -> bool:
-        """Charge one message of ``size`` bytes from ``site``; False: refuse it (and count it)."""
-        bucket = self._buckets.get(site) or Bucket.full(self.budget, now)
-        self._buckets[site], admitted = take(bucket, self.budget, size, now)
+    def admit(self, site: str, kind: str, size: int, now: float) -> bool:
+        """Charge one message of ``kind`` and ``size`` bytes from ``site``; False: refuse it (and
+        count it). A kind without a budget is admitted."""
+        budget = self.budgets.get(kind)
+        if budget is None:
+            return True
+        bucket = self._buckets.get((site, kind)) or Bucket.full(budget, now)
+        self._buckets[(site, kind)], admitted = take(bucket, budget, size, now)
         if not admitted:
             was = self._refused.get(site, Refused())
             self._refused[site] = Refused(was.messages + 1, was.bytes + size)
@@ -125,4 +132,5 @@ class Admission:
         return self._refused.get(site, Refused())
 
     def forget(self, site: str) -> None:
-        self._buckets.pop(site, None)
+        for kind in self.budgets:
+            self._buckets.pop((site, kind), None)

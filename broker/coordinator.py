@@ -59,7 +59,7 @@ from fednca.transport.base import Client, Message
 from fednca.wire import UpdateHeader, WireError, check_update, verify_update
 
 from . import rounds
-from .admission import Admission, budget_for
+from .admission import Admission, budgets_for
 from .commit import STORE_THREADS, GroupCommit
 from .config import FederationConfig
 from .errors import CoordinatorError
@@ -337,10 +337,10 @@ class Coordinator:
         assert site is not None
         now, size = self._clock(), len(message.payload)
         if self._admission is None:
-            self._admission = Admission(budget=budget_for(max_update_bytes=self._model.max_update_bytes,
-                                                          status_max_bytes=STATUS_MAX_BYTES))  # fmt: skip
+            self._admission = Admission(budgets=budgets_for(max_update_bytes=self._model.max_update_bytes,
+                                                            status_max_bytes=STATUS_MAX_BYTES))  # fmt: skip
         payer = site if site in self._registry.sites else "*"  # one bucket for all names not enrolled
-        if self._admission.admit(payer, size, now):
+        if self._admission.admit(payer, kind, size, now):
             return True
         if self._lines.offer(LineKey(SiteThrottledRecord.KIND, site, ""), now):
             refused = self._admission.refused(payer).messages

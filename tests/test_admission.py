@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from fednca.topics import Topics
-from fednca_broker.admission import Admission, Bucket, Budget, budget_for, take
-from fednca_broker.line_limit import LineKey, LineLimiter
+from fednca_broker.admission import STATUS, UPDATES, Admission, Bucket, Budget, budgets_for, take
+from fednca_broker.line_limit import LINES, LineKey, LineLimiter
 from fednca_broker.roundlog import LinesSuppressedRecord, SiteThrottledRecord, decode, encode
 from test_coordinator import FED, SITES, T0, Federation, world  # noqa: F401  (world: a module fixture)
 
@@ -52,26 +52,33 @@ def test_a_clock_that_goes_back_refills_nothing():
 
 
 def test_one_site_spending_its_budget_leaves_the_others_whole():
-    admission = Admission(budget=BUDGET)
-    flood = [admission.admit("bad", 10, 0.0) for _ in range(50)]
+    admission = Admission(budgets={UPDATES: BUDGET, STATUS: BUDGET})
+    flood = [admission.admit("bad", UPDATES, 10, 0.0) for _ in range(50)]
     assert flood.count(True) == 3
     assert admission.refused("bad").messages == 47 and admission.refused("bad").bytes == 470
-    assert all(admission.admit("good", 10, 0.0) for _ in range(3))
+    assert all(admission.admit("good", UPDATES, 10, 0.0) for _ in range(3))
     assert admission.refused("good").messages == 0
+    # Its own telemetry has a bucket of its own: a status flood does not cost a site its update.
+    assert admission.admit("bad", STATUS, 10, 0.0)
+    admission.forget("bad")
+    assert admission.admit("bad", UPDATES, 10, 0.0)  # a site enrolled again starts full
 
 
-def test_the_budget_of_a_federation_covers_an_honest_site_and_not_a_flood():
-    budget = budget_for(max_update_bytes=40_000, status_max_bytes=4096)
-    admission = Admission(budget=budget)
+def test_the_budgets_of_a_federation_cover_an_honest_site_and_not_a_flood():
+    admission = Admission(budgets=budgets_for(max_update_bytes=40_000, status_max_bytes=4096))
     now = 0.0
-    # An hour of a site that reports every second and sends an update (and a resend) every 30 s.
-    for second in range(3600):
-        now = float(second)
-        assert admission.admit("honest", 4096, now), second
-        if second % 30 == 0:
-            assert admission.admit("honest", 40_000, now) and admission.admit("honest", 40_000, now), second
-    flood = [admission.admit("flood", 1000, now) for _ in range(3000)]
-    assert flood.count(True) < 300
+    # An hour of a site that reports five times a second and sends an update and 3 resends every 30 s.
+    for tenth in range(36_000):
+        now = tenth / 10
+        if tenth % 2 == 0:
+            assert admission.admit("honest", STATUS, 4096, now), now
+        if tenth % 300 == 0:
+            assert all(admission.admit("honest", UPDATES, 40_000, now) for _ in range(4)), now
+    assert admission.refused("honest").messages == 0
+    updates = [admission.admit("flood", UPDATES, 1000, now) for _ in range(3000)]
+    assert updates.count(True) <= 16
+    status = [admission.admit("flood", STATUS, 100, now) for _ in range(3000)]
+    assert status.count(True) <= 600
 
 
 def test_a_budget_must_be_positive():
@@ -82,10 +89,10 @@ def test_a_budget_must_be_positive():
 # -- the lines ----------------------------------------------------------------------------------
 
 
-def test_one_line_per_key_and_window_then_a_count():
-    limiter = LineLimiter(window_s=60.0)
+def test_a_few_lines_per_key_and_window_then_a_count():
+    limiter = LineLimiter(window_s=60.0, lines=2)
     key, other = LineKey("update_rejected", "a", "bad_signature"), LineKey("update_rejected", "b", "bad_signature")
-    assert limiter.offer(key, 0.0)
+    assert limiter.offer(key, 0.0) and limiter.offer(key, 0.5)
     assert [limiter.offer(key, t) for t in (1.0, 2.0, 59.0)] == [False, False, False]
     assert limiter.offer(other, 5.0)  # another site is not counted against this one
     assert limiter.due(59.9) == []
@@ -97,7 +104,7 @@ def test_one_line_per_key_and_window_then_a_count():
 
 
 def test_lines_offered_after_the_window_and_before_due_are_counted_not_lost():
-    limiter = LineLimiter(window_s=10.0)
+    limiter = LineLimiter(window_s=10.0, lines=1)
     key = LineKey("site_throttled", "a", "")
     assert limiter.offer(key, 0.0)
     assert not limiter.offer(key, 5.0)
@@ -138,15 +145,15 @@ def test_a_flooding_site_is_acknowledged_and_counted_while_the_others_are_accept
     assert [a.site for a in fed.coordinator.state.accepted] == ["b"]
     lines = fed.store.read_log()
     kinds = [r.kind for r in lines]
-    assert kinds.count("update_rejected") == 1 and kinds.count("site_throttled") == 1
+    assert kinds.count("update_rejected") == LINES and kinds.count("site_throttled") == LINES
     assert len(lines) < 20, kinds
     messages = fed.drain()
     receipts = fed.receipts(messages)
     # Beyond its budget a message gets no receipt: one signature per admitted message at most.
-    assert sum(1 for r in receipts if r.site == "a") < 300
+    assert sum(1 for r in receipts if r.site == "a") <= 16
     assert [r.site for r in receipts if r.accepted] == ["b"]
     events = fed.events(messages)
-    assert sum(1 for e in events if e["kind"] in ("update_rejected", "site_throttled")) == 2
+    assert sum(1 for e in events if e["kind"] in ("update_rejected", "site_throttled")) == 2 * LINES
     # A minute later the counts of what was left out are written, once per kind.
     fed.clock.now = T0 + 61.0
     fed.coordinator.step()
@@ -154,7 +161,7 @@ def test_a_flooding_site_is_acknowledged_and_counted_while_the_others_are_accept
     assert {(s.line_kind, s.site) for s in summaries} == {("update_rejected", "a"), ("site_throttled", "a")}
     rejected = next(s for s in summaries if s.line_kind == "update_rejected")
     throttled = next(s for s in summaries if s.line_kind == "site_throttled")
-    assert rejected.count + throttled.count + 2 == 2000
+    assert rejected.count + throttled.count + 2 * LINES == 2000
 
 
 def test_a_site_within_its_budget_is_unaffected_by_another_one_spent(world, tmp_path):
