@@ -32,6 +32,7 @@ from .roundlog import (
 )  # fmt: skip
 
 DICE = "dice_global"  # the metric that says whether the federation learns (see daemon/submission.py)
+LOSS = "train_loss"
 
 
 @dataclass(frozen=True)
@@ -121,17 +122,21 @@ def history(records: Iterable[LogRecord], *, enrolled: Iterable[str] = ()) -> Hi
 
 
 def render_rounds(h: History, *, count: int = 5, now: float) -> list[str]:
-    """The latest ``count`` rounds as table lines: the sites' reported test Dice and their mean."""
+    """The latest ``count`` rounds as table lines: the sites' reported test Dice and their mean
+    (their training loss when no site evaluates on test images)."""
     shown = h.latest(count)
     if not shown:
         return ["no update accepted yet"]
+    metric = DICE if any(DICE in m for r in shown for m in r.sites.values()) else LOSS
     sites = sorted({s for r in shown for s in r.sites})
-    head = ["round", "mean Dice"] + [safe(s, 16) for s in sites] + ["aggregated"]
+    head = ["round", "mean " + ("Dice" if metric == DICE else "loss")] + [safe(s, 16) for s in sites] + ["aggregated"]
     table = [head]
     for r in shown:
-        table.append([str(r.round), number(r.dice_mean, ".3f")]
-                     + [number(r.dice(s), ".3f") if s in r.sites else "-" for s in sites]
+        table.append([str(r.round), number(r.mean.get(metric), ".3f")]
+                     + [number(r.sites[s].get(metric), ".3f") if s in r.sites else "-" for s in sites]
                      + [relative(r.at, now) if r.at is not None else "open"])  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    return [f"test Dice each site reported for the round's model (latest {len(shown)} rounds):"] + lines
+    what = ("test Dice each site reported for the round's model" if metric == DICE
+            else "training loss each site reported (no site reports a test Dice)")
+    return [f"{what} (latest {len(shown)} rounds):"] + lines

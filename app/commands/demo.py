@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fednca.display import eta
 from fednca.errors import ConfigError
 from ..harness import FederationFolder, InProcessParties, ProcessParties, set_up
 from .train import _steps
@@ -84,6 +85,31 @@ def _announcement_bytes(sites: tuple) -> int:
     return 0
 
 
+def _round_row(record, *, store, announcement: int, sites: int, dice: dict[str, float], seconds: float) -> dict:
+    """One round's line as data. Bytes are counted by the round they belong to: up, the update
+    payloads the coordinator stored for this round (what each accepted site sent); down, the
+    round's announcement (the model) that every site receives once. Counting the sites'
+    cumulative byte counters between two round lines instead mixes rounds: telemetry lags, and a
+    round's updates land in the next round's difference."""
+    updates = [p.stat().st_size for p in store.folder.joinpath("rounds", str(record.round)).glob("*.bin")]
+    up, down = sum(updates), announcement * sites
+    return {"round": record.round, "sites": list(record.sites), "reason": str(record.reason),
+            "bytes_up": up, "bytes_down": down, "model_bytes_up": up, "model_bytes_down": down,
+            "bytes_up_per_site": round(up / max(1, len(updates))), "bytes_down_per_site": announcement,
+            "dice": dice, "dice_mean": float(np.mean(list(dice.values()))),
+            "reported_dice_mean": record.metrics_mean.get("dice_global"), "seconds": round(seconds, 1)}
+
+
+def _round_line(row: dict, *, rounds: int, sites: int, eta: str) -> str:
+    """``round 3/8: 5/5 sites (...), per site up 16 KiB, down 79 KiB (round: up 80, down 395 KiB), ...``"""
+    reported = row["reported_dice_mean"]
+    own = "" if reported is None else f" (the sites measured {reported:.3f} on the round's model)"
+    return (f"round {row['round']}/{rounds}: {len(row['sites'])}/{sites} sites ({row['reason']}), "
+            f"per site up {row['bytes_up_per_site'] / 1024:.0f} KiB, down {row['bytes_down_per_site'] / 1024:.0f} KiB "
+            f"(round: up {row['bytes_up'] / 1024:.0f}, down {row['bytes_down'] / 1024:.0f} KiB), "
+            f"mean test Dice {row['dice_mean']:.3f}{own}, {row['seconds']:.0f} s, {eta}")
+
+
 def _traffic(telemetry: dict[str, dict]) -> tuple[int, int]:
     up = sum(int(t.get("bytes_sent") or 0) for t in telemetry.values())
     down = sum(int(t.get("bytes_received") or 0) for t in telemetry.values())
@@ -126,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     # Each site trains local_epochs over its images every round: the compute the baselines get.
     steps = args.rounds * args.local_epochs * max(1, args.train_images // args.batch)
     steps_per_site = {s.name: steps for s in sites}
-    seen, last_at, last_traffic = 0, time.time(), (0, 0)
+    seen, last_at, traffic = 0, time.time(), (0, 0)
     base = None
     try:
         if isinstance(parties, ProcessParties):
@@ -143,23 +169,16 @@ def run(args: argparse.Namespace) -> int:
                 rnd = record.round
                 weights = store.load_model(rnd + 1)
                 dice = site_dice(weights, model_cfg, sites, seed=args.seed)
-                traffic = _traffic(parties.telemetry())
-                up, down = traffic[0] - last_traffic[0], traffic[1] - last_traffic[1]
-                model_up = sum(p.stat().st_size for p in (store.folder / "rounds" / str(rnd)).glob("*.bin"))
-                model_down = _announcement_bytes(federation.sites) * args.sites
-                row = {"round": rnd, "sites": list(record.sites), "reason": str(record.reason),
-                       "bytes_up": up, "bytes_down": down, "model_bytes_up": model_up,
-                       "model_bytes_down": model_down, "dice": dice,
-                       "dice_mean": float(np.mean(list(dice.values()))),
-                       "seconds": round(record.at - last_at, 1)}
+                parties.telemetry()  # keeps the sites' byte counters fresh for the totals at the end
+                row = _round_row(record, store=store, announcement=_announcement_bytes(federation.sites),
+                                 sites=args.sites, dice=dice, seconds=record.at - last_at)  # fmt: skip
                 history.append(row)
-                last_at, last_traffic = record.at, traffic
-                print(f"round {rnd:>2}: {len(row['sites'])}/{args.sites} sites ({row['reason']}), "
-                      f"up {up / 1024:.0f} KiB, down {down / 1024:.0f} KiB "
-                      f"(model {model_up / 1024:.0f} + {model_down / 1024:.0f} KiB), "
-                      f"mean test Dice {row['dice_mean']:.3f}, {row['seconds']:.0f} s", flush=True)
+                last_at = record.at
+                print(_round_line(row, rounds=args.rounds, sites=args.sites,
+                                  eta=eta(len(history), args.rounds, time.monotonic() - started)), flush=True)
             seen = len(closed)
             if done and seen >= args.rounds:
+                traffic = _traffic(parties.telemetry())  # every byte the sites counted, telemetry included
                 break
             time.sleep(0.5)
     except BaseException:
@@ -174,10 +193,13 @@ def run(args: argparse.Namespace) -> int:
     shutil.copyfile(store.log_path, out / "rounds.jsonl")
 
     final_dice = history[-1]["dice"]
+    sent, received = traffic
+    model_up = sum(r["model_bytes_up"] for r in history)
+    model_down = sum(r["model_bytes_down"] for r in history)
     result = {"rounds": args.rounds, "sites": args.sites, "quorum": args.quorum,
               "final_dice_mean": round(history[-1]["dice_mean"], 4),
               "final_dice": {k: round(v, 4) for k, v in final_dice.items()},
-              "bytes_up": sum(r["bytes_up"] for r in history), "bytes_down": sum(r["bytes_down"] for r in history),
+              "bytes_up": max(sent, model_up), "bytes_down": max(received, model_down),
               "model_bytes_per_site_round": round(sum(r["model_bytes_up"] + r["model_bytes_down"] for r in history)
                                                  / (args.rounds * args.sites)),
               "federation_seconds": round(fed_seconds, 1)}
@@ -232,5 +254,6 @@ def _report(r: dict) -> None:
     per_site_round = (r["bytes_up"] + r["bytes_down"]) / max(1, r["rounds"] * r["sites"])
     unet = 2 * 7.8e6 * 4 / 2**20  # a 7.8 M-parameter UNet's float32 weights, down and up
     print(f"traffic per site per round: {r['model_bytes_per_site_round'] / 2**20:.4f} MiB of model and update "
-          f"({per_site_round / 2**20:.4f} MiB with telemetry, receipts and reconnects); FedNCA published "
+          f"({per_site_round / 2**20:.4f} MiB with telemetry, receipts and reconnects, from the sites' byte "
+          f"counters); FedNCA published "
           f"~0.055 MiB (float32), a 7.8 M-parameter UNet would need ~{unet:.1f} MiB; {r['seconds']:.0f} s", flush=True)
