@@ -1,0 +1,83 @@
+"""A hostile enrolled site floods the coordinator on a real mosquitto; the honest sites still count.
+
+Real processes (mosquitto with the generated configuration, ``fednca coordinator run``, one
+``fednca daemon`` per honest site) as in tests/test_e2e_mosquitto.py. The hostile site's account
+publishes a few thousand junk updates and status messages as fast as paho sends them, only to
+127.0.0.1, while the honest sites train. Every honest site's update must be accepted, the
+coordinator must stay up, mosquitto must drop nothing queued for the coordinator, and the round
+log must grow by a bounded number of lines (docs/threat-model.md, "Floods").
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from e2e_support import Federation, wait_until
+from fednca_broker.line_limit import LINES
+from mosquitto_fixture import MOSQUITTO
+
+pytestmark = [
+    pytest.mark.mosquitto,
+    pytest.mark.slow,
+    pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed"),
+]
+
+FLOOD = 3000  # messages: far beyond the coordinator's queue of 1000 if it did not drain them
+ROUND_TIMEOUT = 60.0  # one round of two tiny trainers takes ~10 s on two busy cores: a bound only
+HOSTILE = "site2"
+
+
+def flood(client, prefix: str, count: int) -> list:
+    """``count`` junk messages on the hostile site's own topics, sent without waiting for each."""
+    handles = []
+    for i in range(count):
+        if i % 10 == 9:
+            handles.append(client.publish(f"{prefix}status/{HOSTILE}", b'{"state":"flood"}'))
+        else:
+            handles.append(client.publish(f"{prefix}updates/{HOSTILE}", os.urandom(1500)))
+    return handles
+
+
+@pytest.fixture
+def fed(tmp_path):
+    federation = Federation(root=tmp_path / "federation", sites=3, rounds=1, quorum=2, grace=1.0)
+    yield federation
+    federation.close()
+
+
+def test_a_flooding_site_costs_the_honest_sites_nothing(fed):
+    fed.start_broker()
+    fed.start_coordinator()
+    wait_until(lambda: fed.records("round_opened"), timeout=ROUND_TIMEOUT, what="round 1 opened", federation=fed)
+    before = len(fed.records())
+    prefix = f"fednca/{fed.cfg.federation.name}/"
+    attacker = fed.client(HOSTILE, f"e2e-flood-{HOSTILE}")
+    sent: list = []
+    thread = threading.Thread(target=lambda: sent.extend(flood(attacker, prefix, FLOOD)), name="flood")
+    thread.start()
+    honest = [s for s in fed.sites if s != HOSTILE]
+    for site in honest:
+        fed.start_site(site)
+    thread.join(ROUND_TIMEOUT)
+    assert not thread.is_alive(), "the flood was not sent"
+    for handle in sent:  # the broker took every junk message (PUBACK): none was refused at the door
+        assert handle.wait(ROUND_TIMEOUT)
+
+    wait_until(lambda: fed.aggregated(1), timeout=ROUND_TIMEOUT, what="round 1 aggregated", federation=fed)
+    fed.check_alive()
+    assert fed.returncode("coordinator") in (None, 0)
+
+    accepted = {r["site"] for r in fed.records("update_accepted") if r["round"] == 1}
+    assert accepted == set(honest)
+    assert "Outgoing messages are being dropped" not in fed.log("mosquitto")
+    # The round log grew by the round's own lines plus a bounded number for the flood.
+    flood_kinds = ("update_rejected", "site_throttled", "lines_suppressed")
+    flood_lines = [r for r in fed.records()[before:] if r["kind"] in flood_kinds]
+    assert all(r["site"] == HOSTILE for r in flood_lines)
+    assert len(flood_lines) <= 3 * (LINES + 1), [(r["kind"], r.get("reason")) for r in flood_lines]
+    assert len(fed.records()) - before < 30
+    for site in honest:
+        fed.stop(site)
