@@ -22,6 +22,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--role", choices=["site", "coordinator"], required=True)
     gen.add_argument("--out", type=Path, required=True, help="key folder (made with mode 0700)")
     gen.add_argument("--force", action="store_true", help="replace keys already there")
+    gen.add_argument("--json", action="store_true", help="print the new public keys as one JSON object")
     show = sub.add_parser("show", help="print the public keys and key ids in a folder")
     show.add_argument("folder", type=Path)
     show.add_argument("--json", action="store_true", help="one JSON object instead of lines")
