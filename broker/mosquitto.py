@@ -178,6 +178,7 @@ def render_conf(settings: MosquittoSettings) -> str:
         f"max_packet_size {s.max_packet_size}",
         f"persistent_client_expiration {s.persistent_client_expiration}",
         f"max_queued_messages {s.max_queued_messages}",
+        "max_queued_bytes 0",  # no byte cap: it would make large junk push honest messages out sooner
         f"max_inflight_messages {s.max_inflight_messages}",
         f"user {'root' if s.run_as_root else s.user}",
     ]
