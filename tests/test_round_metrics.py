@@ -42,3 +42,14 @@ def test_old_lines_without_metrics_still_decode_and_are_written_as_before():
     assert record.metrics == {} and encode(record) == old
     with pytest.raises(ValueError):
         decode({**old, "metrics": {"dice": "high"}})
+
+
+def test_the_coordinators_log_lines_show_deadlines_as_local_dates(world, tmp_path, caplog):  # noqa: F811
+    import time
+
+    caplog.set_level("INFO", logger="fednca.coordinator")
+    fed = Federation(world, tmp_path).start()
+    deadline = fed.coordinator.state.deadline
+    opened = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("round_opened"))
+    assert f"deadline={time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(deadline))}" in opened
+    assert str(int(deadline)) not in opened
