@@ -86,22 +86,78 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def _list_images(folder: Path) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
     """Stem -> file of the images in ``folder``; and (file, why) for entries that cannot be used."""
-    found: dict[str, Path] = {}
-    bad: list[tuple[Path, str]] = []
     try:
         entries = sorted(folder.iterdir())
     except OSError as e:
         raise DataError(f"{folder}: cannot list folder ({e.strerror or e})") from None
-    for p in entries:
-        if p.name.startswith(".") or p.is_dir():
-            continue
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            bad.append((p, f"not a PNG or JPEG file (expected {', '.join(IMAGE_SUFFIXES)})"))
-        elif p.stem in found:
-            bad.append((p, f"two files named {p.stem!r} ({found[p.stem].name} and {p.name})"))
+    found, bad = classify_names(p.name for p in entries if not p.name.startswith(".") and not p.is_dir())
+    return {stem: folder / name for stem, name in found.items()}, [(folder / name, why) for name, why in bad]
+
+
+def classify_names(names: Iterable[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Stem -> file name of the usable images among ``names`` (sorted), and (name, why) of the rest.
+
+    Pure: the same rules :func:`load_folder` applies to a folder's listing, for checks that list
+    a folder without reading its files.
+    """
+    found: dict[str, str] = {}
+    bad: list[tuple[str, str]] = []
+    for name in sorted(names):
+        stem, suffix = os.path.splitext(name)
+        if suffix.lower() not in IMAGE_SUFFIXES:
+            bad.append((name, f"not a PNG or JPEG file (expected {', '.join(IMAGE_SUFFIXES)})"))
+        elif stem in found:
+            bad.append((name, f"two files named {stem!r} ({found[stem]} and {name})"))
         else:
-            found[p.stem] = p
+            found[stem] = name
     return found, bad
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """A dataset folder's listing sorted into image/mask pairs and leftovers; no file is read."""
+
+    pairs: tuple[tuple[str, str, str], ...]  # (stem, image file name, mask file name), by stem
+    images_without_mask: tuple[str, ...]  # image file names
+    masks_without_image: tuple[str, ...]  # mask file names
+    unusable: tuple[tuple[str, str], ...]  # ("images/NAME" or "masks/NAME", why)
+
+
+def pair_names(image_names: Iterable[str], mask_names: Iterable[str]) -> Pairing:
+    """Pair the file names of ``images/`` and ``masks/`` by stem, as :func:`load_folder` does."""
+    images, bad_images = classify_names(image_names)
+    masks, bad_masks = classify_names(mask_names)
+    return Pairing(
+        pairs=tuple((s, images[s], masks[s]) for s in sorted(images.keys() & masks.keys())),
+        images_without_mask=tuple(images[s] for s in sorted(images.keys() - masks.keys())),
+        masks_without_image=tuple(masks[s] for s in sorted(masks.keys() - images.keys())),
+        unusable=tuple([(f"images/{n}", w) for n, w in bad_images] + [(f"masks/{n}", w) for n, w in bad_masks]),
+    )
+
+
+def list_names(folder: Path) -> list[str]:
+    """The file names a dataset sub-folder holds (hidden files and folders left out); DataError if unlistable."""
+    try:
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
+    except OSError as e:
+        raise DataError(f"{folder}: cannot list folder ({e.strerror or e})") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from an image file's header, without decoding its pixels; DataError naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def decode(path: Path) -> tuple[int, int]:
+    """Decode a file exactly as training reads it; its (width, height), or DataError naming the file."""
+    arr = _read_grey(path)
+    return int(arr.shape[1]), int(arr.shape[0])
 
 
 def _read_grey(path: Path) -> np.ndarray:
@@ -261,11 +317,18 @@ def split(ds: Dataset, *, test_fraction: float, seed: int) -> tuple[Dataset, Dat
     ``test_fraction`` of the images; the training side keeps at least one patient. With a single
     patient the split falls back to single images. The test side is never empty when N >= 2.
     """
+    train_idx, test_idx = split_indices(ds.names, test_fraction=test_fraction, seed=seed)
+    return ds.subset(train_idx), ds.subset(test_idx)
+
+
+def split_indices(names: Sequence[str], *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices into ``names`` of :func:`split`: pure over the names, so a check can
+    say what the split will hold out before any image is loaded."""
     if not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
         raise ConfigError("test_fraction", f"must be in (0, 1), got {test_fraction!r}")
-    n = len(ds)
+    n = len(names)
     groups: dict[str, list[int]] = {}
-    for i, name in enumerate(ds.names):
+    for i, name in enumerate(names):
         groups.setdefault(patient_of(name), []).append(i)
     if len(groups) < 2:  # one patient: no patient-level split exists
         groups = {str(i): [i] for i in range(n)}
@@ -281,4 +344,4 @@ def split(ds: Dataset, *, test_fraction: float, seed: int) -> tuple[Dataset, Dat
         test += groups[patient]
     test_idx = np.array(sorted(test), dtype=np.int64)
     train_idx = np.setdiff1d(np.arange(n, dtype=np.int64), test_idx)
-    return ds.subset(train_idx), ds.subset(test_idx)
+    return train_idx, test_idx
