@@ -82,3 +82,23 @@ def eta(done: int, total: int, elapsed: float) -> str:
     if done <= 0 or total <= done or elapsed <= 0:
         return "ETA ?" if done < total else "done"
     return f"ETA {duration(elapsed / done * (total - done))}"
+
+
+class Pace:
+    """The ETA of one round's planned steps from the pace since this process first saw it.
+
+    Fed after each chunk with the round, the steps done and planned, and a clock reading; a new
+    round (or a process restarted mid-round) starts the measurement again, so time spent before,
+    paused by a gate or waiting for a round never counts as training pace.
+    """
+
+    def __init__(self) -> None:
+        self._start: tuple[int, int, float] | None = None  # (round, steps, clock) at the first chunk
+
+    def line(self, *, round: int, steps: int, planned: int, now: float) -> str:
+        """``round 3: step 40 of 120 (33 %), ETA 4 min``"""
+        if self._start is None or self._start[0] != round or steps < self._start[1]:
+            self._start = (round, steps, now)
+        _, steps0, t0 = self._start
+        share = f"{100 * steps / planned:.0f} %" if planned > 0 else "?"
+        return f"round {round}: step {steps} of {planned} ({share}), {eta(steps - steps0, planned - steps0, now - t0)}"

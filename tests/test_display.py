@@ -24,3 +24,12 @@ def test_times_are_relative_near_now_and_dates_further_away():
 
 def test_eta_is_the_pace_so_far_applied_to_the_work_left():
     assert eta(3, 8, 180.0) == "ETA 5 min" and eta(0, 8, 10.0) == "ETA ?" and eta(8, 8, 10.0) == "done"
+
+
+def test_pace_measures_from_the_first_chunk_of_a_round_and_starts_again_for_the_next():
+    from fednca.display import Pace
+
+    pace = Pace()
+    assert pace.line(round=3, steps=10, planned=110, now=100.0) == "round 3: step 10 of 110 (9 %), ETA ?"
+    assert pace.line(round=3, steps=30, planned=110, now=160.0) == "round 3: step 30 of 110 (27 %), ETA 4 min"
+    assert pace.line(round=4, steps=5, planned=100, now=170.0).endswith("ETA ?")
