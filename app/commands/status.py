@@ -1,8 +1,11 @@
 """``fednca status DIR``: a live table of a federation's sites, beside its coordinator.
 
 Reads the sites' retained telemetry (``status/+``) with the coordinator's broker credentials
-under a client id of its own, and the open round from the coordinator's store. ``--watch N``
-redraws every N seconds; ``--json`` prints one object for scripts.
+under a client id of its own, and the open round and the round log from the coordinator's store:
+a finished federation reads as finished, a revoked site as revoked, a rejected update fills the
+site's error column, and the latest rounds' reported test Dice follow the table
+(:mod:`fednca_broker.round_history`). ``--watch N`` redraws every N seconds; ``--json`` prints
+one object for scripts (times as unix seconds).
 """
 
 from __future__ import annotations
