@@ -456,7 +456,7 @@ def _show(args: argparse.Namespace) -> int:
         print("  no round opened yet")
     elif h.finished:
         print(f"  finished after {h.finished_round} rounds, {local_time(h.finished_at)} "
-              f"({relative(h.finished_at, now)}); the final model is announced as round {state.round}")
+              f"({relative(h.finished_at, now)}); the final model is announced as round {h.finished_round + 1}")
     else:
         when = f"deadline {local_time(state.deadline)} ({relative(state.deadline, now)})"
         print(f"  round {state.round} of {f.max_rounds or 'unlimited'}: {state.status}"

@@ -335,6 +335,6 @@ def test_show_says_a_finished_federation_is_finished(fed, capsys):
     write_history(RoundStore(root=fed / "store", federation="clinics"), now=time.time(), finished=True)
     assert main(["coordinator", "show", str(fed)]) == 0
     out = capsys.readouterr().out
-    assert "finished after 2 rounds" in out and "deadline" not in out
+    assert "finished after 2 rounds" in out and "announced as round 3" in out and "deadline" not in out
     assert main(["coordinator", "show", str(fed), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["finished"] is True
