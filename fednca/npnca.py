@@ -1,0 +1,351 @@
+"""The FedNCA segmenter in numpy: forward pass and a hand-written backward pass, no PyTorch.
+
+The same model as :mod:`fednca.model` (same tensor names and shapes, so the same model files and
+wire tensors), for sites where PyTorch is too large to install or to import. A test holds its
+logits and every gradient to the PyTorch model's on the same weights, images and fire masks.
+
+Layout: states are channels-last, (B, H, W, C), so every 1x1 layer is one BLAS matmul over
+(cells, channels). The depthwise perception convolution is a sum over its kernel taps of shifted
+views of the reflect-padded state. Backpropagation through time keeps only each step's input state
+(a few MB for the 40 + 20 steps at batch 4) and recomputes the step's intermediates while going
+back, as the PyTorch model's low-memory mode does.
+
+Only the depthwise perception is implemented (the ``fednca`` preset and its variants: batch norm,
+biases and ``full_update`` are honoured); Med-NCA's full 3x3 perception and patch training are
+refused with a :class:`~fednca.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig, tensor_shapes
+from .errors import ConfigError
+
+Weights = dict[str, np.ndarray]
+BN_EPS = 1e-5  # BatchNorm2d's default
+F32 = np.float32
+
+
+def check_supported(cfg: ModelConfig) -> None:
+    """Refuse a configuration this implementation does not cover, naming the field."""
+    if cfg.perception != "depthwise":
+        raise ConfigError("perception", f"the numpy model implements 'depthwise' only, got {cfg.perception!r}")
+    if cfg.train_patch:
+        raise ConfigError("train_patch", "the numpy model trains on whole images only (train_patch=0)")
+
+
+def init_weights(cfg: ModelConfig, *, seed: int = 0) -> Weights:
+    """Fresh weights drawn as PyTorch's defaults draw them (not the same numbers as ``model.build``).
+
+    Convolutions: uniform in +-1/sqrt(fan_in) (kaiming-uniform with a=sqrt(5)), biases likewise;
+    batch norm scale 1 and shift 0; the last 1x1 layer zero, so a fresh model leaves its state alone.
+    """
+    check_supported(cfg)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    out: Weights = {}
+    for name, shape in tensor_shapes(cfg).items():
+        stage, layer, kind = name.split(".")
+        if layer == "fc1":
+            out[name] = np.zeros(shape, F32)
+        elif layer == "norm":
+            out[name] = (np.ones if kind == "weight" else np.zeros)(shape, F32)
+        else:
+            weight_shape = tensor_shapes(cfg)[f"{stage}.{layer}.weight"]
+            fan_in = int(np.prod(weight_shape[1:]))
+            bound = 1.0 / np.sqrt(fan_in)
+            out[name] = rng.uniform(-bound, bound, size=shape).astype(F32)
+    return out
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One NCA's weights in the working layout (views of the named tensors where possible)."""
+
+    prefix: str
+    kernel: int
+    taps: np.ndarray  # (k, k, C): taps[di, dj, c]
+    conv_bias: np.ndarray  # (C,)
+    w0: np.ndarray  # (hidden, 2C)
+    b0: np.ndarray | None
+    gamma: np.ndarray | None  # (hidden,), None without batch norm
+    beta: np.ndarray | None
+    w1: np.ndarray  # (out, hidden)
+    b1: np.ndarray | None
+    skip: int  # leading output channels to drop (channel 0's, with full_update)
+
+
+def _stage(weights: Weights, cfg: ModelConfig, index: int) -> _Stage:
+    p = f"stage{index + 1}."
+    w = weights[p + "perceive.weight"]
+    h = cfg.hidden
+    return _Stage(
+        prefix=p,
+        kernel=cfg.kernels[index],
+        taps=np.ascontiguousarray(w[:, 0].transpose(1, 2, 0)),
+        conv_bias=weights[p + "perceive.bias"],
+        w0=weights[p + "fc0.weight"].reshape(h, -1),
+        b0=weights.get(p + "fc0.bias"),
+        gamma=weights.get(p + "norm.weight"),
+        beta=weights.get(p + "norm.bias"),
+        w1=weights[p + "fc1.weight"].reshape(weights[p + "fc1.weight"].shape[0], h),
+        b1=weights.get(p + "fc1.bias"),
+        skip=1 if cfg.full_update else 0,
+    )
+
+
+def reflect_pad(x: np.ndarray, p: int) -> np.ndarray:
+    """Pad H and W of (B, H, W, C) by ``p`` mirroring without repeating the edge (torch's 'reflect')."""
+    b, h, w, c = x.shape
+    out = np.empty((b, h + 2 * p, w + 2 * p, c), x.dtype)
+    out[:, p : p + h, p : p + w] = x
+    for k in range(1, p + 1):
+        out[:, p - k, p : p + w] = x[:, k]
+        out[:, p + h - 1 + k, p : p + w] = x[:, h - 1 - k]
+    for k in range(1, p + 1):
+        out[:, :, p - k] = out[:, :, p + k]
+        out[:, :, p + w - 1 + k] = out[:, :, p + w - 1 - k]
+    return out
+
+
+def reflect_unpad_grad(g: np.ndarray, p: int) -> np.ndarray:
+    """The gradient of :func:`reflect_pad`: fold each padded cell's gradient onto its mirror."""
+    g = g.copy()
+    b, hp, wp, c = g.shape
+    h, w = hp - 2 * p, wp - 2 * p
+    for k in range(1, p + 1):
+        g[:, :, p + k] += g[:, :, p - k]
+        g[:, :, p + w - 1 - k] += g[:, :, p + w - 1 + k]
+    for k in range(1, p + 1):
+        g[:, p + k] += g[:, p - k]
+        g[:, p + h - 1 - k] += g[:, p + h - 1 + k]
+    return g[:, p : p + h, p : p + w]
+
+
+def _depthwise(padded: np.ndarray, taps: np.ndarray, bias: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Valid depthwise correlation of a padded (B, H+k-1, W+k-1, C) grid: a sum over the k*k taps."""
+    k = taps.shape[0]
+    out = np.empty(padded.shape[:1] + (h, w) + padded.shape[3:], padded.dtype)
+    out[...] = bias
+    tmp = np.empty_like(out)
+    for di in range(k):
+        for dj in range(k):
+            np.multiply(padded[:, di : di + h, dj : dj + w], taps[di, dj], out=tmp)
+            out += tmp
+    return out
+
+
+@dataclass
+class _Cache:
+    """A step's intermediates, recomputed from its input state during the backward pass."""
+
+    padded: np.ndarray  # (B, H+2p, W+2p, C)
+    features: np.ndarray  # (N, 2C)
+    xhat: np.ndarray | None  # (N, hidden) normalised, with batch norm
+    inv_std: np.ndarray | None  # (hidden,)
+    relu: np.ndarray  # (N, hidden)
+
+
+def _step(s: _Stage, state: np.ndarray, fire: np.ndarray, keep: bool) -> tuple[np.ndarray, _Cache | None]:
+    """One NCA step on (B, H, W, C) with fire (B, H, W, 1) of 0/1; returns the new state."""
+    b, h, w, c = state.shape
+    n = b * h * w
+    padded = reflect_pad(state, s.kernel // 2)
+    features = np.empty((b, h, w, 2 * c), state.dtype)
+    features[..., :c] = state
+    features[..., c:] = _depthwise(padded, s.taps, s.conv_bias, h, w)
+    features = features.reshape(n, 2 * c)
+    z = features @ s.w0.T
+    if s.b0 is not None:
+        z += s.b0
+    xhat = inv_std = None
+    if s.gamma is not None:
+        z -= z.mean(0)
+        var = np.einsum("ij,ij->j", z, z) / n
+        inv_std = 1 / np.sqrt(var + BN_EPS)
+        z *= inv_std
+        xhat = z.copy() if keep else z
+        z = z * s.gamma if keep else np.multiply(z, s.gamma, out=z)
+        z += s.beta
+    relu = np.maximum(z, 0, out=z)
+    dx = relu @ s.w1.T
+    if s.b1 is not None:
+        dx += s.b1
+    if s.skip:
+        dx = dx[:, s.skip :]
+    new = state.copy()
+    new[..., 1:] += dx.reshape(b, h, w, c - 1) * fire
+    cache = _Cache(padded, features, xhat, inv_std, relu) if keep else None
+    return new, cache
+
+
+def _step_backward(s: _Stage, state: np.ndarray, fire: np.ndarray, g_new: np.ndarray, grads: Weights) -> np.ndarray:
+    """Recompute the step from its input ``state``, add its weight gradients to ``grads``
+    (working layout, see :func:`_zero_grads`) and return the gradient of its input state."""
+    _, cache = _step(s, state, fire, keep=True)
+    assert cache is not None
+    b, h, w, c = state.shape
+    n = b * h * w
+    p, pre = s.kernel // 2, s.prefix
+    g_dx = (g_new[..., 1:] * fire).reshape(n, c - 1)
+    if s.skip:
+        g_dx = np.concatenate([np.zeros((n, s.skip), g_dx.dtype), g_dx], 1)
+    grads[pre + "fc1.weight"] += g_dx.T @ cache.relu
+    if s.b1 is not None:
+        grads[pre + "fc1.bias"] += g_dx.sum(0)
+    g = g_dx @ s.w1  # (N, hidden): gradient of the ReLU's output
+    g *= cache.relu > 0
+    if s.gamma is not None:
+        assert cache.xhat is not None and cache.inv_std is not None
+        grads[pre + "norm.weight"] += np.einsum("ij,ij->j", g, cache.xhat)
+        grads[pre + "norm.bias"] += g.sum(0)
+        g *= s.gamma  # gradient of xhat
+        # Batch norm on batch statistics: d/dz = inv_std * (g - mean(g) - xhat * mean(g * xhat)).
+        proj = np.einsum("ij,ij->j", g, cache.xhat) / n
+        g -= g.mean(0)
+        g -= cache.xhat * proj
+        g *= cache.inv_std
+    grads[pre + "fc0.weight"] += g.T @ cache.features
+    if s.b0 is not None:
+        grads[pre + "fc0.bias"] += g.sum(0)
+    g_features = (g @ s.w0).reshape(b, h, w, 2 * c)
+    g_state = g_new + g_features[..., :c]
+    g_conv = np.ascontiguousarray(g_features[..., c:])
+    grads[pre + "perceive.bias"] += g_conv.sum((0, 1, 2))
+    g_padded = np.zeros_like(cache.padded)
+    g_taps = grads[pre + "perceive.weight"]  # working layout (k, k, C)
+    flat = g_conv.reshape(n, c)
+    tmp = np.empty_like(g_conv)
+    for di in range(s.kernel):
+        for dj in range(s.kernel):
+            window = cache.padded[:, di : di + h, dj : dj + w]
+            np.multiply(window, g_conv, out=tmp)
+            g_taps[di, dj] += tmp.reshape(n, c).sum(0)
+            np.multiply(flat.reshape(b, h, w, c), s.taps[di, dj], out=tmp)
+            g_padded[:, di : di + h, dj : dj + w] += tmp
+    g_state += reflect_unpad_grad(g_padded, p)
+    return g_state
+
+
+def _zero_grads(stages: tuple[_Stage, _Stage], weights: Weights) -> Weights:
+    grads = {k: np.zeros(v.shape, v.dtype) for k, v in weights.items()}
+    for s in stages:
+        for key, like in (("perceive.weight", s.taps), ("fc0.weight", s.w0), ("fc1.weight", s.w1)):
+            grads[s.prefix + key] = np.zeros_like(like)
+    return grads
+
+
+def _named_grads(stages: tuple[_Stage, _Stage], grads: Weights, weights: Weights) -> Weights:
+    """Working-layout gradients back to the tensors' own names and shapes."""
+    out = dict(grads)
+    for s in stages:
+        key = s.prefix + "perceive.weight"
+        out[key] = np.ascontiguousarray(grads[key].transpose(2, 0, 1)[:, None])
+        for key in (s.prefix + "fc0.weight", s.prefix + "fc1.weight"):
+            out[key] = grads[key].reshape(weights[key].shape)
+    return out
+
+
+def _masks_nhwc(fire: np.ndarray, steps: int, dtype: np.dtype) -> np.ndarray:
+    """(steps, B, [1,] H, W) of bool or 0/1 -> (steps, B, H, W, 1) of 0.0/1.0."""
+    fire = np.asarray(fire)
+    if fire.ndim == 5:
+        fire = fire[:, :, 0]
+    if fire.shape[0] < steps:
+        raise ValueError(f"{fire.shape[0]} fire masks for {steps} steps")
+    return fire[..., None].astype(dtype)
+
+
+def draw_masks(rng: np.random.Generator, cfg: ModelConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fire masks of one pass, (steps, B, H, W) of bool per stage, stage 1 drawn first."""
+    small = cfg.input_size // cfg.pool
+    fire1 = rng.random((cfg.steps[0], batch, small, small), dtype=F32) < cfg.fire_rate
+    fire2 = rng.random((cfg.steps[1], batch, cfg.input_size, cfg.input_size), dtype=F32) < cfg.fire_rate
+    return fire1, fire2
+
+
+def _check_image(cfg: ModelConfig, image: np.ndarray) -> None:
+    if image.ndim != 4 or image.shape[1] != 1 or image.shape[2] != image.shape[3]:
+        raise ConfigError("image", f"expected shape (batch, 1, side, side), got {tuple(image.shape)}")
+    side = image.shape[2]
+    if side % cfg.pool or side // cfg.pool <= cfg.kernels[0] // 2:
+        raise ConfigError("image", f"{side}x{side} must be square with a side divisible by pool={cfg.pool}")
+
+
+def _run(weights: Weights, cfg: ModelConfig, image: np.ndarray, masks: tuple[np.ndarray, np.ndarray],
+         keep_states: bool) -> tuple[np.ndarray, tuple[_Stage, _Stage], list[np.ndarray], list[np.ndarray], tuple]:
+    check_supported(cfg)
+    _check_image(cfg, image)
+    stages = (_stage(weights, cfg, 0), _stage(weights, cfg, 1))
+    dtype = weights["stage1.fc0.weight"].dtype  # float32; float64 for exactness checks
+    fire1, fire2 = _masks_nhwc(masks[0], cfg.steps[0], dtype), _masks_nhwc(masks[1], cfg.steps[1], dtype)
+    b, side, p, c = image.shape[0], image.shape[2], cfg.pool, cfg.channels
+    img = image[:, 0].astype(dtype)
+    state = np.zeros((b, side // p, side // p, c), dtype)
+    state[..., 0] = img.reshape(b, side // p, p, side // p, p).mean((2, 4))
+    kept1: list[np.ndarray] = []
+    for t in range(cfg.steps[0]):
+        if keep_states:
+            kept1.append(state)
+        state, _ = _step(stages[0], state, fire1[t], keep=False)
+    full = np.empty((b, side, side, c), dtype)
+    full[..., 0] = img
+    full[..., 1:] = np.repeat(np.repeat(state[..., 1:], p, axis=1), p, axis=2)
+    state = full
+    kept2: list[np.ndarray] = []
+    for t in range(cfg.steps[1]):
+        if keep_states:
+            kept2.append(state)
+        state, _ = _step(stages[1], state, fire2[t], keep=False)
+    return state[..., 1][:, None], stages, kept1, kept2, (fire1, fire2)
+
+
+def forward(weights: Weights, cfg: ModelConfig, image: np.ndarray, masks: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Image (B, 1, S, S) in [-1, 1] and fire masks (see :func:`draw_masks`) -> logits (B, 1, S, S)."""
+    return _run(weights, cfg, image, masks, keep_states=False)[0]
+
+
+def loss_and_grad(logits: np.ndarray, target: np.ndarray, kind: str) -> tuple[float, np.ndarray]:
+    """The training loss of :func:`fednca.train.loss_fn` (BCE with logits, mean; optionally plus
+    1 - soft Dice) and its gradient with respect to the logits."""
+    x = logits
+    t = target.astype(x.dtype)
+    n = x.size
+    bce = np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
+    prob = 0.5 * (1 + np.tanh(0.5 * x))  # the sigmoid, without overflow
+    loss = float(bce.mean(dtype=np.float64))
+    grad = (prob - t) / n
+    if kind == "dice_bce":
+        b = x.shape[0]
+        pf, tf = prob.reshape(b, -1), t.reshape(b, -1)
+        num = 2 * (pf * tf).sum(1) + 1
+        den = pf.sum(1) + tf.sum(1) + 1
+        loss += float(1 - (num / den).mean())
+        g_prob = -(2 * tf * den[:, None] - num[:, None]) / (den[:, None] ** 2) / b
+        grad = grad + (g_prob * (pf * (1 - pf))).reshape(x.shape)
+    elif kind != "bce":
+        raise ConfigError("loss", f"must be 'bce' or 'dice_bce', got {kind!r}")
+    return loss, grad.astype(x.dtype)
+
+
+def gradients(weights: Weights, cfg: ModelConfig, image: np.ndarray, target: np.ndarray,
+              masks: tuple[np.ndarray, np.ndarray], *, loss: str = "bce") -> tuple[float, np.ndarray, Weights]:
+    """(loss, logits, gradient of the loss per weight tensor) for one batch, by backpropagation
+    through both stages' steps."""
+    logits, stages, kept1, kept2, (fire1, fire2) = _run(weights, cfg, image, masks, keep_states=True)
+    value, g_logits = loss_and_grad(logits, target, loss)
+    grads = _zero_grads(stages, weights)
+    b, side, c, p = image.shape[0], image.shape[2], cfg.channels, cfg.pool
+    g = np.zeros((b, side, side, c), logits.dtype)
+    g[..., 1] = g_logits[:, 0]
+    for t in reversed(range(cfg.steps[1])):
+        g = _step_backward(stages[1], kept2[t], fire2[t], g, grads)
+    small = side // p
+    g_small = np.zeros((b, small, small, c), logits.dtype)
+    g_small[..., 1:] = g[..., 1:].reshape(b, small, p, small, p, c - 1).sum((2, 4))
+    g = g_small
+    for t in reversed(range(cfg.steps[0])):
+        g = _step_backward(stages[0], kept1[t], fire1[t], g, grads)
+    return value, logits, _named_grads(stages, grads, weights)
