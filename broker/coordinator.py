@@ -130,7 +130,8 @@ class Coordinator:
         self._connect_timeout = connect_timeout
         self._topics = Topics(config.name)
         self._publisher = Publisher(client=client, topics=self._topics, federation=config.name,
-                                    signing_key=keys.signing, train=config.train, model=config.model)  # fmt: skip
+                                    signing_key=keys.signing, train=config.train, model=config.model,
+                                    clock=clock)  # fmt: skip
         self._commit = GroupCommit(store=store, perform=self._perform_deferred, event=self._publisher.event,
                                    done=self._done)  # fmt: skip
         self._statuses = StatusCache(clock=clock)

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from nacl.signing import SigningKey
@@ -51,9 +51,10 @@ class Publisher:
 
     def __init__(
         self, *, client: Client, topics: Topics, federation: str, signing_key: SigningKey, train: TrainConfig,
-        model: ModelConfig,
+        model: ModelConfig, clock: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
         self._client = client
+        self._clock = clock  # tells each announcement's seconds_left
         self._topics = topics
         self._federation = federation
         self._signing = signing_key
@@ -62,10 +63,17 @@ class Publisher:
         self._pending: list[PublishHandle] = []  # not yet answered by the broker
 
     def announce(self, *, round: int, deadline: float, quorum: int, tensors: Mapping[str, np.ndarray]) -> None:
-        """The signed, retained announcement of ``round`` with its global model."""
+        """The signed, retained announcement of ``round`` with its global model.
+
+        It carries the time left as well as the deadline: sites time the round by the former on
+        their own clock (a site's wall clock may be hours off) and show the latter.
+        """
+        deadline_s = math.ceil(deadline)
+        seconds_left = min(max(deadline_s - math.floor(self._clock()), 0), deadline_s)
         payload = make_announcement(
-            federation=self._federation, round=round, deadline=math.ceil(deadline), quorum=quorum,
+            federation=self._federation, round=round, deadline=deadline_s, quorum=quorum,
             train=self._train, model=self._model, tensors=tensors, signing_key=self._signing,
+            seconds_left=seconds_left,
         )  # fmt: skip
         self._publish(self._topics.round, payload, retain=True)
 

@@ -36,7 +36,15 @@ class AnnouncementHeader:
     model: ModelConfig
     model_sha256: str
     key_id: str  # the coordinator signing key's id
+    # Seconds from publication to the deadline, by the coordinator's clock; None in an announcement
+    # of a coordinator that predates the field. Sites time the round by it, on their own clock.
+    seconds_left: int | None = None
     version: int = VERSION
+
+    @property
+    def published(self) -> int | None:
+        """When the coordinator published it (unix seconds of its clock), if it said."""
+        return None if self.seconds_left is None else self.deadline - self.seconds_left
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,8 @@ ANNOUNCEMENT_FIELDS: dict[str, Field] = {
     "federation": id_field, "round": ROUND, "deadline": int_field(0, 2**40), "quorum": int_field(1, 10**6),
     "train": config_field(TrainConfig), "model": config_field(ModelConfig), "model_sha256": hex_field(64),
 }
+# Optional fields: absent in announcements of older coordinators, parsed as strictly when present.
+ANNOUNCEMENT_OPTIONAL: dict[str, Field] = {"seconds_left": int_field(0, 2**31 - 1)}
 RECEIPT_FIELDS: dict[str, Field] = {
     "federation": id_field, "site": id_field, "round": ROUND, "update_id": UPDATE_ID,
     "verdict": word_field({v.value: v for v in Verdict}), "reason": code_field,
@@ -78,13 +88,23 @@ def make_announcement(
     model: ModelConfig,
     tensors: Mapping[str, Any],
     signing_key: SigningKey,
+    seconds_left: int | None = None,
 ) -> bytes:
-    """A signed round announcement carrying the global model as float32."""
+    """A signed round announcement carrying the global model as float32.
+
+    ``seconds_left`` is the time from now to ``deadline`` by the coordinator's clock; a site times
+    the round by it on its own clock, so a site whose clock is wrong still meets the deadline.
+    """
     arrays = float32(tensors, "tensor")
-    fields = dict(federation=federation, round=round, deadline=deadline, quorum=quorum, train=train,
-                  model=model, model_sha256=model_sha256(arrays))
+    fields: dict[str, Any] = dict(federation=federation, round=round, deadline=deadline, quorum=quorum, train=train,
+                                  model=model, model_sha256=model_sha256(arrays))
+    spec = dict(ANNOUNCEMENT_FIELDS)
+    if seconds_left is not None:
+        fields["seconds_left"] = seconds_left
+        spec.update(ANNOUNCEMENT_OPTIONAL)
+    _check_seconds_left(fields)
     prefix = make_prefix(ANNOUNCEMENT, signing_key.verify_key)
-    body = write_document(arrays, format_fields(fields, ANNOUNCEMENT_FIELDS, "announcement"))
+    body = write_document(arrays, format_fields(fields, spec, "announcement"))
     return prefix + signing_key.sign(prefix + body).signature + body
 
 
@@ -114,7 +134,10 @@ def open_announcement(
     older announcement (a broker replaying a stale retained message) as ``stale_round``.
     """
     doc, kid = open_signed(payload, ANNOUNCEMENT, coordinator_verify_key, max_bytes)
-    header = AnnouncementHeader(**parse_fields(doc.metadata, ANNOUNCEMENT_FIELDS, "announcement"), key_id=kid)
+    spec = {**ANNOUNCEMENT_FIELDS, **{k: f for k, f in ANNOUNCEMENT_OPTIONAL.items() if k in doc.metadata}}
+    fields = parse_fields(doc.metadata, spec, "announcement")
+    _check_seconds_left(fields)
+    header = AnnouncementHeader(**fields, key_id=kid)
     fail = failer(header)
     if header.federation != federation:
         raise fail(Reason.WRONG_FEDERATION, f"announcement is for federation {header.federation!r}, not {federation!r}")
@@ -128,6 +151,13 @@ def open_announcement(
     if model_sha256(tensors) != header.model_sha256:
         raise fail(Reason.MALFORMED, "model_sha256 does not match the announced tensors")
     return Announcement(header=header, tensors=tensors)
+
+
+def _check_seconds_left(fields: Mapping[str, Any]) -> None:
+    """The publication time (deadline - seconds_left) is a unix time like the deadline: not before 1970."""
+    left = fields.get("seconds_left")
+    if left is not None and type(left) is int and type(fields["deadline"]) is int and left > fields["deadline"]:
+        raise malformed(f"announcement field seconds_left: {left} is more than the deadline {fields['deadline']}")
 
 
 def _model_shapes(cfg: ModelConfig, fail: Any) -> dict[str, tuple[int, ...]]:
