@@ -1,9 +1,12 @@
 """``fednca daemon``: run the edge daemon of one site, or check its configuration.
 
     fednca daemon [--config /etc/fednca/daemon.yaml]     run (systemd starts it this way)
-    fednca daemon --check-config FILE                    validate, check files, print the effective config
+    fednca daemon --check-config FILE [--check-images all|sample N] [--json]
+                                                         check everything the run will need
 
-A bad configuration exits with status 2 and lists every problem with its key and the file.
+``--check-config`` prints the effective configuration, then every problem that would stop the
+daemon or fail at run time (keys, credentials, state folder, images: preflight.py), each with its
+key, the file and the fix; the exit status is 0 when there is none, else 2.
 SIGTERM and SIGINT stop the daemon: the running chunk ends (or is abandoned) within 2 s, the
 checkpoint stays, and the exit status is 0.
 """
@@ -11,6 +14,7 @@ checkpoint stays, and the exit status is 0.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -19,10 +23,12 @@ from typing import Callable
 
 import yaml
 
-from fednca.errors import FedNCAError
+from fednca.errors import ConfigError
 from fednca.keys import read_coordinator_public, read_site_keys
 
 from . import config as dc
+from . import preflight
+from .preflight_data import ImageCheck
 
 log = logging.getLogger("fednca.daemon")
 
@@ -31,49 +37,51 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=dc.DEFAULT_PATH,
                    help=f"configuration file (default {dc.DEFAULT_PATH})")
     p.add_argument("--check-config", type=Path, metavar="FILE",
-                   help="validate FILE, check the files it names, print the effective configuration and exit")
+                   help="validate FILE, check every file it names (credentials, keys, state folder, images), "
+                        "print the effective configuration and every problem, and exit: 0 fine, 2 not")
+    p.add_argument("--check-images", nargs="+", metavar="all|sample N", default=["all"],
+                   help="with --check-config: decode every image/mask pair (all, the default) or N of them, "
+                        "evenly spread (sample N); every pair's size is checked either way")
+    p.add_argument("--json", action="store_true", help="with --check-config: print one JSON object")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def run(args: argparse.Namespace) -> int:
     if args.check_config is not None:
-        return check_config(args.check_config)
+        return check_config(args.check_config, images=image_check(args.check_images), as_json=args.json)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s", stream=sys.stderr)
     return run_daemon(args.config)
 
 
-def file_checks(cfg: dc.DaemonConfig) -> list[tuple[str, str]]:
-    """Problems with the files the configuration names (keys, data, TLS, state folder)."""
-    problems: list[tuple[str, str]] = []
-    for where, read in (("keys.site", lambda: read_site_keys(cfg.keys.site)),
-                        ("keys.coordinator", lambda: read_coordinator_public(cfg.keys.coordinator))):
+def image_check(words: list[str] | None) -> ImageCheck:
+    """``--check-images all`` or ``--check-images sample N``."""
+    if not words or words == ["all"]:
+        return ImageCheck()
+    if len(words) == 2 and words[0] == "sample" and words[1].isdigit() and int(words[1]) > 0:
+        return ImageCheck(sample=int(words[1]))
+    raise ConfigError("--check-images", f"must be 'all' or 'sample N' with N > 0, got {' '.join(words)!r}")
+
+
+def check_config(path: Path, *, images: ImageCheck = ImageCheck(), as_json: bool = False) -> int:
+    """Print the effective configuration and every problem found (preflight.py); 0 when fine, else 2."""
+    report = preflight.check(path, images=images)
+    effective = None
+    if not any(f.key == "(file)" for f in report.findings):
         try:
-            read()
-        except FedNCAError as e:
-            problems.append((where, str(e)))
-    if cfg.data.folder is not None:
-        for sub in ("images", "masks"):
-            if not (cfg.data.folder / sub).is_dir():
-                problems.append(("data.folder", f"{cfg.data.folder / sub}: folder missing"))
-    for name in ("ca_file", "cert_file", "key_file"):
-        path = getattr(cfg.broker.tls, name)
-        if path is not None and not path.is_file():
-            problems.append((f"broker.tls.{name}", f"{path}: no such file"))
-    parent = cfg.state_dir if cfg.state_dir.exists() else cfg.state_dir.parent
-    if not parent.is_dir():
-        problems.append(("state_dir", f"{parent}: no such folder"))
-    return problems
-
-
-def check_config(path: Path) -> int:
-    cfg = dc.load(path)
-    print(f"# effective configuration of {path}")
-    print(yaml.safe_dump(dc.to_dict(cfg), sort_keys=False, default_flow_style=False), end="")
-    problems = file_checks(cfg)
-    if problems:
-        raise dc.DaemonConfigError(str(path), problems)
-    print(f"# {path}: configuration and the files it names are fine")
-    return 0
+            effective = dc.to_dict(dc.read(path)[0])
+        except dc.DaemonConfigError:
+            effective = None
+    if as_json:
+        print(json.dumps({**report.to_dict(), "config": effective}, sort_keys=True))
+        return 0 if report.ok else 2
+    if effective is not None:
+        print(f"# effective configuration of {path}")
+        print(yaml.safe_dump(effective, sort_keys=False, default_flow_style=False), end="")
+    lines = report.lines()
+    for line in lines[:-1]:  # notes on stdout, problems on stderr
+        print(line, file=sys.stdout if line.startswith("#") else sys.stderr)
+    print(lines[-1], file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 2
 
 
 def build_client(cfg: dc.DaemonConfig):  # -> MqttClient (paho imported only here)

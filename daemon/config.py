@@ -261,6 +261,19 @@ def _cross_checks(cfg: DaemonConfig, env: Mapping[str, str], problems: Problems)
 def load(path: str | os.PathLike, *, env: Mapping[str, str] | None = None) -> DaemonConfig:
     """Read and parse a configuration file; the password file, if any, is read too."""
     path = Path(path)
+    cfg, mode = read(path, env=env)
+    if cfg.broker.password is not None and stat.S_IMODE(mode) & 0o004:
+        raise DaemonConfigError(str(path), [("broker.password", "the file holds a password and anyone can read it: "
+                                             f"chmod o-r {path}, or use password_file")])
+    if cfg.broker.password_file is not None:
+        cfg = dataclasses.replace(cfg, broker=dataclasses.replace(
+            cfg.broker, password=read_password(cfg.broker.password_file, str(path))))
+    return cfg
+
+
+def read(path: Path, *, env: Mapping[str, str] | None = None) -> tuple[DaemonConfig, int]:
+    """The parsed configuration and the file's mode, secrets not yet read: what ``load`` checks
+    them against, and what ``--check-config`` starts from to report every problem at once."""
     try:
         with open(path, "rb") as f:
             raw = f.read(_MAX_FILE + 1)
@@ -273,17 +286,10 @@ def load(path: str | os.PathLike, *, env: Mapping[str, str] | None = None) -> Da
         data = yaml.safe_load(raw.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise DaemonConfigError(str(path), [("(file)", f"not valid YAML: {e}")]) from None
-    cfg = parse(data, source=str(path), base=path.parent.resolve(), env=env)
-    if cfg.broker.password is not None and stat.S_IMODE(mode) & 0o004:
-        raise DaemonConfigError(str(path), [("broker.password", "the file holds a password and anyone can read it: "
-                                             f"chmod o-r {path}, or use password_file")])
-    if cfg.broker.password_file is not None:
-        cfg = dataclasses.replace(cfg, broker=dataclasses.replace(
-            cfg.broker, password=_read_password(cfg.broker.password_file, str(path))))
-    return cfg
+    return parse(data, source=str(path), base=path.parent.resolve(), env=env), mode
 
 
-def _read_password(path: Path, source: str) -> str:
+def read_password(path: Path, source: str) -> str:
     try:
         with open(path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
