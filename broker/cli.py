@@ -7,6 +7,7 @@
     fednca coordinator broker-config DIR [--new-server-certificate]
     fednca coordinator run DIR [--log-level info]
     fednca coordinator show DIR [--json]
+    fednca coordinator check DIR [--json]                 every problem that would stop run (exit 2)
 
 The folder layout and every configuration key are described in ``broker/config.py`` and
 docs/coordinator.md. A configuration problem is one error listing every bad key (exit 2).
@@ -101,6 +102,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     back = sub.add_parser("rollback", help="go back to an earlier global model, in a new round (coordinator stopped)")
     back.add_argument("folder", type=Path, metavar="DIR", help="the federation folder")
     back.add_argument("--to-round", type=int, required=True, metavar="N", help="train on from the model of round N")
+    check = sub.add_parser("check", help="check everything the coordinator and its broker need; exit 2 on a problem")
+    check.add_argument("folder", type=Path)
+    check.add_argument("--json", action="store_true", help="print one JSON object")
     show = sub.add_parser("show", help="print the federation's configuration, sites and round")
     show.add_argument("folder", type=Path)
     show.add_argument("--json", action="store_true", help="print one JSON object (times as unix seconds)")
@@ -109,7 +113,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     actions = {"init": _init, "enroll": _enroll, "revoke": _revoke, "broker-config": _broker_config, "run": _run,
-               "rollback": _rollback, "show": _show}  # fmt: skip
+               "rollback": _rollback, "show": _show, "check": _check}  # fmt: skip
     return actions[args.action](args)
 
 
@@ -418,6 +422,15 @@ def _rollback(args: argparse.Namespace) -> int:
     print(f"round {done.round} will train from the model of round {done.to_round} "
           f"(model {done.model_sha256[:12]}){abandoned}; start the coordinator to announce it")
     return 0
+
+
+# ------------------------------------------------------------------------------------------ check
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .preflight import main as check_main
+
+    return check_main(args.folder, as_json=args.json)
 
 
 # ------------------------------------------------------------------------------------------ show
