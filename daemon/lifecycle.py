@@ -28,8 +28,14 @@ Invariants:
    coordinator extends a round that lacks its quorum. A round that arrives after its deadline
    (the final model of a finished federation) is not trained at all.
 5. A stored update leaves the outbox only after its receipt was saved as ``done_round`` (so a
-   crash between the two never trains the round again), or when a newer round opens.
+   crash between the two never trains the round again), or when a newer round opens, or when its
+   file was found damaged (then the round needs work again and is submitted anew).
 6. Stopping interrupts a running chunk, waits for the trainer to exit, then emits ``Exit``.
+7. An update without a receipt is published again (same update id: the coordinator acknowledges
+   a re-delivery without counting it twice) after :func:`resend_after`: a tenth of the time the
+   round had left when it was sent, at least ``RESEND_MIN_S``, at most ``resend_s``, doubling
+   with each resend up to ``resend_s``. A broker that took the update and then lost it (a full
+   queue) is noticed within minutes, not ``resend_s``.
 """
 
 from __future__ import annotations
@@ -40,17 +46,18 @@ from typing import Callable
 
 from .budget import backoff_seconds, rest_seconds
 from .errors import IllegalTransition
-from .lifecycle_vocab import (DEADLINE_RESOLUTION_S, PAST_DEADLINE, Action, Announced, ChunkDone, DropUpdate, Event,
-                              Exit, GatesChanged, Pending, Phase, PingWatchdog, Policy, Publish, ReceiptArrived,
-                              RoundInfo, RunChunk, SaveDone, StartWorker, State, StopRequested, StopWorker, Submit,
-                              SubmitFailed, Telemetry, Tick, UpdateStored, Worker, WorkerExited, WorkerReady)
+from .lifecycle_vocab import (DEADLINE_RESOLUTION_S, PAST_DEADLINE, RESEND_FRACTION, RESEND_MIN_S, Action, Announced,
+                              ChunkDone, DropUpdate, Event, Exit, GatesChanged, Pending, Phase, PingWatchdog, Policy,
+                              Publish, ReceiptArrived, RoundInfo, RunChunk, SaveDone, StartWorker, State,
+                              StopRequested, StopWorker, Submit, SubmitFailed, Telemetry, Tick, UpdateLost,
+                              UpdateStored, Worker, WorkerExited, WorkerReady)
 
 __all__ = [
-    "DEADLINE_RESOLUTION_S", "PAST_DEADLINE", "TRANSITIONS", "Action", "Announced", "ChunkDone", "DropUpdate",
+    "DEADLINE_RESOLUTION_S", "PAST_DEADLINE", "RESEND_FRACTION", "RESEND_MIN_S", "TRANSITIONS", "Action", "Announced", "ChunkDone", "DropUpdate",
     "Event", "Exit", "GatesChanged", "IllegalTransition", "Pending", "Phase", "PingWatchdog", "Policy", "Publish",
     "ReceiptArrived", "RoundInfo", "RunChunk", "SaveDone", "StartWorker", "State", "StopRequested", "StopWorker",
-    "Submit", "SubmitFailed", "Telemetry", "Tick", "UpdateStored", "Worker", "WorkerExited", "WorkerReady",
-    "handle", "initial", "next_wakeup",
+    "Submit", "SubmitFailed", "Telemetry", "Tick", "UpdateLost", "UpdateStored", "Worker", "WorkerExited",
+    "WorkerReady", "handle", "initial", "next_wakeup", "resend_after",
 ]
 
 # ------------------------------------------------------------------------------------- machine
@@ -97,13 +104,25 @@ def handle(state: State, event: Event, now: float) -> tuple[State, list[Action]]
 def next_wakeup(state: State, now: float) -> float | None:
     """The next time after ``now`` at which the machine wants a ``Tick``, if any (rest end,
     deadline, re-send). A time already past has had its tick; waiting for it again would spin."""
-    times = [p.sent_at + state.policy.resend_s for p in state.outbox]
+    times = [p.sent_at + resend_after(state, p) for p in state.outbox]
     if state.rest_until is not None:
         times.append(state.rest_until)
     if state.needs_work and state.round is not None:
         times.append(state.round.deadline - state.policy.deadline_margin_s)
     future = [t for t in times if t > now]
     return min(future) if future else None
+
+
+def resend_after(state: State, pending: Pending) -> float:
+    """How long after its last publication ``pending`` is published again without a receipt:
+    ``RESEND_FRACTION`` of the time its round had left then (none once the round is not the
+    current one or its deadline passed), within [``RESEND_MIN_S``, ``resend_s``], doubling with
+    each resend, never past ``resend_s``."""
+    p = state.policy
+    r = state.round
+    left = r.deadline - pending.sent_at if r is not None and r.round == pending.round else 0.0
+    first = min(p.resend_s, max(RESEND_MIN_S, RESEND_FRACTION * left))
+    return min(p.resend_s, first * 2.0 ** min(pending.resends, 30))
 
 
 def _check_now(now: float) -> None:
@@ -218,6 +237,15 @@ def _on_submit_failed(s: State, e: SubmitFailed, now: float, out: list[Action]) 
               rest_until=now + wait, rest_s=wait)
 
 
+def _on_update_lost(s: State, e: UpdateLost, now: float, out: list[Action]) -> State:
+    """The stored update cannot be sent (its file was damaged): the round needs work again."""
+    keep = tuple(p for p in s.outbox if not (p.round == e.round and p.update_id == e.update_id))
+    if len(keep) == len(s.outbox):
+        return s
+    out.append(Telemetry())
+    return _r(s, outbox=keep, error=e.error, steps=0, planned=None)
+
+
 def _on_receipt(s: State, e: ReceiptArrived, now: float, out: list[Action]) -> State:
     match = [p for p in s.outbox if p.round == e.round and p.update_id == e.update_id]
     if not match:
@@ -245,6 +273,7 @@ Transition = Callable[[State, Event, float, list[Action]], State]
 _ANY_TRAINER_STATE: dict[type, Transition] = {
     Announced: _on_announced, GatesChanged: _on_gates, UpdateStored: _on_stored,  # type: ignore[dict-item]
     SubmitFailed: _on_submit_failed, ReceiptArrived: _on_receipt, Tick: _on_tick,  # type: ignore[dict-item]
+    UpdateLost: _on_update_lost,  # type: ignore[dict-item]
     StopRequested: _on_stop,  # type: ignore[dict-item]
 }
 
@@ -279,10 +308,11 @@ def _schedule(s: State, now: float, out: list[Action]) -> State:
             out.append(Exit())
             s = _r(s, exited=True)
         return s
-    due_again = [x for x in s.outbox if now - x.sent_at >= p.resend_s]
+    due_again = [x for x in s.outbox if now - x.sent_at >= resend_after(s, x)]
     if due_again:
         out.extend(Publish(x.round, x.update_id) for x in due_again)
-        s = _r(s, outbox=tuple(dataclasses.replace(x, sent_at=now) if x in due_again else x for x in s.outbox))
+        s = _r(s, outbox=tuple(dataclasses.replace(x, sent_at=now, resends=x.resends + 1) if x in due_again else x
+                               for x in s.outbox))
     if s.rest_until is not None and s.rest_until - now > s.rest_s:
         s = _r(s, rest_until=now + s.rest_s)  # the wall clock went back: rest no longer than asked
     if s.rest_until is not None and now >= s.rest_until:

@@ -56,6 +56,7 @@ class Pending:
     round: int
     update_id: str
     sent_at: float
+    resends: int = 0  # published again this many times without a receipt
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,15 @@ class SubmitFailed:
 
 
 @dataclass(frozen=True)
+class UpdateLost:
+    """A stored update's file was found damaged (and moved aside): it can never be sent."""
+
+    round: int
+    update_id: str
+    error: str
+
+
+@dataclass(frozen=True)
 class ReceiptArrived:
     round: int
     update_id: str
@@ -174,7 +184,7 @@ class StopRequested:
 
 
 Event = Union[Announced, GatesChanged, WorkerReady, ChunkDone, WorkerExited, UpdateStored, SubmitFailed,
-              ReceiptArrived, Tick, StopRequested]
+              UpdateLost, ReceiptArrived, Tick, StopRequested]
 
 # ------------------------------------------------------------------------------------- actions
 
@@ -240,3 +250,5 @@ Action = Union[StartWorker, RunChunk, StopWorker, Submit, Publish, DropUpdate, S
 
 PAST_DEADLINE = "past_deadline"  # the result of a round announced after its deadline
 DEADLINE_RESOLUTION_S = 1.0  # deadlines travel as whole seconds, rounded up
+RESEND_MIN_S = 30.0  # the shortest wait for a receipt before an update is published again
+RESEND_FRACTION = 0.1  # of the time the round had left when the update was sent

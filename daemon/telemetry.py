@@ -44,6 +44,7 @@ class Snapshot:
     outbox: int = 0
     last_receipt: str | None = None
     error: str | None = None
+    clock_offset_s: float | None = None  # this device's wall clock minus the coordinator's
 
 
 def _num(name: str, v: float | None, digits: int = 1) -> float | None:
@@ -89,7 +90,14 @@ def status_message(s: Snapshot) -> StatusMessage:
         outbox=int(s.outbox),
         last_receipt=_text(s.last_receipt),
         error=_text(s.error),
+        clock_offset_s=_offset(s.clock_offset_s),
     )
+
+
+def _offset(v: float | None) -> int | None:
+    if v is None or not math.isfinite(v):
+        return None
+    return within_bounds("clock_offset_s", int(round(v)))
 
 
 def status_json(s: Snapshot) -> bytes:

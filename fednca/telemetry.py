@@ -17,7 +17,10 @@ Fields on the wire, in this order: ``v`` (message version), ``site``, ``version`
 paused), ``cpu_percent`` (daemon and trainer, of one core), ``rss_mb`` (daemon and trainer),
 ``memory_percent`` (system), ``temperature_c``, ``battery_percent``, ``charging``,
 ``bytes_sent``, ``bytes_received``, ``outbox`` (updates waiting for a receipt),
-``last_receipt``, ``error``.
+``last_receipt``, ``error``, and ``clock_offset_s`` (the device's wall clock minus the
+coordinator's, in whole seconds, as measured on the freshest round announcement received live;
+written only once known, and read as unknown when absent, so status of daemons that predate it
+still parses).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ _SITE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # a site id, as fednca.topics c
 _COUNT = 2**53  # integers above this lose precision in JavaScript readers; no real counter gets there
 _TIME = 2**40  # unix seconds, far beyond any device's clock
 _BIG = 1e12  # bound of measured rates, durations and sizes
+_OFFSET = 10**9  # seconds (about 32 years) either way: a clock further off is reported as unknown
+_OPTIONAL = frozenset({"clock_offset_s"})  # absent on the wire means None
 
 
 class TelemetryError(FedNCAError):
@@ -73,6 +78,7 @@ class StatusMessage:
     outbox: int
     last_receipt: str | None
     error: str | None
+    clock_offset_s: int | None = None
     v: int = MESSAGE_VERSION
 
     def __post_init__(self) -> None:
@@ -82,7 +88,7 @@ class StatusMessage:
     def to_json(self) -> bytes:
         body: dict[str, Any] = {"v": self.v}
         for f in fields(self):
-            if f.name != "v":
+            if f.name != "v" and not (f.name in _OPTIONAL and getattr(self, f.name) is None):
                 value = getattr(self, f.name)
                 body[f.name] = list(value) if isinstance(value, tuple) else value
         out = json.dumps(body, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
@@ -107,7 +113,7 @@ def parse_status(payload: bytes) -> StatusMessage:
     if body.get("v") != MESSAGE_VERSION or isinstance(body.get("v"), bool):
         raise TelemetryError(f"message version {str(body.get('v'))[:16]!r} is not {MESSAGE_VERSION}")
     names = [f.name for f in fields(StatusMessage)]
-    missing = [n for n in names if n not in body]
+    missing = [n for n in names if n not in body and n not in _OPTIONAL]
     extra = sorted(str(k)[:32] for k in body if k not in names)
     if missing or extra:
         raise TelemetryError("fields: " + "; ".join(
@@ -176,6 +182,7 @@ _CHECKS = {
     "outbox": lambda x: _int(x, 0, _COUNT),
     "last_receipt": _text,
     "error": _text,
+    "clock_offset_s": lambda x: x is None or (type(x) is int and -_OFFSET <= x <= _OFFSET),
 }
 
 

@@ -184,7 +184,8 @@ def test_a_restart_of_a_finished_round_does_nothing():
 
 
 def test_updates_without_a_receipt_are_published_again_after_resend_s():
-    s, _ = lc.initial(P, now=T0, round=lc.RoundInfo(1, DEADLINE, SHA), done_round=-1, outbox=[(1, "u1")])
+    # A long round (10 h left): a tenth of it is more than resend_s, so resend_s is the bound.
+    s, _ = lc.initial(P, now=T0, round=lc.RoundInfo(1, T0 + 36000, SHA), done_round=-1, outbox=[(1, "u1")])
     assert lc.next_wakeup(s, T0) == T0 + P.resend_s
     s, out = lc.handle(s, lc.Tick(), T0 + P.resend_s - 1)
     assert out == []
@@ -321,3 +322,32 @@ def test_a_trainer_that_fails_on_its_way_out_counts_as_a_failure():
     assert s.worker == lc.Worker.STOPPING and lc.StopWorker(interrupt=True) in out
     s, _ = lc.handle(s, lc.WorkerExited("killed by signal 9"), T0 + 1)
     assert s.worker == lc.Worker.NONE and s.failures == 1 and s.error == "killed by signal 9"
+
+
+def test_an_update_without_a_receipt_is_sent_again_within_a_tenth_of_the_time_left_doubling_up_to_resend_s():
+    s, _ = lc.initial(P, now=T0, round=lc.RoundInfo(1, DEADLINE, SHA), done_round=-1, outbox=[(1, "u1")])
+    assert lc.next_wakeup(s, T0) == T0 + 360  # a tenth of the hour left
+    s, out = lc.handle(s, lc.Tick(), T0 + 359)
+    assert out == []
+    s, out = lc.handle(s, lc.Tick(), T0 + 360)
+    assert out == [lc.Publish(1, "u1")] and s.outbox[0].resends == 1
+    # sent again at T0 + 360 with 3240 s left: 324 s, doubled once
+    assert lc.next_wakeup(s, T0 + 360) == T0 + 360 + 648
+    s, out = lc.handle(s, lc.Tick(), T0 + 360 + 648)
+    assert out == [lc.Publish(1, "u1")]
+    assert lc.next_wakeup(s, T0 + 1008) == T0 + 1008 + 900  # never past resend_s
+
+
+def test_after_the_deadline_an_update_without_a_receipt_is_sent_again_after_30_s():
+    s, _ = lc.initial(P, now=DEADLINE + 5, round=lc.RoundInfo(1, DEADLINE, SHA), done_round=-1, outbox=[(1, "u1")])
+    assert lc.next_wakeup(s, DEADLINE + 5) == DEADLINE + 5 + lc.RESEND_MIN_S
+
+
+def test_a_damaged_stored_update_makes_the_round_need_work_again():
+    s, _ = lc.initial(P, now=T0, round=lc.RoundInfo(1, DEADLINE, SHA), done_round=-1, outbox=[(1, "u1")])
+    assert s.phase == lc.Phase.SUBMITTED
+    s, out = lc.handle(s, lc.UpdateLost(1, "u1", "outbox entry damaged"), T0)
+    assert s.outbox == () and s.error == "outbox entry damaged" and s.phase == lc.Phase.TRAINING
+    assert lc.StartWorker(1) in out and not any(isinstance(a, lc.DropUpdate) for a in out)
+    s2, out = lc.handle(s, lc.UpdateLost(1, "u1", "again"), T0)
+    assert s2 == s and out == []
