@@ -23,6 +23,7 @@ import numpy as np
 
 from .config import ModelConfig, tensor_shapes
 from .errors import ConfigError
+from .npops import depthwise, depthwise_grad, reflect_pad, reflect_pad_grad
 
 Weights = dict[str, np.ndarray]
 BN_EPS = 1e-5  # BatchNorm2d's default
@@ -62,11 +63,11 @@ def init_weights(cfg: ModelConfig, *, seed: int = 0) -> Weights:
 
 @dataclass(frozen=True)
 class _Stage:
-    """One NCA's weights in the working layout (views of the named tensors where possible)."""
+    """One NCA's weights in the working layout (views of the named tensors)."""
 
     prefix: str
     kernel: int
-    taps: np.ndarray  # (k, k, C): taps[di, dj, c]
+    taps: np.ndarray  # (C, k, k)
     conv_bias: np.ndarray  # (C,)
     w0: np.ndarray  # (hidden, 2C)
     b0: np.ndarray | None
@@ -79,12 +80,11 @@ class _Stage:
 
 def _stage(weights: Weights, cfg: ModelConfig, index: int) -> _Stage:
     p = f"stage{index + 1}."
-    w = weights[p + "perceive.weight"]
     h = cfg.hidden
     return _Stage(
         prefix=p,
         kernel=cfg.kernels[index],
-        taps=np.ascontiguousarray(w[:, 0].transpose(1, 2, 0)),
+        taps=weights[p + "perceive.weight"][:, 0],
         conv_bias=weights[p + "perceive.bias"],
         w0=weights[p + "fc0.weight"].reshape(h, -1),
         b0=weights.get(p + "fc0.bias"),
@@ -96,87 +96,50 @@ def _stage(weights: Weights, cfg: ModelConfig, index: int) -> _Stage:
     )
 
 
-def reflect_pad(x: np.ndarray, p: int) -> np.ndarray:
-    """Pad H and W of (B, H, W, C) by ``p`` mirroring without repeating the edge (torch's 'reflect')."""
-    b, h, w, c = x.shape
-    out = np.empty((b, h + 2 * p, w + 2 * p, c), x.dtype)
-    out[:, p : p + h, p : p + w] = x
-    for k in range(1, p + 1):
-        out[:, p - k, p : p + w] = x[:, k]
-        out[:, p + h - 1 + k, p : p + w] = x[:, h - 1 - k]
-    for k in range(1, p + 1):
-        out[:, :, p - k] = out[:, :, p + k]
-        out[:, :, p + w - 1 + k] = out[:, :, p + w - 1 - k]
-    return out
-
-
-def reflect_unpad_grad(g: np.ndarray, p: int) -> np.ndarray:
-    """The gradient of :func:`reflect_pad`: fold each padded cell's gradient onto its mirror."""
-    g = g.copy()
-    b, hp, wp, c = g.shape
-    h, w = hp - 2 * p, wp - 2 * p
-    for k in range(1, p + 1):
-        g[:, :, p + k] += g[:, :, p - k]
-        g[:, :, p + w - 1 - k] += g[:, :, p + w - 1 + k]
-    for k in range(1, p + 1):
-        g[:, p + k] += g[:, p - k]
-        g[:, p + h - 1 - k] += g[:, p + h - 1 + k]
-    return g[:, p : p + h, p : p + w]
-
-
-def _depthwise(padded: np.ndarray, taps: np.ndarray, bias: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Valid depthwise correlation of a padded (B, H+k-1, W+k-1, C) grid: a sum over the k*k taps."""
-    k = taps.shape[0]
-    out = np.empty(padded.shape[:1] + (h, w) + padded.shape[3:], padded.dtype)
-    out[...] = bias
-    tmp = np.empty_like(out)
-    for di in range(k):
-        for dj in range(k):
-            np.multiply(padded[:, di : di + h, dj : dj + w], taps[di, dj], out=tmp)
-            out += tmp
-    return out
+def _col(v: np.ndarray) -> np.ndarray:
+    return v[:, None]
 
 
 @dataclass
 class _Cache:
     """A step's intermediates, recomputed from its input state during the backward pass."""
 
-    padded: np.ndarray  # (B, H+2p, W+2p, C)
-    features: np.ndarray  # (N, 2C)
-    xhat: np.ndarray | None  # (N, hidden) normalised, with batch norm
+    padded: np.ndarray  # (C, B, H+2p, W+2p)
+    features: np.ndarray  # (2C, N): the state, then the perception
+    xhat: np.ndarray | None  # (hidden, N) normalised, with batch norm
     inv_std: np.ndarray | None  # (hidden,)
-    relu: np.ndarray  # (N, hidden)
+    relu: np.ndarray  # (hidden, N)
 
 
 def _step(s: _Stage, state: np.ndarray, fire: np.ndarray, keep: bool) -> tuple[np.ndarray, _Cache | None]:
-    """One NCA step on (B, H, W, C) with fire (B, H, W, 1) of 0/1; returns the new state."""
-    b, h, w, c = state.shape
-    n = b * h * w
+    """One NCA step on a (C, B, H, W) state with fire (1, N) of 0/1; returns the new state."""
+    c = state.shape[0]
+    n = state[0].size
     padded = reflect_pad(state, s.kernel // 2)
-    features = np.empty((b, h, w, 2 * c), state.dtype)
-    features[..., :c] = state
-    features[..., c:] = _depthwise(padded, s.taps, s.conv_bias, h, w)
-    features = features.reshape(n, 2 * c)
-    z = features @ s.w0.T
+    features = np.empty((2 * c, n), state.dtype)
+    features[:c] = state.reshape(c, n)
+    depthwise(padded, s.taps, s.conv_bias, features[c:].reshape(state.shape))
+    z = s.w0 @ features
     if s.b0 is not None:
-        z += s.b0
+        z += _col(s.b0)
     xhat = inv_std = None
     if s.gamma is not None:
-        z -= z.mean(0)
-        var = np.einsum("ij,ij->j", z, z) / n
+        z -= _col(z.mean(1))
+        var = np.einsum("ij,ij->i", z, z) / n
         inv_std = 1 / np.sqrt(var + BN_EPS)
-        z *= inv_std
+        z *= _col(inv_std)
         xhat = z.copy() if keep else z
-        z = z * s.gamma if keep else np.multiply(z, s.gamma, out=z)
-        z += s.beta
+        z *= _col(s.gamma)
+        z += _col(s.beta)
     relu = np.maximum(z, 0, out=z)
-    dx = relu @ s.w1.T
+    dx = s.w1 @ relu
     if s.b1 is not None:
-        dx += s.b1
+        dx += _col(s.b1)
     if s.skip:
-        dx = dx[:, s.skip :]
+        dx = dx[s.skip :]
+    dx *= fire
     new = state.copy()
-    new[..., 1:] += dx.reshape(b, h, w, c - 1) * fire
+    new[1:] += dx.reshape(state[1:].shape)
     cache = _Cache(padded, features, xhat, inv_std, relu) if keep else None
     return new, cache
 
@@ -186,46 +149,37 @@ def _step_backward(s: _Stage, state: np.ndarray, fire: np.ndarray, g_new: np.nda
     (working layout, see :func:`_zero_grads`) and return the gradient of its input state."""
     _, cache = _step(s, state, fire, keep=True)
     assert cache is not None
-    b, h, w, c = state.shape
-    n = b * h * w
-    p, pre = s.kernel // 2, s.prefix
-    g_dx = (g_new[..., 1:] * fire).reshape(n, c - 1)
+    c = state.shape[0]
+    n = state[0].size
+    pre = s.prefix
+    g_dx = g_new[1:].reshape(c - 1, n) * fire
     if s.skip:
-        g_dx = np.concatenate([np.zeros((n, s.skip), g_dx.dtype), g_dx], 1)
-    grads[pre + "fc1.weight"] += g_dx.T @ cache.relu
+        g_dx = np.concatenate([np.zeros((s.skip, n), g_dx.dtype), g_dx], 0)
+    grads[pre + "fc1.weight"] += g_dx @ cache.relu.T
     if s.b1 is not None:
-        grads[pre + "fc1.bias"] += g_dx.sum(0)
-    g = g_dx @ s.w1  # (N, hidden): gradient of the ReLU's output
+        grads[pre + "fc1.bias"] += g_dx.sum(1)
+    g = s.w1.T @ g_dx  # (hidden, N): gradient of the ReLU's output
     g *= cache.relu > 0
     if s.gamma is not None:
         assert cache.xhat is not None and cache.inv_std is not None
-        grads[pre + "norm.weight"] += np.einsum("ij,ij->j", g, cache.xhat)
-        grads[pre + "norm.bias"] += g.sum(0)
-        g *= s.gamma  # gradient of xhat
+        proj = np.einsum("ij,ij->i", g, cache.xhat)
+        grads[pre + "norm.weight"] += proj
+        grads[pre + "norm.bias"] += g.sum(1)
+        g *= _col(s.gamma)  # gradient of xhat
         # Batch norm on batch statistics: d/dz = inv_std * (g - mean(g) - xhat * mean(g * xhat)).
-        proj = np.einsum("ij,ij->j", g, cache.xhat) / n
-        g -= g.mean(0)
-        g -= cache.xhat * proj
-        g *= cache.inv_std
-    grads[pre + "fc0.weight"] += g.T @ cache.features
+        proj *= s.gamma / n
+        g -= _col(g.mean(1))
+        g -= cache.xhat * _col(proj)
+        g *= _col(cache.inv_std)
+    grads[pre + "fc0.weight"] += g @ cache.features.T
     if s.b0 is not None:
-        grads[pre + "fc0.bias"] += g.sum(0)
-    g_features = (g @ s.w0).reshape(b, h, w, 2 * c)
-    g_state = g_new + g_features[..., :c]
-    g_conv = np.ascontiguousarray(g_features[..., c:])
-    grads[pre + "perceive.bias"] += g_conv.sum((0, 1, 2))
-    g_padded = np.zeros_like(cache.padded)
-    g_taps = grads[pre + "perceive.weight"]  # working layout (k, k, C)
-    flat = g_conv.reshape(n, c)
-    tmp = np.empty_like(g_conv)
-    for di in range(s.kernel):
-        for dj in range(s.kernel):
-            window = cache.padded[:, di : di + h, dj : dj + w]
-            np.multiply(window, g_conv, out=tmp)
-            g_taps[di, dj] += tmp.reshape(n, c).sum(0)
-            np.multiply(flat.reshape(b, h, w, c), s.taps[di, dj], out=tmp)
-            g_padded[:, di : di + h, dj : dj + w] += tmp
-    g_state += reflect_unpad_grad(g_padded, p)
+        grads[pre + "fc0.bias"] += g.sum(1)
+    g_features = s.w0.T @ g  # (2C, N)
+    g_conv = g_features[c:].reshape(state.shape)
+    grads[pre + "perceive.bias"] += g_conv.sum((1, 2, 3))
+    g_padded = depthwise_grad(cache.padded, s.taps, g_conv, grads[pre + "perceive.weight"])
+    g_state = g_new + g_features[:c].reshape(state.shape)
+    g_state += reflect_pad_grad(g_padded, s.kernel // 2)
     return g_state
 
 
@@ -242,20 +196,20 @@ def _named_grads(stages: tuple[_Stage, _Stage], grads: Weights, weights: Weights
     out = dict(grads)
     for s in stages:
         key = s.prefix + "perceive.weight"
-        out[key] = np.ascontiguousarray(grads[key].transpose(2, 0, 1)[:, None])
+        out[key] = grads[key][:, None]
         for key in (s.prefix + "fc0.weight", s.prefix + "fc1.weight"):
             out[key] = grads[key].reshape(weights[key].shape)
     return out
 
 
-def _masks_nhwc(fire: np.ndarray, steps: int, dtype: np.dtype) -> np.ndarray:
-    """(steps, B, [1,] H, W) of bool or 0/1 -> (steps, B, H, W, 1) of 0.0/1.0."""
+def _masks_flat(fire: np.ndarray, steps: int, dtype: np.dtype) -> np.ndarray:
+    """(steps, B, [1,] H, W) of bool or 0/1 -> (steps, 1, B*H*W) of 0.0/1.0."""
     fire = np.asarray(fire)
     if fire.ndim == 5:
         fire = fire[:, :, 0]
     if fire.shape[0] < steps:
         raise ValueError(f"{fire.shape[0]} fire masks for {steps} steps")
-    return fire[..., None].astype(dtype)
+    return fire.reshape(fire.shape[0], 1, -1).astype(dtype)
 
 
 def draw_masks(rng: np.random.Generator, cfg: ModelConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -280,26 +234,26 @@ def _run(weights: Weights, cfg: ModelConfig, image: np.ndarray, masks: tuple[np.
     _check_image(cfg, image)
     stages = (_stage(weights, cfg, 0), _stage(weights, cfg, 1))
     dtype = weights["stage1.fc0.weight"].dtype  # float32; float64 for exactness checks
-    fire1, fire2 = _masks_nhwc(masks[0], cfg.steps[0], dtype), _masks_nhwc(masks[1], cfg.steps[1], dtype)
+    fire1, fire2 = _masks_flat(masks[0], cfg.steps[0], dtype), _masks_flat(masks[1], cfg.steps[1], dtype)
     b, side, p, c = image.shape[0], image.shape[2], cfg.pool, cfg.channels
     img = image[:, 0].astype(dtype)
-    state = np.zeros((b, side // p, side // p, c), dtype)
-    state[..., 0] = img.reshape(b, side // p, p, side // p, p).mean((2, 4))
+    state = np.zeros((c, b, side // p, side // p), dtype)  # channel-first throughout
+    state[0] = img.reshape(b, side // p, p, side // p, p).mean((2, 4))
     kept1: list[np.ndarray] = []
     for t in range(cfg.steps[0]):
         if keep_states:
             kept1.append(state)
         state, _ = _step(stages[0], state, fire1[t], keep=False)
-    full = np.empty((b, side, side, c), dtype)
-    full[..., 0] = img
-    full[..., 1:] = np.repeat(np.repeat(state[..., 1:], p, axis=1), p, axis=2)
+    full = np.empty((c, b, side, side), dtype)
+    full[0] = img
+    full[1:] = np.repeat(np.repeat(state[1:], p, axis=2), p, axis=3)
     state = full
     kept2: list[np.ndarray] = []
     for t in range(cfg.steps[1]):
         if keep_states:
             kept2.append(state)
         state, _ = _step(stages[1], state, fire2[t], keep=False)
-    return state[..., 1][:, None], stages, kept1, kept2, (fire1, fire2)
+    return state[1][:, None], stages, kept1, kept2, (fire1, fire2)
 
 
 def forward(weights: Weights, cfg: ModelConfig, image: np.ndarray, masks: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -338,13 +292,13 @@ def gradients(weights: Weights, cfg: ModelConfig, image: np.ndarray, target: np.
     value, g_logits = loss_and_grad(logits, target, loss)
     grads = _zero_grads(stages, weights)
     b, side, c, p = image.shape[0], image.shape[2], cfg.channels, cfg.pool
-    g = np.zeros((b, side, side, c), logits.dtype)
-    g[..., 1] = g_logits[:, 0]
+    g = np.zeros((c, b, side, side), logits.dtype)
+    g[1] = g_logits[:, 0]
     for t in reversed(range(cfg.steps[1])):
         g = _step_backward(stages[1], kept2[t], fire2[t], g, grads)
     small = side // p
-    g_small = np.zeros((b, small, small, c), logits.dtype)
-    g_small[..., 1:] = g[..., 1:].reshape(b, small, p, small, p, c - 1).sum((2, 4))
+    g_small = np.zeros((c, b, small, small), logits.dtype)
+    g_small[1:] = g[1:].reshape(c - 1, b, small, p, small, p).sum((3, 5))
     g = g_small
     for t in reversed(range(cfg.steps[0])):
         g = _step_backward(stages[0], kept1[t], fire1[t], g, grads)

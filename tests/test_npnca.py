@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fednca import npnca
+from fednca import npnca, npops
 from fednca.config import preset
 from fednca.errors import ConfigError
 from fednca.model import build
@@ -100,23 +100,25 @@ def test_real_size_and_steps_match_exactly_in_float64():
 
 
 @pytest.mark.slow
-def test_real_size_float32_is_as_close_to_exact_as_pytorchs_own_training_path():
-    """Over 60 steps float32 rounding grows to ~1e-4 relative in stage 1's gradients; PyTorch's
-    own channels-last training path lands as far from the double-precision result as this does."""
+def test_real_size_float32_is_as_close_to_exact_as_pytorch():
+    """Over 60 steps float32 rounding grows to ~1e-5 relative in the gradients, in PyTorch too (its
+    channels-last training path lands ~1e-4 from the double-precision result, NCHW ~1e-5): the
+    numpy model in float32 stays within a few times PyTorch's NCHW distance from exact."""
     cfg = preset()
     w64 = perturbed(cfg, scale=0.01, dtype=np.float64)
     image, target, masks = batch(cfg, dtype=np.float64)
     _, _, exact = oracle(cfg, w64, image, target, masks)
     w32 = {k: v.astype(np.float32) for k, v in w64.items()}
     image32, target32 = image.astype(np.float32), target.astype(np.float32)
-    _, _, torch32 = oracle(cfg, w32, image32, target32, masks, channels_last=True)
+    _, _, torch32 = oracle(cfg, w32, image32, target32, masks)
     _, _, got = npnca.gradients(w32, cfg, image32, target32, masks)
     for name, g in exact.items():
         if bn_invariant(cfg, name):
             continue
         err_np = np.linalg.norm(got[name] - g) / np.linalg.norm(g)
         err_torch = np.linalg.norm(torch32[name] - g) / np.linalg.norm(g)
-        assert err_np <= max(2 * err_torch, 1e-5), (name, err_np, err_torch)
+        assert err_np <= max(4 * err_torch, 1e-5) and err_np <= 1e-4, (name, err_np, err_torch)
+        assert np.linalg.norm(got[name] - torch32[name]) / np.linalg.norm(torch32[name]) <= 1e-4, name
 
 
 def test_forward_alone_gives_the_training_pass_logits_and_same_masks_same_output():
@@ -130,14 +132,13 @@ def test_forward_alone_gives_the_training_pass_logits_and_same_masks_same_output
 
 
 def test_reflect_pad_and_its_gradient_match_pytorch():
-    x = np.random.default_rng(0).normal(size=(2, 6, 5, 3)).astype(np.float32)
-    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    x = np.random.default_rng(0).normal(size=(3, 2, 6, 5)).astype(np.float32)
+    tx = torch.from_numpy(x).requires_grad_()
     padded = F.pad(tx, (2, 2, 2, 2), mode="reflect")
-    np.testing.assert_array_equal(npnca.reflect_pad(x, 2), padded.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(npops.reflect_pad(x, 2), padded.detach().numpy())
     g = np.random.default_rng(1).normal(size=padded.shape).astype(np.float32)
     padded.backward(torch.from_numpy(g))
-    got = npnca.reflect_unpad_grad(np.ascontiguousarray(g.transpose(0, 2, 3, 1)), 2)
-    np.testing.assert_allclose(got, tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(npops.reflect_pad_grad(g.copy(), 2), tx.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_init_weights_have_the_model_files_names_shapes_and_a_zero_last_layer():
