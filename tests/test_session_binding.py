@@ -121,6 +121,13 @@ def test_the_coordinator_session_cannot_be_taken_by_a_site(broker):
     assert coordinator.connected and coordinator.connections == 1
 
 
+def test_no_user_can_hold_another_users_id_before_it_connects(broker):
+    squatter = attempt(broker, "site-b", "site-a")
+    owner, coordinator = owner_and_coordinator(broker, "site-a")
+    assert owner.connections == 1
+    assert not broker.refuses or not squatter.connected
+
+
 def test_a_user_may_still_take_back_its_own_session(broker):
     first = broker.client("site-a", "site-a")
     assert first.connect(WAIT)
