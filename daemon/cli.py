@@ -65,14 +65,9 @@ def image_check(words: list[str] | None) -> ImageCheck:
 def check_config(path: Path, *, images: ImageCheck = ImageCheck(), as_json: bool = False) -> int:
     """Print the effective configuration and every problem found (preflight.py); 0 when fine, else 2."""
     report = preflight.check(path, images=images)
-    effective = None
-    if not any(f.key == "(file)" for f in report.findings):
-        try:
-            effective = dc.to_dict(dc.read(path)[0])
-        except dc.DaemonConfigError:
-            effective = None
+    effective = report.facts.get("config")  # absent when the keys themselves are wrong
     if as_json:
-        print(json.dumps({**report.to_dict(), "config": effective}, sort_keys=True))
+        print(json.dumps({"config": None, **report.to_dict()}, sort_keys=True))
         return 0 if report.ok else 2
     if effective is not None:
         print(f"# effective configuration of {path}")

@@ -28,6 +28,7 @@ from . import config as dc
 from .preflight_data import ImageCheck, check_folder
 
 SYSTEMD_STATE_DIR = Path("/var/lib/fednca")  # the unit's StateDirectory=fednca makes it
+HIDDEN_BY_UNIT = (Path("/home"), Path("/root"), Path("/run/user"))  # ProtectHome=yes
 
 
 def check(path: Path, *, images: ImageCheck = ImageCheck(), env: Mapping[str, str] | None = None) -> Report:
@@ -40,7 +41,7 @@ def check(path: Path, *, images: ImageCheck = ImageCheck(), env: Mapping[str, st
                     f"correct the key in {path} (docs/daemon.md lists every key)")
             for key, why in e.problems))
     findings = credential_findings(cfg, config_mode=mode, config_path=path)
-    findings += state_findings(cfg.state_dir)
+    findings += state_findings(cfg.state_dir) + unit_findings(cfg)
     notes: list[str] = []
     facts: dict = {}
     if cfg.data.folder is not None:
@@ -52,7 +53,8 @@ def check(path: Path, *, images: ImageCheck = ImageCheck(), env: Mapping[str, st
     if os.geteuid() == 0:
         notes.append("checked as root, who reads every file: run it as the daemon's user (sudo -u fednca ...) "
                      "to check what the daemon may read")
-    return Report(source=str(path), findings=tuple(findings), notes=tuple(notes), facts={"data": facts})
+    return Report(source=str(path), findings=tuple(findings), notes=tuple(notes),
+                  facts={"data": facts, "config": dc.to_dict(cfg)})
 
 
 # ------------------------------------------------------------------------------------ credentials
@@ -175,3 +177,20 @@ def state_findings(state_dir: Path) -> list[Finding]:
                         severity="warning")]
     return [Finding("state_dir", why, f"make it the daemon's own: mkdir -p -m 700 {state_dir} && "
                     f"chown fednca: {state_dir}", path=str(state_dir))]
+
+
+def unit_findings(cfg: dc.DaemonConfig) -> list[Finding]:
+    """Paths that work by hand but not under systemd/fednca-daemon.service's sandbox (warnings:
+    the daemon may run without the unit)."""
+    out: list[Finding] = []
+    if cfg.state_dir != SYSTEMD_STATE_DIR:
+        out.append(Finding("state_dir", "under the unit (ProtectSystem=strict) the daemon may write only "
+                           f"{SYSTEMD_STATE_DIR}, its StateDirectory", f"use {SYSTEMD_STATE_DIR}, or allow it: "
+                           f"systemctl edit fednca-daemon, add [Service] ReadWritePaths={cfg.state_dir}",
+                           path=str(cfg.state_dir), severity="warning"))
+    folder = cfg.data.folder
+    if folder is not None and any(folder == h or h in folder.parents for h in HIDDEN_BY_UNIT):
+        out.append(Finding("data.folder", "hidden from the daemon under the unit (ProtectHome=yes)",
+                           "move the images out of /home, e.g. to /srv/fednca/data (readable by group fednca)",
+                           path=str(folder), severity="warning"))
+    return out

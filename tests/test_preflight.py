@@ -76,7 +76,8 @@ def test_a_good_site_passes_and_says_what_the_split_holds_out(site, capsys):
     assert "12 image/mask pair(s)" in out and "decoded 12 of 12 (all)" in out
     assert "holds out 1 patient(s) (3 images); 3 patient(s) (9 images) remain to train" in out
     status, report = check(conf, capsys)
-    assert status == 0 and report["ok"] and report["findings"] == []
+    assert status == 0 and report["ok"] and report["errors"] == 0
+    assert [(f["key"], f["severity"]) for f in report["findings"]] == [("state_dir", "warning")]  # not systemd's
     assert report["data"]["split"]["test_patients"] == 1 and report["data"]["split"]["train_images"] == 9
     assert report["config"]["broker"]["password"] is None and report["config"]["data"]["test_fraction"] == 0.25
 
@@ -207,6 +208,19 @@ def test_an_mqtts_broker_needs_its_ca(site, capsys):
     status, report = check(write(tmp_path, data), capsys)
     (f,) = only(report, "broker.tls.ca_file")
     assert status == 2 and f["path"] == str(tmp_path / "ca.crt") and "BUNDLE/ca.crt" in f["fix"]
+
+
+def test_paths_the_units_sandbox_hides_are_warned_of(site):
+    tmp_path, data = site
+    data["data"]["folder"] = "/home/op/images"
+    data["state_dir"] = "/var/lib/fednca"
+    from fednca_daemon import config as dc
+
+    (f,) = dp.unit_findings(dc.parse(data, env={}))
+    assert f.key == "data.folder" and "ProtectHome=yes" in f.problem and f.severity == "warning"
+    data["state_dir"] = "/srv/state"
+    assert [f.key for f in dp.unit_findings(dc.parse(data, env={}))] == ["state_dir", "data.folder"]
+    assert "ReadWritePaths=/srv/state" in dp.unit_findings(dc.parse(data, env={}))[0].fix
 
 
 def test_bad_keys_are_reported_before_any_file_is_read(tmp_path, capsys):
