@@ -168,8 +168,8 @@ def broker_findings(cfg: CoordinatorConfig, registry: k.Registry | None) -> list
     if settings.password_path in present:
         users = set(deploy.password_users(settings.password_path))
         if settings.coordinator_user not in users:
-            out.append(Finding("broker.username", f"no broker account for the coordinator ({settings.coordinator_user})",
-                               again, path=str(settings.password_path)))
+            out.append(Finding("broker.username", "no broker account for the coordinator "
+                               f"({settings.coordinator_user})", again, path=str(settings.password_path)))
         for site in sorted(set(registry.sites) - users):
             out.append(Finding("registry", f"enrolled site {site!r} has no broker account",
                                f"fednca coordinator enroll {cfg.folder} {site} KEY --replace (a new password)",

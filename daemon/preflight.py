@@ -86,8 +86,9 @@ def _password(cfg: dc.DaemonConfig, mode: int, config_path: Path) -> list[Findin
                f"BUNDLE/mqtt-password {p}") if why == "no such file" else \
             f"let the daemon's user read it (chown fednca: {p}; chmod 600 {p})"
         return [Finding("broker.password_file", why, fix, path=str(p))]
-    if private_mode_problem(p):
-        return [Finding("broker.password_file", private_mode_problem(p) or "", f"chmod 600 {p}", path=str(p))]
+    mode_problem = private_mode_problem(p)
+    if mode_problem is not None:
+        return [Finding("broker.password_file", mode_problem, f"chmod 600 {p}", path=str(p))]
     try:
         dc.read_password(p, str(config_path))
     except dc.DaemonConfigError as e:
@@ -159,7 +160,7 @@ def _tls(cfg: dc.DaemonConfig) -> list[Finding]:
             continue
         why = open_problem(p) or (private_mode_problem(p) if name == "key_file" else None)
         if why is not None:
-            fix = f"chmod 600 {p}" if why.startswith("readable by") else f"put the file there, readable by the daemon's user"
+            fix = f"chmod 600 {p}" if why.startswith("readable by") else "put the file there, readable by the daemon's user"
             out.append(Finding(f"broker.tls.{name}", why, fix, path=str(p)))
     return out
 

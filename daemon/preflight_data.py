@@ -126,7 +126,8 @@ def pairing_findings(pairing: fd.Pairing, folder: Path, *, skip_bad: bool) -> li
 
 def check_folder(folder: Path, *, skip_bad: bool, test_fraction: float, seed: int, images: ImageCheck,
                  decode: Callable[[Path], tuple[int, int]] = fd.decode,
-                 size_of: Callable[[Path], tuple[int, int]] = fd.image_size) -> tuple[list[Finding], list[str], dict[str, Any]]:
+                 size_of: Callable[[Path], tuple[int, int]] = fd.image_size,
+                 ) -> tuple[list[Finding], list[str], dict[str, Any]]:
     """(findings, notes, facts) of a dataset folder; reads headers of every pair, decodes as asked."""
     findings: list[Finding] = []
     listings: dict[str, list[str]] = {}
@@ -135,8 +136,8 @@ def check_folder(folder: Path, *, skip_bad: bool, test_fraction: float, seed: in
             listings[sub] = fd.list_names(folder / sub)
         except DataError as e:
             if not folder.is_dir():
-                why, fix = (f"folder missing: no dataset folder at {folder}",
-                            "point data.folder at the folder holding images/ and masks/ (readable by the daemon's user)")
+                why = f"folder missing: no dataset folder at {folder}"
+                fix = "point data.folder at the folder holding images/ and masks/ (readable by the daemon's user)"
             elif not (folder / sub).is_dir():
                 why, fix = "folder missing", f"make it, holding one file per {sub[:-1]}: NAME.png"
             else:

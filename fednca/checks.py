@@ -66,7 +66,8 @@ class Report:
             warned = f" ({len(self.findings)} warning(s))" if self.findings else ""
             out.append(f"# {self.source}: configuration and the files it names are fine{warned}")
         else:
-            out.append(f"# {self.source}: {len(self.errors)} problem(s) that would stop the service or fail at run time")
+            out.append(f"# {self.source}: {len(self.errors)} problem(s) that would stop the service "
+                       "or fail at run time")
         return out
 
 

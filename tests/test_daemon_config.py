@@ -172,3 +172,14 @@ def test_a_password_file_others_can_read_is_refused_with_the_fix(tmp_path):
         dc.load(conf, env={})
     secret.chmod(0o600)
     assert dc.load(conf, env={}).broker.password == "s3cret"
+
+
+def test_read_parses_without_touching_secrets_and_load_still_refuses_them(tmp_path):
+    data = minimal()
+    data["broker"] = {"url": "mqtt://h:1883", "password_file": str(tmp_path / "absent")}
+    conf = tmp_path / "daemon.yaml"
+    conf.write_text(yaml.safe_dump(data))
+    cfg, mode = dc.read(conf, env={})
+    assert cfg.broker.password is None and cfg.broker.password_file == tmp_path / "absent" and mode & 0o777
+    with pytest.raises(dc.DaemonConfigError, match="broker.password_file: .*absent: cannot read"):
+        dc.load(conf, env={})
