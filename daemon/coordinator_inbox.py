@@ -7,21 +7,52 @@ lifecycle hears of it) because the trainer child verifies and trains from that f
 is built against it. A refused announcement leaves the previous one in force and is reported in
 the telemetry's ``error`` until a good one arrives; a refused receipt is only logged (the update
 stays in the outbox and is published again).
+
+Time. A site never compares its own wall clock with the coordinator's deadline: a clinic's device
+may be hours off. The announcement says how many seconds the round had left when it was published
+(``seconds_left``); the daemon's deadline is its own clock at receipt plus that, kept in
+``announcement.json`` so a restart keeps it (:func:`local_deadline`). The difference between this
+device's wall clock and the coordinator's publication time, measured on announcements received
+live (not a retained copy, which may be old), is the site's clock offset, shown in its telemetry.
+An announcement without ``seconds_left`` (an older coordinator) falls back to the deadline read
+against this device's wall clock, with a warning. If the announcement cannot be stored (a full
+disk), it is held and stored again later (:meth:`CoordinatorInbox.store_held`); the lifecycle
+hears of it only once it is stored, with the deadline measured at receipt.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from fednca.keys import CoordinatorPublicKeys
-from fednca.wire import Announcement, WireError, open_announcement, open_receipt
+from fednca.wire import Announcement, AnnouncementHeader, WireError, open_announcement, open_receipt
 
 from . import lifecycle as lc
-from .outbox import StateFolder
-from .submission import progress_of
+from .errors import DamagedFile
+from .outbox import StateFolder, Timing
+from .submission import checkpoint_damage, progress_of
 
 log = logging.getLogger("fednca.daemon")
+
+
+def local_deadline(h: AnnouncementHeader, *, now: float, wall: float) -> float:
+    """The round's deadline on the daemon's clock (``now``), for an announcement received at
+    ``now`` (``wall`` by this device's wall clock): ``now + seconds_left``; without that field
+    (an older coordinator), the deadline read against the wall clock."""
+    if h.seconds_left is not None:
+        return now + h.seconds_left
+    return now + (h.deadline - wall)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A verified announcement not yet stored (the disk refused it)."""
+
+    announcement: Announcement
+    payload: bytes
+    deadline: float
 
 
 class CoordinatorInbox:
@@ -36,25 +67,58 @@ class CoordinatorInbox:
         self.announcement: Announcement | None = None
         self._announcement_bytes: bytes | None = None
         self.error: str | None = None  # why the last announcement was refused, until a good one comes
+        self.clock_offset_s: float | None = None  # this device's wall clock minus the coordinator's
+        self._held: _Held | None = None
+        self._warned_old = False
 
-    def resume(self) -> tuple[lc.RoundInfo | None, int, int | None]:
-        """The saved round, if it still verifies, and the progress the checkpoint holds for it."""
+    @property
+    def holding(self) -> bool:
+        """True while a verified announcement waits to be stored."""
+        return self._held is not None
+
+    def resume(self, *, now: float, wall: float) -> tuple[lc.RoundInfo | None, int, int | None]:
+        """The saved round, if it still verifies, and the progress the checkpoint holds for it.
+        A file found damaged is moved aside (and said so); a read error raises StateFolderError."""
         saved = self.folder.load_announcement()
         if saved is None:
             return None, 0, None
         try:
             ann = self._open(saved, min_round=None)
         except WireError as e:
-            log.warning("the saved round announcement no longer verifies (%s); waiting for a new one", e)
+            aside = self.folder.move_aside(self.folder.announcement_path)
+            log.error("the saved round announcement does not verify (%s): moved to %s; waiting for the "
+                      "coordinator's (retained) announcement", e.reason, aside)
             return None, 0, None
         self.announcement, self._announcement_bytes = ann, saved
         h = ann.header
-        steps, planned = progress_of(self.folder.load_checkpoint(), round=h.round, base_sha256=h.model_sha256)
-        return lc.RoundInfo(h.round, float(h.deadline), h.model_sha256), steps, planned
+        deadline = self._saved_deadline(h, now=now, wall=wall)
+        blob = self.folder.load_checkpoint()
+        if blob is not None and (why := checkpoint_damage(blob)) is not None:
+            aside = self.folder.move_aside(self.folder.checkpoint_path)
+            log.error("the trainer's checkpoint is damaged (%s): moved to %s; round %d starts again from "
+                      "the global model", why, aside, h.round)
+            blob = None
+        steps, planned = progress_of(blob, round=h.round, base_sha256=h.model_sha256)
+        return lc.RoundInfo(h.round, deadline, h.model_sha256), steps, planned
 
-    def announcement_arrived(self, payload: bytes, *, state: lc.State) -> lc.Announced | None:
-        """The event for a verified, saved announcement; None for the retained copy again, an
-        empty (cleared) one, or one refused (older than what ``state`` follows, or not genuine)."""
+    def _saved_deadline(self, h: AnnouncementHeader, *, now: float, wall: float) -> float:
+        try:
+            t = self.folder.load_timing()
+        except DamagedFile as e:
+            aside = self.folder.move_aside(e.path)  # type: ignore[arg-type]
+            log.warning("%s: moved to %s; the round's time is counted again from now", e, aside)
+            t = None
+        if t is not None and t.round == h.round and t.model_sha256 == h.model_sha256:
+            return t.deadline
+        # No timing saved with it: treat it as received now (see docs/wire.md: at worst late, and told so).
+        return local_deadline(h, now=now, wall=wall)
+
+    def announcement_arrived(self, payload: bytes, *, state: lc.State, now: float, wall: float,
+                             live: bool) -> lc.Announced | None:
+        """The event for a verified, stored announcement; None for the retained copy again, an
+        empty (cleared) one, or one refused (older than what ``state`` follows, or not genuine).
+        ``live``: forwarded as it was published, not a retained copy. Raises OSError when it
+        cannot be stored; it is then held for :meth:`store_held`."""
         if not payload or payload == self._announcement_bytes:
             return None
         s = state
@@ -65,13 +129,31 @@ class CoordinatorInbox:
             self.error = f"round announcement refused: {e.reason}"
             log.warning("round announcement refused (%s): %s", e.reason, e)
             return None
-        self.folder.save_announcement(payload)
-        self.announcement, self._announcement_bytes = ann, payload
-        self.error = None
         h = ann.header
-        log.info("round %d announced (deadline %s, model %s)", h.round,
+        self.error = None
+        if h.published is not None and live:
+            self.clock_offset_s = wall - h.published
+        if h.seconds_left is None and not self._warned_old:
+            self._warned_old = True
+            log.warning("the round announcement carries no seconds_left (a coordinator older than this "
+                        "daemon): its deadline is read against this device's clock, which must then be right")
+        self._held = _Held(ann, payload, local_deadline(h, now=now, wall=wall))
+        return self.store_held()
+
+    def store_held(self) -> lc.Announced | None:
+        """Store the held announcement and return its event; raises OSError (and keeps holding
+        it) when the disk refuses."""
+        held = self._held
+        if held is None:
+            return None
+        h = held.announcement.header
+        self.folder.save_announcement(held.payload)
+        self.folder.save_timing(Timing(round=h.round, model_sha256=h.model_sha256, deadline=held.deadline))
+        self._held = None
+        self.announcement, self._announcement_bytes = held.announcement, held.payload
+        log.info("round %d announced (deadline %s by the coordinator's clock, model %s)", h.round,
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.deadline)), h.model_sha256[:12])
-        return lc.Announced(h.round, float(h.deadline), h.model_sha256)
+        return lc.Announced(h.round, held.deadline, h.model_sha256)
 
     def receipt_arrived(self, payload: bytes) -> lc.ReceiptArrived | None:
         """The event for a verified receipt addressed to this site; None for one refused."""

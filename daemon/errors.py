@@ -32,6 +32,15 @@ class StateFolderError(DaemonError):
     """The state folder is unusable or holds a damaged file; the message names it."""
 
 
+class DamagedFile(StateFolderError):
+    """A file of the state folder is readable but not what it should be (truncated, garbled,
+    not verifying); ``path`` names it, so the daemon can move it aside and go on."""
+
+    def __init__(self, path: object, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class TrainerError(DaemonError):
     """The trainer child cannot start or go on (another trainer holds the state folder, the saved
     announcement is of another round); it reports this on its pipe and exits."""

@@ -5,13 +5,16 @@ Layout of the state folder (``/var/lib/fednca``, mode 0700, every file 0600)::
     daemon.lock                 held (flock) by the running daemon: one daemon per folder
     worker.lock                 held by the running trainer: one trainer per folder
     announcement.bin            the newest verified round announcement, as it came
+    announcement.json           when its round ends by this device's clock (see docs/wire.md)
     checkpoint.safetensors      the trainer's checkpoint (model, Adam moments, RNG, data cursor, round)
     done.json                   the newest round whose work is over, and how it ended
     outbox/r<round>-<update id>.update   sealed updates waiting for their receipt
 
-Every file is written with :func:`fednca.atomic.write_bytes`; a temporary file left by a write
-that was interrupted is deleted when the folder is opened. An update is stored here before it is
-published, so whatever happens after that, it is published again until its receipt arrives.
+Every file is written with :func:`fednca.atomic.write_bytes` (or the writer passed in, for tests
+of a full disk); a temporary file left by a write that was interrupted is deleted when the folder
+is opened. An update is stored here before it is published, so whatever happens after that, it
+is published again until its receipt arrives. A file found damaged is never deleted: it is
+renamed ``<name>.corrupt`` (:meth:`StateFolder.move_aside`) for whoever wants to look at it.
 """
 
 from __future__ import annotations
@@ -21,22 +24,29 @@ import fcntl
 import json
 import os
 import re
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from fednca.atomic import fsync_dir, remove_temporaries, write_bytes
-from .errors import StateFolderError
+from .errors import DamagedFile, StateFolderError
+
+Writer = Callable[..., None]  # write_bytes(path, data, *, mode)
 
 _ENTRY = re.compile(r"r(\d{1,10})-([0-9a-f]{32})\.update")
 _MAX_UPDATE = 64 << 20
 DONE_FORMAT = 1
+TIMING_FORMAT = 1
+MAX_ASIDE = 9  # damaged copies kept of one file; the oldest is replaced after that
 
 
 class Outbox:
     """Sealed updates waiting for a receipt, one file each, named by round and update id."""
 
-    def __init__(self, *, folder: str | os.PathLike) -> None:
+    def __init__(self, *, folder: str | os.PathLike, writer: Writer = write_bytes) -> None:
         self.folder = Path(folder)
+        self._write = writer
 
     def open(self) -> None:
         _make_private_dir(self.folder)
@@ -50,7 +60,7 @@ class Outbox:
 
     def put(self, round: int, update_id: str, payload: bytes) -> Path:
         path = self.path(round, update_id)
-        write_bytes(path, payload, mode=0o600)
+        self._write(path, payload, mode=0o600)
         return path
 
     def get(self, round: int, update_id: str) -> bytes:
@@ -60,8 +70,8 @@ class Outbox:
                 data = f.read(_MAX_UPDATE + 1)
         except OSError as e:
             raise StateFolderError(f"{path}: cannot read ({e.strerror})") from None
-        if len(data) > _MAX_UPDATE or not data:
-            raise StateFolderError(f"{path}: empty or larger than {_MAX_UPDATE} bytes")
+        if len(data) > _MAX_UPDATE or not data:  # sealed: nothing more can be checked here
+            raise DamagedFile(path, f"{path}: empty or larger than {_MAX_UPDATE} bytes")
         return data
 
     def remove(self, round: int, update_id: str) -> bool:
@@ -88,6 +98,16 @@ class Outbox:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """When the announced round ends by this device's clock: its deadline as the daemon measured
+    it (receipt time plus the announcement's ``seconds_left``), so a restart keeps it."""
+
+    round: int
+    model_sha256: str
+    deadline: float
+
+
+@dataclass(frozen=True)
 class Done:
     round: int = -1  # the newest round whose work is over
     result: str = ""  # "accepted" or the receipt's reason code
@@ -96,14 +116,19 @@ class Done:
 class StateFolder:
     """The daemon's state folder; ``open`` makes it (0700), locks it and cleans up."""
 
-    def __init__(self, *, path: str | os.PathLike) -> None:
+    def __init__(self, *, path: str | os.PathLike, writer: Writer = write_bytes) -> None:
         self.path = Path(path)
-        self.outbox = Outbox(folder=self.path / "outbox")
+        self._write = writer
+        self.outbox = Outbox(folder=self.path / "outbox", writer=writer)
         self._lock_fd: int | None = None
 
     @property
     def announcement_path(self) -> Path:
         return self.path / "announcement.bin"
+
+    @property
+    def timing_path(self) -> Path:
+        return self.path / "announcement.json"
 
     @property
     def checkpoint_path(self) -> Path:
@@ -152,7 +177,29 @@ class StateFolder:
         return self.read(self.announcement_path)
 
     def save_announcement(self, payload: bytes) -> None:
-        write_bytes(self.announcement_path, payload, mode=0o600)
+        self._write(self.announcement_path, payload, mode=0o600)
+
+    def load_timing(self) -> Timing | None:
+        """The saved timing; None when there is none or it is damaged (the caller falls back)."""
+        raw = self.read(self.timing_path, limit=4096)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            if data.get("format") != TIMING_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            t = Timing(round=data["round"], model_sha256=data["model_sha256"], deadline=data["deadline"])
+            if (type(t.round) is not int or not isinstance(t.model_sha256, str)
+                    or type(t.deadline) not in (int, float) or not math.isfinite(t.deadline)):
+                raise ValueError("round, model_sha256 or deadline of the wrong type")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DamagedFile(self.timing_path, f"{self.timing_path}: damaged ({e})") from None
+        return t
+
+    def save_timing(self, timing: Timing) -> None:
+        body = {"format": TIMING_FORMAT, "round": timing.round, "model_sha256": timing.model_sha256,
+                "deadline": timing.deadline}
+        self._write(self.timing_path, json.dumps(body).encode() + b"\n", mode=0o600)
 
     def load_checkpoint(self) -> bytes | None:
         return self.read(self.checkpoint_path)
@@ -169,12 +216,23 @@ class StateFolder:
             if not isinstance(done.round, int) or isinstance(done.round, bool) or not isinstance(done.result, str):
                 raise ValueError("round must be an integer and result a string")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise StateFolderError(f"{self.done_path}: damaged ({e}); delete it to train the current round again") from None
+            raise DamagedFile(self.done_path, f"{self.done_path}: damaged ({e})") from None
         return done
 
     def save_done(self, done: Done) -> None:
         body = {"format": DONE_FORMAT, "round": done.round, "result": done.result}
-        write_bytes(self.done_path, json.dumps(body).encode() + b"\n", mode=0o600)
+        self._write(self.done_path, json.dumps(body).encode() + b"\n", mode=0o600)
+
+    def move_aside(self, path: str | os.PathLike) -> Path:
+        """Rename a damaged file to ``<name>.corrupt`` (``.corrupt-2`` ... when one is there
+        already) and return the new path; nothing is deleted but the oldest of too many copies."""
+        path = Path(path)
+        names = [path.with_name(f"{path.name}.corrupt")] + [
+            path.with_name(f"{path.name}.corrupt-{n}") for n in range(2, MAX_ASIDE + 1)]
+        target = next((n for n in names if not n.exists()), names[-1])
+        os.replace(path, target)
+        fsync_dir(path.parent)
+        return target
 
 
 def _make_private_dir(folder: Path) -> None:

@@ -10,6 +10,19 @@ The daemon process imports no PyTorch; training runs in a child, supervised by :
 The coordinator's announcements and receipts are verified by :mod:`.coordinator_inbox`; what
 other threads hand over and the loop's timers are the typed items of :mod:`.shell_events`.
 
+Faults of the device and the network never end the process (a crash loop under systemd's
+``Restart=on-failure`` helps nobody): a state folder that cannot be opened or written (a full
+disk, wrong permissions), a damaged file in it, a broker that refuses the site. Each is logged
+once as one line saying what, where and what to do (:mod:`.trouble`), retried on a growing
+back-off while the watchdog is still pinged, and what is stored is kept: a damaged file is moved
+aside (``.corrupt``), a finished update is never deleted because of an error, and a receipt whose
+``done.json`` cannot be written keeps its update in the outbox until it can.
+
+Two clocks: ``wall`` is the device's wall clock (the telemetry's time, the clock offset);
+``clock`` times the lifecycle (deadlines, rests, resends). By default ``clock`` is monotonic,
+anchored to the wall clock at start, so a wall clock stepped while a round runs moves no
+deadline; a round's deadline is the receipt time plus the announcement's ``seconds_left``.
+
 ``probe(point)`` is called at the named points where a crash matters (``chunk-started``,
 ``chunk-done``, ``update-stored``, ``update-published``, ``update-delivered``,
 ``update-republished``, ``done-saved``); the crash tests kill the process there.
@@ -18,6 +31,7 @@ other threads hand over and the loop's timers are the typed items of :mod:`.shel
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import queue
 import sys
@@ -26,9 +40,10 @@ import time
 from typing import Callable
 
 from fednca import __version__
+from fednca.atomic import write_bytes
 from fednca.keys import CoordinatorPublicKeys, SiteKeys
 from fednca.topics import TopicError, Topics
-from fednca.transport.base import Client, Message, PayloadTooLarge, PublishHandle, TransportError
+from fednca.transport.base import Client, ConnectRefused, Message, PayloadTooLarge, PublishHandle, TransportError
 from fednca.wire import Announcement, WireError
 
 from . import lifecycle as lc
@@ -37,14 +52,15 @@ from .coordinator_inbox import CoordinatorInbox
 from .gates import GateState, Readings, evaluate
 from .inference import InferenceKeeper
 from fednca.notify import Notifier
-from .errors import StateFolderError
-from .outbox import Done, StateFolder
+from .errors import DamagedFile, StateFolderError
+from .outbox import Done, StateFolder, Writer
 from .sensors import Sensors
 from .shell_events import Inbound, Queued, StopAsked, Timer, Timers
-from .submission import CheckpointMismatch, build_update
+from .submission import CheckpointMismatch, build_update, checkpoint_damage
 from .supervisor import FromTrainer, TrainerSetup, TrainerSupervisor
 from .telemetry import Snapshot, status_json, status_line
 from .trainer_protocol import DataSpec
+from .trouble import RETRY_BASE_S, Troubles
 
 log = logging.getLogger("fednca.daemon")
 
@@ -62,6 +78,28 @@ def _no_probe(point: str) -> None:
     return None
 
 
+def anchored_clock(wall: Callable[[], float]) -> Callable[[], float]:
+    """A monotonic clock that reads like ``wall`` did when it was made: steps of the wall clock
+    (NTP, an operator) do not move it, and saved deadlines still mean something after a restart."""
+    offset = wall() - time.monotonic()
+    return lambda: time.monotonic() + offset
+
+
+_ADVICE = {
+    errno.ENOSPC: "free space on its disk",
+    errno.EDQUOT: "raise the disk quota or free space",
+    errno.EACCES: "let the daemon's user write there (chown/chmod)",
+    errno.EPERM: "let the daemon's user write there (chown/chmod)",
+    errno.EROFS: "its file system is read-only: remount it read-write or set another state_dir",
+    errno.EIO: "its disk reports I/O errors: check or replace it",
+}
+
+
+def _why(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno or 0, "")
+    return f"{e.strerror or e}" + (f", {name}" if name else "")
+
+
 class Service:
     def __init__(
         self,
@@ -76,6 +114,9 @@ class Service:
         probe: Callable[[str], None] = _no_probe,
         python: str = sys.executable,
         connect_timeout: float = CONNECT_TIMEOUT_S,
+        clock: Callable[[], float] | None = None,
+        writer: Writer = write_bytes,
+        retry_base_s: float = RETRY_BASE_S,
     ) -> None:
         self.cfg = config
         self.client = client
@@ -84,11 +125,12 @@ class Service:
         self.notifier = notifier or Notifier(env={})
         self.sensors = sensors or Sensors()
         self.wall = wall
+        self.clock = clock or anchored_clock(wall)
         self.probe = probe
         self.python = python
         self.connect_timeout = connect_timeout
         self.topics = Topics(config.federation)
-        self.folder = StateFolder(path=config.state_dir)
+        self.folder = StateFolder(path=config.state_dir, writer=writer)
         self.inference = InferenceKeeper(state_dir=config.state_dir, python=python) if config.inference.export else None
         self.policy = policy_of(config)
         self.state = lc.State(policy=self.policy)
@@ -109,6 +151,10 @@ class Service:
         self._exited = False
         self._was_connected = False
         self._timers = Timers()
+        self._troubles = Troubles(log=log, base_s=retry_base_s)
+        self._deferred: list[lc.Action] = []  # actions the disk refused, performed again later
+        self._refused = False  # the broker refused the credentials: the daemon asks again itself
+        self._seen_error: object = None  # the client's last error already looked at
 
     # -- public -------------------------------------------------------------------------------
 
@@ -134,14 +180,19 @@ class Service:
         return self.inbox.error
 
     def run(self) -> int:
-        self.folder.open()
         pump = threading.Thread(target=self._pump, name="mqtt-inbox", daemon=True)
         try:
-            self._start()
-            pump.start()
-            self.notifier.ready(status_line(self._snapshot()))
-            while not self._exited:
-                self._turn()
+            loaded = self._open_folder()
+            if loaded is not None:
+                self._start(*loaded)
+                pump.start()
+                self.notifier.ready(status_line(self._snapshot()))
+            while not self._exited and loaded is not None:
+                try:
+                    self._turn()
+                except OSError as e:  # the device, not a bug of ours: say so, wait, go on
+                    self._troubles.report(f"os-{e.errno}", f"unexpected system error: {e}; the daemon goes on",
+                                          self.clock())
         finally:
             self._closing.set()
             self.trainer.kill_if_running()
@@ -153,16 +204,71 @@ class Service:
 
     # -- start and stop -------------------------------------------------------------------------
 
-    def _start(self) -> None:
-        done = self.folder.load_done()
-        round_info, steps, planned = self.inbox.resume()
+    def _open_folder(self) -> tuple[Done, lc.RoundInfo | None, int, int | None] | None:
+        """Open and lock the state folder and read what it holds, waiting (watchdog pinged) and
+        trying again while it is unusable; None if a stop was asked meanwhile."""
+        told = False
+        while True:
+            try:
+                self.folder.open()
+                done = self._load_done()
+                round_info, steps, planned = self.inbox.resume(now=self.clock(), wall=self.wall())
+            except (OSError, StateFolderError) as e:
+                self.folder.close()
+                wait = self._troubles.report("folder", self._folder_problem(e), self.clock())
+                if not told:  # systemd waits for READY; it should not kill a daemon that waits for its disk
+                    self.notifier.ready(f"waiting for the state folder {self.folder.path}")
+                    told = True
+                if self._pause(wait):
+                    return None
+                continue
+            self._troubles.clear("folder", f"state folder {self.folder.path} usable again")
+            return done, round_info, steps, planned
+
+    def _load_done(self) -> Done:
+        try:
+            return self.folder.load_done()
+        except DamagedFile as e:
+            aside = self.folder.move_aside(e.path)  # type: ignore[arg-type]
+            log.error("%s: moved to %s; a round already submitted may be trained and submitted again (the "
+                      "coordinator counts one update per site and round)", e, aside)
+            return Done()
+
+    def _folder_problem(self, e: Exception) -> str:
+        if isinstance(e, OSError):
+            advice = _ADVICE.get(e.errno or 0, "check the folder and its disk")
+            where = e.filename or self.folder.path
+            return (f"state folder {self.folder.path} unusable ({where}: {_why(e)}): {advice}; "
+                    f"the daemon waits and tries again")
+        return f"state folder unusable: {e}; the daemon waits and tries again"
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` before the folder is tried again, pinging the watchdog; True if a
+        stop was asked meanwhile."""
+        end = time.monotonic() + seconds
+        while True:
+            if self.notifier.watchdog_interval:
+                self.notifier.watchdog()
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                item = self._events.get(timeout=min(left, self.notifier.watchdog_interval or MAX_WAIT_S))
+            except queue.Empty:
+                continue
+            if isinstance(item, StopAsked):
+                log.info("stopping")
+                self.notifier.stopping()
+                return True
+
+    def _start(self, done: Done, round_info: lc.RoundInfo | None, steps: int, planned: int | None) -> None:
         self._read_gates()  # before anything starts: a device that boots hot starts no trainer
-        self.state, actions = lc.initial(self.policy, now=self.wall(), round=round_info, done_round=done.round,
+        self.state, actions = lc.initial(self.policy, now=self.clock(), round=round_info, done_round=done.round,
                                          outbox=self.folder.outbox.entries(), steps=steps, planned=planned,
                                          gates_open=self._gates.open, gate_reasons=self._gates.reasons)
         self.client.subscribe(self.topics.round, qos=1)
         self.client.subscribe(self.topics.receipts(self.cfg.site), qos=1)
-        if not self.client.connect(timeout=self.connect_timeout):
+        if not self._connect() and not self._refused:
             log.warning("broker not reachable yet; training goes on from the saved round, and the client retries")
         self._was_connected = self.client.connected
         log.info("started: site %s, federation %s, %s", self.cfg.site, self.cfg.federation,
@@ -203,10 +309,13 @@ class Service:
         now = time.monotonic()
         times = [t for t in (self._timers.next_at(), self.trainer.kill_at) if t is not None]
         wait = min((t - now for t in times), default=MAX_WAIT_S)
-        wall = self.wall()
-        wake = lc.next_wakeup(self.state, wall)
-        if wake is not None:
-            wait = min(wait, wake - wall)
+        clock = self.clock()
+        wakes = [lc.next_wakeup(self.state, clock)]
+        if self._refused or self._deferred or self.inbox.holding:  # what the loop retries itself
+            wakes.append(self._troubles.next_at())
+        for wake in wakes:
+            if wake is not None and wake > clock:
+                wait = min(wait, wake - clock)
         return min(max(wait, 0.0), MAX_WAIT_S)
 
     def _check_deliveries(self) -> None:
@@ -234,11 +343,74 @@ class Service:
         self.trainer.check(now)
         if self.inference is not None:
             self.inference.poll()
+        self._watch_connection()
+        if (self._deferred or self.inbox.holding) and self._troubles.due("storage", self.clock()):
+            self._retry_storage()
+
+    # -- the broker connection ------------------------------------------------------------------
+
+    def _connect(self) -> bool:
+        """Connect (or ask again after a refusal); False while not connected."""
+        try:
+            connected = self.client.connect(timeout=self.connect_timeout)
+        except ConnectRefused as e:
+            self._refused = True
+            self._broker_refused(e)
+            return False
+        self._refused = False
+        return connected
+
+    def _broker_refused(self, e: ConnectRefused) -> None:
+        self._troubles.report(
+            "broker", f"the broker refused site {self.cfg.site} ({e.reason}): check broker.password and broker.tls "
+            f"in the configuration; if they are right, the site may have been revoked (ask the federation's "
+            f"operator). Work and stored updates are kept; the daemon asks again with a growing wait", self.clock())
+
+    def _watch_connection(self) -> None:
         connected = self.client.connected
-        if connected and not self._was_connected:
-            log.info("connected to the broker")
-            self._publish_status()
-        self._was_connected = connected
+        if connected:
+            if not self._was_connected:
+                log.info("connected to the broker")
+                self._publish_status()
+            self._troubles.clear("broker", "the broker accepts this site again")
+            self._refused = False
+        else:
+            error = getattr(self.client, "last_error", None)
+            if error is not None and error is not self._seen_error:
+                self._seen_error = error
+                if isinstance(error, ConnectRefused):
+                    self._refused = True  # the client gave up: the daemon asks again itself
+                    self._broker_refused(error)
+                elif self._was_connected or self._troubles.active("broker"):
+                    self._troubles.report("broker", f"not connected to the broker: {error}; the client retries",
+                                          self.clock(), level=logging.WARNING)
+            if self._refused and self._troubles.due("broker", self.clock()):
+                self._connect()
+        self._was_connected = self.client.connected
+
+    # -- the state folder's troubles ------------------------------------------------------------
+
+    def _storage_failed(self, e: OSError) -> None:
+        advice = _ADVICE.get(e.errno or 0, "check the folder and its disk")
+        self._troubles.report("storage", f"cannot write in the state folder {self.folder.path} ({_why(e)}): "
+                              f"{advice}; nothing stored is lost, and the daemon tries again later", self.clock())
+
+    def _stored(self) -> None:
+        self._troubles.clear("storage", f"state folder {self.folder.path} writable again")
+
+    def _retry_storage(self) -> None:
+        """Store what the disk refused before: a held announcement, then deferred actions in order."""
+        try:
+            event = self.inbox.store_held()
+        except OSError as e:
+            self._storage_failed(e)
+            return
+        if event is not None:
+            self._announced(event)
+        deferred, self._deferred = self._deferred, []
+        self._perform_all(deferred)
+        if not self._deferred and not self.inbox.holding:
+            self._stored()
 
     def _dispatch(self, item: Queued) -> None:
         if isinstance(item, StopAsked):
@@ -262,11 +434,15 @@ class Service:
     def _drain(self) -> None:
         """Handle queued events, including those that performing an action produced."""
         while self._pending:
-            self.state, actions = lc.handle(self.state, self._pending.popleft(), self.wall())
+            self.state, actions = lc.handle(self.state, self._pending.popleft(), self.clock())
             self._perform_all(actions)
 
     def _perform_all(self, actions: list[lc.Action]) -> None:
         for action in actions:
+            if isinstance(action, lc.DropUpdate) and any(
+                    isinstance(d, lc.SaveDone) and d.round >= action.round for d in self._deferred):
+                self._deferred.append(action)  # an update leaves the outbox only once its receipt is saved
+                continue
             self._perform(action)
 
     def _pump(self) -> None:
@@ -279,7 +455,14 @@ class Service:
 
     def _perform(self, a: lc.Action) -> None:
         if isinstance(a, lc.StartWorker):
-            self.trainer.start(a.round)
+            try:
+                self.trainer.start(a.round)
+            except OSError as e:  # no memory or processes left: back off like a failed trainer
+                self._troubles.report("trainer-start", f"cannot start the trainer ({_why(e)}); the daemon "
+                                      f"tries again later", self.clock())
+                self._pending.append(lc.WorkerExited(f"cannot start the trainer: {e.strerror or e}"))
+            else:
+                self._troubles.clear("trainer-start")
         elif isinstance(a, lc.RunChunk):
             self.trainer.run_chunk(a.seconds)
             self.probe("chunk-started")
@@ -290,17 +473,29 @@ class Service:
         elif isinstance(a, lc.Publish):
             try:
                 payload = self.folder.outbox.get(a.round, a.update_id)
+            except DamagedFile as e:
+                self._damaged_update(a.round, a.update_id, e)
             except StateFolderError as e:
-                log.error("outbox: %s", e)
+                self._troubles.report("outbox", f"outbox: {e}; the update stays and is read again at its next "
+                                      f"resend", self.clock())
             else:
                 self._publish_update(a.round, a.update_id, payload)
                 log.info("round %d: update %s published again", a.round, a.update_id[:8])
                 self.probe("update-republished")
         elif isinstance(a, lc.DropUpdate):
-            if self.folder.outbox.remove(a.round, a.update_id):
-                log.info("outbox: update %s of round %d removed", a.update_id[:8], a.round)
+            try:
+                if self.folder.outbox.remove(a.round, a.update_id):
+                    log.info("outbox: update %s of round %d removed", a.update_id[:8], a.round)
+            except OSError as e:  # it stays on disk; a restart drops it, its round being over
+                self._storage_failed(e)
         elif isinstance(a, lc.SaveDone):
-            self.folder.save_done(Done(round=a.round, result=a.result))
+            try:
+                self.folder.save_done(Done(round=a.round, result=a.result))
+            except OSError as e:
+                self._deferred.append(a)
+                self._storage_failed(e)
+                return
+            self._stored()
             self.probe("done-saved")
         elif isinstance(a, lc.PingWatchdog):
             if self.notifier.watchdog_interval:
@@ -311,8 +506,18 @@ class Service:
         elif isinstance(a, lc.Exit):
             self._exited = True
 
+    def _damaged_update(self, rnd: int, uid: str, e: DamagedFile) -> None:
+        try:
+            aside = self.folder.move_aside(e.path)  # type: ignore[arg-type]
+        except OSError as oe:
+            self._storage_failed(oe)  # left in place; read again at its next resend
+            return
+        log.error("%s: moved to %s; round %d is submitted again from the trainer's checkpoint", e, aside, rnd)
+        self._pending.append(lc.UpdateLost(rnd, uid, f"stored update damaged (moved to {aside.name})"))
+
     def _submit(self, rnd: int) -> lc.Event:
         ann = self.announcement
+        blob: bytes | None = None
         try:
             if ann is None or ann.header.round != rnd:
                 raise CheckpointMismatch(f"no announcement of round {rnd} at hand")
@@ -323,9 +528,23 @@ class Service:
                 announcement=ann, checkpoint=blob, site=self.cfg.site, signing_key=self.site_keys.signing,
                 coordinator_box=self.coordinator.box, dtype=self.cfg.training.delta_dtype)
         except (CheckpointMismatch, WireError, StateFolderError) as e:
-            log.error("cannot make the update of round %d: %s", rnd, e)
+            self._troubles.report("submit", f"cannot make the update of round {rnd}: {e}", self.clock())
+            why = None if blob is None else checkpoint_damage(blob)
+            if why is not None:
+                try:
+                    aside = self.folder.move_aside(self.folder.checkpoint_path)
+                    log.error("the trainer's checkpoint is damaged (%s): moved to %s; round %d starts again from "
+                              "the global model", why, aside, rnd)
+                except OSError as oe:
+                    self._storage_failed(oe)
             return lc.SubmitFailed(str(e))
-        self.folder.outbox.put(rnd, uid, payload)
+        try:
+            self.folder.outbox.put(rnd, uid, payload)
+        except OSError as e:
+            self._storage_failed(e)
+            return lc.SubmitFailed(f"cannot store the update: {e.strerror or e}")
+        self._troubles.clear("submit")
+        self._stored()
         log.info("round %d: update %s stored (%d steps of %d%s, %d bytes)", rnd, uid[:8], progress.steps,
                  progress.planned, ", partial" if progress.steps < progress.planned else "", len(payload))
         self.probe("update-stored")
@@ -349,7 +568,7 @@ class Service:
         try:
             parsed = self.topics.parse(m.topic)
             if parsed.kind == "round":
-                self._on_announcement(m.payload)
+                self._on_announcement(m)
             elif parsed.kind == "receipts" and parsed.site == self.cfg.site:
                 self._on_receipt(m.payload)
         except TopicError as e:
@@ -357,11 +576,21 @@ class Service:
         finally:
             self.client.ack(m)
 
-    def _on_announcement(self, payload: bytes) -> None:
-        event = self.inbox.announcement_arrived(payload, state=self.state)
-        if event is None:
+    def _on_announcement(self, m: Message) -> None:
+        try:
+            event = self.inbox.announcement_arrived(m.payload, state=self.state, now=self.clock(), wall=self.wall(),
+                                                    live=not m.retain)
+        except OSError as e:  # held by the inbox, stored again later
+            self._storage_failed(e)
             return
+        if event is not None:
+            self._announced(event)
+
+    def _announced(self, event: lc.Announced) -> None:
         self._feed(event)
+        if event.deadline <= self.clock() + lc.DEADLINE_RESOLUTION_S:
+            log.info("round %d came after its deadline (the coordinator's final model, or a round already "
+                     "closed): nothing to train", event.round)
         if self.inference is not None:
             assert self.inbox.announcement is not None
             self.inference.offer(self.inbox.announcement)
@@ -401,7 +630,9 @@ class Service:
             battery_percent=None if r is None else r.battery_percent,
             charging=None if r is None else r.charging,
             bytes_sent=self.client.bytes_sent, bytes_received=self.client.bytes_received,
-            outbox=len(s.outbox), last_receipt=s.last_receipt, error=s.error or self._message_error,
+            outbox=len(s.outbox), last_receipt=s.last_receipt,
+            error=s.error or self._message_error or self._troubles.summary(),
+            clock_offset_s=self.inbox.clock_offset_s,
         )
 
     def _publish_status(self) -> None:

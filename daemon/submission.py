@@ -98,6 +98,18 @@ def progress_of(blob: bytes | None, *, round: int, base_sha256: str) -> tuple[in
         return 0, None
 
 
+def checkpoint_damage(blob: bytes) -> str | None:
+    """Why a checkpoint cannot be read at all (its header is garbled), or None: a damaged one is
+    moved aside rather than trained on or submitted."""
+    try:
+        meta = _metadata(blob)
+        if not isinstance(meta.get("extra"), dict):
+            raise ValueError("no training fields")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+        return str(e)[:120] or type(e).__name__
+    return None
+
+
 def build_update(
     *,
     announcement: Announcement,

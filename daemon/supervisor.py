@@ -73,6 +73,7 @@ class TrainerSupervisor:
         self.samples_trained = 0
         self.peak_rss = 0
         self.pids: list[int] = []
+        self._last_error: str | None = None  # the failure last logged, so a repeat is not
 
     @property
     def pid(self) -> int | None:
@@ -83,7 +84,11 @@ class TrainerSupervisor:
                                      listener=lambda w, e: self._deliver(FromTrainer(w, e)))
         self._stop_asked = False
         self.kill_at = None
-        self._worker.start()
+        try:
+            self._worker.start()
+        except OSError:  # no memory or processes left: the shell reports it, the lifecycle backs off
+            self._worker = None
+            raise
         assert self._worker.pid is not None
         self.pids.append(self._worker.pid)
         self._follow(self._worker.pid)
@@ -126,8 +131,11 @@ class TrainerSupervisor:
         now = self._monotonic()
         if event is None:
             error = None if self._stop_asked else worker.error
-            if error:
+            if error and error != self._last_error:
                 log.error("trainer %s failed: %s", worker.pid, error)
+            elif error:  # the same failure again, after a back-off: said once is enough
+                log.debug("trainer %s failed again: %s", worker.pid, error)
+            self._last_error = error
             self._worker, self.kill_at = None, None
             self._follow(None)
             return lc.WorkerExited(error)

@@ -55,12 +55,15 @@ class Running:
     """A service running in a thread of this process."""
 
     def __init__(self, fed: Federation, broker: MemoryBroker, site: str = "site-a", *, sensors=None, wall=None,
-                 **sections) -> None:
+                 clock=None, client=None, **service_args) -> None:
+        sections = {k: v for k, v in service_args.items() if k not in ("writer", "retry_base_s")}
+        extra = {k: v for k, v in service_args.items() if k in ("writer", "retry_base_s")}
         self.cfg = fed.config(site, **sections)
-        self.service = Service(config=self.cfg, client=broker.client(client_id=f"daemon-{site}"),
+        wall = wall or Wall()
+        self.service = Service(config=self.cfg, client=client or broker.client(client_id=f"daemon-{site}"),
                                site_keys=read_site_keys(self.cfg.keys.site),
                                coordinator=read_coordinator_public(self.cfg.keys.coordinator),
-                               sensors=sensors or FakeSensors(), wall=wall or Wall())
+                               sensors=sensors or FakeSensors(), wall=wall, clock=clock or wall, **extra)
         self.result: list[int] = []
         self.thread = threading.Thread(target=lambda: self.result.append(self.service.run()), daemon=True)
         self.thread.start()
