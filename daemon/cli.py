@@ -65,9 +65,9 @@ def image_check(words: list[str] | None) -> ImageCheck:
 def check_config(path: Path, *, images: ImageCheck = ImageCheck(), as_json: bool = False) -> int:
     """Print the effective configuration and every problem found (preflight.py); 0 when fine, else 2."""
     report = preflight.check(path, images=images)
-    effective = report.facts.get("config")  # absent when the keys themselves are wrong
+    effective = report.facts.get("effective")  # absent when the keys themselves are wrong
     if as_json:
-        print(json.dumps({"config": None, **report.to_dict()}, sort_keys=True))
+        print(json.dumps({"effective": None, **report.to_dict()}, sort_keys=True))
         return 0 if report.ok else 2
     if effective is not None:
         print(f"# effective configuration of {path}")

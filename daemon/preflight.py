@@ -54,7 +54,7 @@ def check(path: Path, *, images: ImageCheck = ImageCheck(), env: Mapping[str, st
         notes.append("checked as root, who reads every file: run it as the daemon's user (sudo -u fednca ...) "
                      "to check what the daemon may read")
     return Report(source=str(path), findings=tuple(findings), notes=tuple(notes),
-                  facts={"data": facts, "config": dc.to_dict(cfg)})
+                  facts={"data": facts, "effective": dc.to_dict(cfg)})
 
 
 # ------------------------------------------------------------------------------------ credentials

@@ -55,9 +55,10 @@ class Report:
         return not self.errors
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "ok": self.ok, "errors": len(self.errors),
-                "warnings": len(self.findings) - len(self.errors),
-                "findings": [f.to_dict() for f in self.findings], "notes": list(self.notes), **self.facts}
+        """``config`` (the file checked), ``ok``, ``problems`` (the errors), ``warnings``, ``notes``, the facts."""
+        return {"config": self.source, "ok": self.ok, "problems": [f.to_dict() for f in self.errors],
+                "warnings": [f.to_dict() for f in self.findings if f.severity != "error"],
+                "notes": list(self.notes), **self.facts}
 
     def lines(self) -> list[str]:
         out = [f"# {n}" for n in self.notes]

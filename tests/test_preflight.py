@@ -61,7 +61,7 @@ def check(conf: Path, capsys, *extra: str) -> tuple[int, dict]:
 
 
 def only(report: dict, key: str) -> list[dict]:
-    return [f for f in report["findings"] if f["key"] == key]
+    return [f for f in report["problems"] + report["warnings"] if f["key"] == key]
 
 
 # --------------------------------------------------------------------------------------- daemon
@@ -76,10 +76,10 @@ def test_a_good_site_passes_and_says_what_the_split_holds_out(site, capsys):
     assert "12 image/mask pair(s)" in out and "decoded 12 of 12 (all)" in out
     assert "holds out 1 patient(s) (3 images); 3 patient(s) (9 images) remain to train" in out
     status, report = check(conf, capsys)
-    assert status == 0 and report["ok"] and report["errors"] == 0
-    assert [(f["key"], f["severity"]) for f in report["findings"]] == [("state_dir", "warning")]  # not systemd's
+    assert status == 0 and report["ok"] and report["problems"] == [] and report["config"] == str(conf)
+    assert [(f["key"], f["severity"]) for f in report["warnings"]] == [("state_dir", "warning")]  # not systemd's
     assert report["data"]["split"]["test_patients"] == 1 and report["data"]["split"]["train_images"] == 9
-    assert report["config"]["broker"]["password"] is None and report["config"]["data"]["test_fraction"] == 0.25
+    assert report["effective"]["broker"]["password"] is None and report["effective"]["data"]["test_fraction"] == 0.25
 
 
 def test_an_image_without_a_mask_names_both_files_and_the_fix(site, capsys):
@@ -227,7 +227,7 @@ def test_bad_keys_are_reported_before_any_file_is_read(tmp_path, capsys):
     conf = write(tmp_path, {"site": "a", "federation": "f", "broker": {"url": "mqtt://h:1"}, "data": {"folder": "/x"},
                             "cpu": {"duty_cycle": 0}})
     status, report = check(conf, capsys)
-    assert status == 2 and [f["key"] for f in report["findings"]] == ["cpu.duty_cycle"] and report["config"] is None
+    assert status == 2 and [f["key"] for f in report["problems"]] == ["cpu.duty_cycle"] and report["effective"] is None
 
 
 def test_check_images_takes_all_or_sample_n(site, capsys):
@@ -300,11 +300,11 @@ def test_the_coordinator_check_reports_every_problem_with_its_fix(hub, capsys):
     (hub / "registry.json").write_text("{not json")
     assert main(["coordinator", "check", str(hub), "--json"]) == 2
     report = json.loads(capsys.readouterr().out)
-    by_key = {f["key"]: f for f in report["findings"]}
+    by_key = {f["key"]: f for f in report["problems"]}
     assert by_key["keys"]["path"] == str(box) and by_key["keys"]["fix"] == f"chmod 600 {box}"
     assert "18831 differs from the port in broker.url" in by_key["mosquitto.port"]["problem"]
     assert by_key["registry"]["path"] == str(hub / "registry.json")
-    missing = [f for f in report["findings"] if f["path"] == str(broker_dir(hub) / "acl")]
+    missing = [f for f in report["problems"] if f["path"] == str(broker_dir(hub) / "acl")]
     assert missing and "broker-config" in missing[0]["fix"]
 
 
@@ -326,7 +326,7 @@ def test_a_folder_mosquitto_cannot_enter_is_named(tmp_path, capsys):
                  "--broker", "mqtt://127.0.0.1:18830"]) == 0  # broker files under pytest's 0700 folder
     capsys.readouterr()
     assert main(["coordinator", "check", str(tmp_path / "fed"), "--json"]) == 2
-    (f,) = json.loads(capsys.readouterr().out)["findings"]
+    (f,) = json.loads(capsys.readouterr().out)["problems"]
     assert f["key"] == "mosquitto.folder" and "cannot enter" in f["problem"] and f["fix"].startswith("chmod o+x ")
 
 
