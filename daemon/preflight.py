@@ -104,6 +104,10 @@ def _site_key(folder: Path) -> list[Finding]:
         return [Finding("keys.site", "no such key file (the site's signing key)",
                         f"make it with: fednca keys generate --role site --out {folder} (then enrol its signing.pub "
                         "at the coordinator), or point keys.site at the folder holding it", path=str(p))]
+    if why is not None and folder == dc.KeysConfig().site:  # the unit passes it as a credential, read by root
+        return [Finding("keys.site", f"{why}: fine under the unit, which hands it over as the credential "
+                        "signing.key (LoadCredential=), but the daemon run by hand cannot sign",
+                        "nothing under systemd; by hand run as root", path=str(p), severity="warning")]
     if why is not None:
         return [Finding("keys.site", why, f"let the daemon's user read it (chown fednca: {p}), or pass it as the "
                         "systemd credential signing.key", path=str(p))]

@@ -351,3 +351,11 @@ def test_the_daemon_check_reads_no_image_it_was_not_asked_to(site):
                                           images=ImageCheck(sample=3), decode=decode)
     assert findings == [] and facts["decoded"] == 3 and len(decoded) == 6  # image and mask of 3 pairs
     assert dp.check(write(tmp_path, data)).ok
+
+
+def test_an_unreadable_default_site_key_is_only_a_warning_since_systemd_hands_it_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(dp, "open_problem", lambda p: "cannot read it (Permission denied)")
+    (f,) = dp._site_key(Path("/etc/fednca/keys"))
+    assert f.severity == "warning" and "LoadCredential=" in f.problem
+    (f,) = dp._site_key(tmp_path / "keys")
+    assert f.severity == "error" and f.path == str(tmp_path / "keys" / "signing.key") and "chown fednca:" in f.fix
