@@ -22,3 +22,18 @@ def test_wire_sizes_are_integer_bytes(capsys):
     sizes = _json(capsys, ["wire", "--json"])
     assert sizes["preset"] == "fednca"
     assert all(isinstance(v, int) for k, v in sizes.items() if k != "preset")
+
+
+def test_daemon_check_config_json_is_the_effective_configuration(tmp_path, capsys):
+    import os
+
+    import yaml
+
+    from daemon_support import Federation
+
+    conf = tmp_path / "daemon.yaml"
+    conf.write_text(yaml.safe_dump(Federation(tmp_path).config_data()))
+    os.chmod(conf, 0o600)
+    report = _json(capsys, ["daemon", "--check-config", str(conf), "--json"])
+    assert report["ok"] is True and report["problems"] == [] and report["config"] == str(conf)
+    assert report["effective"]["broker"]["password"] == "***" and report["effective"]["training"]["chunk_s"] == 0.2
