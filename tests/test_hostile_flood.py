@@ -13,8 +13,10 @@ number of lines (docs/threat-model.md, "Floods and sessions").
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
+import time
 
 import pytest
 
@@ -30,7 +32,7 @@ pytestmark = [
 ]
 
 FLOOD = 3000  # messages: far beyond the coordinator's queue of 1000 if it did not drain them
-ROUND_TIMEOUT = 60.0  # one round of two tiny trainers takes ~10 s on two busy cores: a bound only
+ROUND_TIMEOUT = 120.0  # one round of two tiny trainers takes ~10 s on two busy cores: a bound only
 HOSTILE = "site2"
 
 
@@ -78,6 +80,7 @@ def test_a_flooding_site_costs_the_honest_sites_nothing(fed):
     attacker.subscribe(prefix + f"receipts/{HOSTILE}", 1)
     attacker.subscribe(prefix + "round", 1)
     sent: list = []
+    started = time.monotonic()
     thread = threading.Thread(target=lambda: sent.extend(flood(attacker, prefix, FLOOD)), name="flood")
     thread.start()
     honest = [s for s in fed.sites if s != HOSTILE]
@@ -90,15 +93,17 @@ def test_a_flooding_site_costs_the_honest_sites_nothing(fed):
 
     # Round 1 counts both honest sites; the junk cost at most one budget of signed receipts.
     receipts = receipts_until_next_round(attacker, prefix)
+    minutes = (time.monotonic() - started) / 60  # the budget refills while a loaded machine catches up
     assert fed.aggregated(1)
     assert {r["site"] for r in fed.records("update_accepted") if r["round"] == 1} == set(honest)
-    assert receipts <= 2 * UPDATE_SENDS_PER_MINUTE + 2, receipts
+    assert receipts <= 2 * UPDATE_SENDS_PER_MINUTE * (1 + minutes) + 2, (receipts, minutes)
     # The round log grew by the round's own lines plus a bounded number for the flood.
     flood_kinds = ("update_rejected", "site_throttled", "lines_suppressed")
     flood_lines = [r for r in fed.records()[before:] if r["kind"] in flood_kinds]
     assert all(r["site"] == HOSTILE for r in flood_lines)
-    assert len(flood_lines) <= 3 * (LINES + 1), [(r["kind"], r.get("reason")) for r in flood_lines]
-    assert len(fed.records()) - before < 30
+    windows = 1 + math.floor(minutes)  # each minute's window may write its own few lines
+    assert len(flood_lines) <= 3 * (LINES + 1) * windows, [(r["kind"], r.get("reason")) for r in flood_lines]
+    assert len(fed.records()) - before < 20 + len(flood_lines)
 
     # Then it tries to take over the coordinator's session: mosquitto gives it its own id instead.
     attacker.disconnect()
