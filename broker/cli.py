@@ -362,6 +362,11 @@ def broker_client(cfg: CoordinatorConfig, *, client_id: str | None = None, clean
     """An MQTT client with the coordinator's credentials (``client_id`` for a second, read-only view)."""
     from fednca.transport.mqtt import MqttClient, TLSOptions
 
+    if client_id is not None and client_id != cfg.client_id and cfg.mosquitto.bind_client_ids:
+        raise ConfigError("mosquitto.bind_client_ids", "is true, so mosquitto gives every client of the coordinator's "
+                          "account the same client id: a second view would cut the coordinator off (and a clean start "
+                          "would end its session); read the round log (fednca coordinator show) instead")
+
     b = cfg.broker
     tls = TLSOptions(b.ca_file, b.cert_file, b.key_file) if b.url.startswith("mqtts://") else None
     return MqttClient(url=b.url, client_id=client_id or cfg.client_id, username=b.username,

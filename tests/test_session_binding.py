@@ -146,3 +146,14 @@ def test_the_conf_binds_ids_on_every_listener():
     assert len(blocks) == 2 and all("use_username_as_clientid true" in b for b in blocks)
     unbound = render_conf(MosquittoSettings(federation=FED, folder="/srv/fed"))
     assert "use_username_as_clientid" not in unbound
+
+
+def test_with_ids_bound_no_second_view_takes_the_coordinators_account(tmp_path):
+    from fednca.errors import ConfigError
+    from fednca_broker.cli import broker_client
+    from fednca_broker.config import CoordinatorConfig, FederationConfig, MosquittoConfig
+
+    cfg = CoordinatorConfig(folder=tmp_path, federation=FederationConfig(name=FED),
+                            mosquitto=MosquittoConfig(bind_client_ids=True))  # fmt: skip
+    with pytest.raises(ConfigError, match="cut the coordinator off"):
+        broker_client(cfg, client_id="fednca-status-1", clean_start=True)
