@@ -27,7 +27,6 @@ Pure: the clock reading is passed to every call; nothing here sleeps or reads a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Mapping
 
 # What an honest site may send, at most, that the budgets are sized for (twice over).

@@ -334,7 +334,7 @@ class Coordinator:
 
     def _admitted(self, kind: str, site: str | None, message: Message) -> bool:
         """Charge ``message`` to its site's budget; a refused one is acknowledged, counted and
-        logged at most once a minute per site, and goes no further."""
+        logged a few times a minute per site at most, and goes no further."""
         assert site is not None
         now, size = self._clock(), len(message.payload)
         if self._admission is None:
