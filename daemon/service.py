@@ -41,6 +41,7 @@ from typing import Callable
 
 from fednca import __version__
 from fednca.atomic import write_bytes
+from fednca.display import Pace
 from fednca.keys import CoordinatorPublicKeys, SiteKeys
 from fednca.topics import TopicError, Topics
 from fednca.transport.base import Client, ConnectRefused, Message, PayloadTooLarge, PublishHandle, TransportError
@@ -150,6 +151,7 @@ class Service:
         self._closing = threading.Event()
         self._exited = False
         self._was_connected = False
+        self._pace = Pace()  # the round's progress and ETA, one log line per chunk
         self._timers = Timers()
         self._troubles = Troubles(log=log, base_s=retry_base_s)
         self._deferred: list[lc.Action] = []  # actions the disk refused, performed again later
@@ -425,6 +427,8 @@ class Service:
             if event is not None:
                 self._feed(event)
                 if isinstance(event, lc.ChunkDone):
+                    log.info("%s", self._pace.line(round=event.round, steps=event.steps, planned=event.planned,
+                                                   now=self.clock()))
                     self.probe("chunk-done")
 
     def _feed(self, event: lc.Event) -> None:
