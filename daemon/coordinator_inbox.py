@@ -79,6 +79,7 @@ class CoordinatorInbox:
     def resume(self, *, now: float, wall: float) -> tuple[lc.RoundInfo | None, int, int | None]:
         """The saved round, if it still verifies, and the progress the checkpoint holds for it.
         A file found damaged is moved aside (and said so); a read error raises StateFolderError."""
+        blob = self._checkpoint()
         saved = self.folder.load_announcement()
         if saved is None:
             return None, 0, None
@@ -92,14 +93,19 @@ class CoordinatorInbox:
         self.announcement, self._announcement_bytes = ann, saved
         h = ann.header
         deadline = self._saved_deadline(h, now=now, wall=wall)
+        steps, planned = progress_of(blob, round=h.round, base_sha256=h.model_sha256)
+        return lc.RoundInfo(h.round, deadline, h.model_sha256), steps, planned
+
+    def _checkpoint(self) -> bytes | None:
+        """The trainer's checkpoint; one found damaged is moved aside (the round starts again
+        from the global model) rather than handed to a trainer or submitted."""
         blob = self.folder.load_checkpoint()
         if blob is not None and (why := checkpoint_damage(blob)) is not None:
             aside = self.folder.move_aside(self.folder.checkpoint_path)
-            log.error("the trainer's checkpoint is damaged (%s): moved to %s; round %d starts again from "
-                      "the global model", why, aside, h.round)
-            blob = None
-        steps, planned = progress_of(blob, round=h.round, base_sha256=h.model_sha256)
-        return lc.RoundInfo(h.round, deadline, h.model_sha256), steps, planned
+            log.error("the trainer's checkpoint is damaged (%s): moved to %s; the round starts again from the "
+                      "global model", why, aside)
+            return None
+        return blob
 
     def _saved_deadline(self, h: AnnouncementHeader, *, now: float, wall: float) -> float:
         try:

@@ -157,6 +157,7 @@ class Service:
         self._deferred: list[lc.Action] = []  # actions the disk refused, performed again later
         self._refused = False  # the broker refused the credentials: the daemon asks again itself
         self._seen_error: object = None  # the client's last error already looked at
+        self._troubles_told = 0  # Troubles.changes when the status was last published
 
     # -- public -------------------------------------------------------------------------------
 
@@ -336,7 +337,8 @@ class Service:
         now = time.monotonic()
         if self._timers.due(Timer.GATES, now) and self._read_gates():
             self._feed(lc.GatesChanged(self._gates.open, self._gates.reasons))
-        if self._timers.due(Timer.TELEMETRY, now):
+        if self._timers.due(Timer.TELEMETRY, now) or self._troubles.changes != self._troubles_told:
+            self._troubles_told = self._troubles.changes  # a problem shows in the status as it appears
             self._publish_status()
         interval = self.notifier.watchdog_interval
         if interval and self._timers.due(Timer.WATCHDOG, now) and self.state.may_ping_watchdog:

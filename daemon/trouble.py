@@ -39,6 +39,7 @@ class Troubles:
         self.base_s = base_s
         self.max_s = max_s
         self._entries: dict[str, _Entry] = {}
+        self.changes = 0  # counts problems that appeared, changed or ended: the telemetry follows
 
     def report(self, key: str, message: str, now: float, *, level: int = logging.ERROR) -> float:
         """Note that ``key`` failed with ``message`` at ``now``; returns the wait before the next try.
@@ -48,6 +49,7 @@ class Troubles:
         wait = backoff_seconds(failures=failures, base_s=self.base_s, max_s=self.max_s)
         if entry is None or entry.message != message:
             self._log.log(level, "%s", message)
+            self.changes += 1
             self._entries[key] = _Entry(message=message, failures=failures, retry_at=now + wait)
         else:
             entry.failures, entry.retry_at, entry.repeats = failures, now + wait, entry.repeats + 1
@@ -58,6 +60,7 @@ class Troubles:
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
+        self.changes += 1
         if message is not None:
             again = f" (it came back {entry.repeats} more time(s) meanwhile)" if entry.repeats else ""
             self._log.info("%s%s", message, again)

@@ -72,6 +72,7 @@ class FakeCoordinator:
     deliveries: list[tuple[str, str]] = field(default_factory=list)  # (site, update id) per delivery
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (site, reason)
     receipts: bool = True
+    clock: Callable[[], float] | None = None  # set: announcements carry seconds_left by this clock
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.federation)
@@ -82,9 +83,10 @@ class FakeCoordinator:
     def announce(self, *, round: int, deadline: float, weights: dict[str, np.ndarray]) -> bytes:
         from fednca.wire import model_sha256
 
+        left = None if self.clock is None else max(int(deadline) - int(self.clock()), 0)
         payload = make_announcement(federation=self.federation, round=round, deadline=int(deadline), quorum=1,
                                     train=self.train, model=self.model, tensors=weights,
-                                    signing_key=self.keys.signing)
+                                    signing_key=self.keys.signing, seconds_left=left)
         self.round, self.model_sha256 = round, model_sha256(weights)
         self.shapes = {k: v.shape for k, v in weights.items()}
         self.client.publish(self.topics.round, payload, qos=1, retain=True).result(5.0)
