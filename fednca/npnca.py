@@ -224,11 +224,14 @@ def _masks_flat(fire: np.ndarray, steps: int, dtype: np.dtype) -> np.ndarray:
     return fire.reshape(fire.shape[0], 1, -1).astype(dtype)
 
 
-def draw_masks(rng: np.random.Generator, cfg: ModelConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """The fire masks of one pass, (steps, B, H, W) of bool per stage, stage 1 drawn first."""
-    small = cfg.input_size // cfg.pool
+def draw_masks(rng: np.random.Generator, cfg: ModelConfig, batch: int,
+               side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The fire masks of one pass over ``side``-pixel images (default: the configured input size),
+    (steps, B, H, W) of bool per stage, stage 1 drawn first."""
+    side = cfg.input_size if side is None else side
+    small = side // cfg.pool
     fire1 = rng.random((cfg.steps[0], batch, small, small), dtype=F32) < cfg.fire_rate
-    fire2 = rng.random((cfg.steps[1], batch, cfg.input_size, cfg.input_size), dtype=F32) < cfg.fire_rate
+    fire2 = rng.random((cfg.steps[1], batch, side, side), dtype=F32) < cfg.fire_rate
     return fire1, fire2
 
 
