@@ -60,8 +60,13 @@ def row(site: str, payload: bytes, now: float) -> SiteRow:
         temperature_c=m.temperature_c,
         outbox=m.outbox,
         samples_per_s=m.samples_per_s,
-        error=None if m.error is None else m.error[:80],
+        error=m.error[:80] if m.error is not None else _gates(m.state, m.gates),
     )
+
+
+def _gates(state: str, gates: tuple[str, ...]) -> str | None:
+    """Why a paused site does not train (its closed gates), for the error column."""
+    return f"{state}: {', '.join(gates)}"[:80] if state in ("paused", "backoff") and gates else None
 
 
 def annotate(r: SiteRow, *, revoked: bool, rejected: str | None, dice: float | None) -> SiteRow:

@@ -61,3 +61,9 @@ def test_the_round_log_marks_revoked_sites_errors_and_dice():
     assert "stale_round" in render([rejected]) and rejected.to_dict()["error"] == "update rejected: stale_round"
     own = annotate(row("a", status(error="sensor lost"), now=1000), revoked=False, rejected="x", dice=None)
     assert own.error == "sensor lost"  # the site's own word comes first
+
+
+def test_a_paused_sites_closed_gates_fill_its_error_column():
+    r = row("a", status(state="paused", gates=("temperature 81 C > 75 C",)), now=1000)
+    assert r.error == "paused: temperature 81 C > 75 C" and "paused: temperature" in render([r])
+    assert row("a", status(gates=()), now=1000).error is None
