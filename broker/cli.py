@@ -52,7 +52,8 @@ from fednca.notify import Notifier
 from fednca.topics import check_id
 
 from . import deploy, mosquitto
-from .config import CONFIG_NAME, BrokerConfig, CoordinatorConfig, FederationConfig, MosquittoConfig, load_config, to_yaml_dict
+from .config import (CONFIG_NAME, OBSERVERS, BrokerConfig, CoordinatorConfig, FederationConfig, MosquittoConfig,
+                     load_config, to_yaml_dict)
 from .listener import check_config, plan_listener
 from .rounds import RoundConfig
 from .store import RoundStore
@@ -156,7 +157,8 @@ def _init(args: argparse.Namespace) -> int:
     _write_secret(cfg.password_path, password)
     coordinator_keys = k.CoordinatorKeys.generate()
     k.write_coordinator_keys(cfg.keys_dir, coordinator_keys, force=True)  # no federation yet: nothing to lose
-    blocked = deploy.write_broker_files(cfg, registry=k.Registry(), coordinator_password=password, site_passwords={})
+    blocked = deploy.write_broker_files(cfg, registry=k.Registry(), coordinator_password=password, site_passwords={},
+                                        observer_passwords=_observer_passwords(cfg))
     RoundStore(root=cfg.store_root, federation=federation.name).save_model(1, tensors)
     k.write_registry(cfg.registry_path, k.Registry())
     header = (f"# FedNCA coordinator of federation {federation.name!r}. Every key is described in "
@@ -196,19 +198,31 @@ def _write_secret(path: Path, text: str) -> None:
     write_text(path, text + "\n", mode=0o600)
 
 
-def _read_secret(cfg: CoordinatorConfig) -> str:
-    path = cfg.password_path
+def _read_secret(cfg: CoordinatorConfig, path: Path | None = None, *, key: str = "broker.password_file") -> str:
+    path = path or cfg.password_path
     try:
         mode = path.stat().st_mode
         text = path.read_text().strip()
     except OSError as e:
-        raise ConfigError("broker.password_file", f"{path}: cannot read ({e.strerror})") from None
+        raise ConfigError(key, f"{path}: cannot read ({e.strerror})") from None
     if mode & 0o077:
-        raise ConfigError("broker.password_file", f"{path} is readable by group or others "
+        raise ConfigError(key, f"{path} is readable by group or others "
                           f"(mode {stat.S_IMODE(mode):04o}); fix it with: chmod 600 {path}")
     if not text:
-        raise ConfigError("broker.password_file", f"{path} is empty")
+        raise ConfigError(key, f"{path} is empty")
     return text
+
+
+def _observer_passwords(cfg: CoordinatorConfig) -> dict[str, str]:
+    """Each observer account's password, made (0600, beside the coordinator's) where missing:
+    ``init`` makes them, ``broker-config`` adds them to a federation made before they existed."""
+    passwords = {}
+    for user in OBSERVERS:
+        path = cfg.observer_password_path(user)
+        if not path.exists():
+            _write_secret(path, secrets.token_urlsafe(24))
+        passwords[user] = _read_secret(cfg, path, key=f"observer {user}")
+    return passwords
 
 
 # -------------------------------------------------------------------------------- enroll, revoke
@@ -229,8 +243,8 @@ def _warn_blocked(blocked: list[Path]) -> None:
 def _enroll(args: argparse.Namespace) -> int:
     cfg = load_config(args.folder / CONFIG_NAME)
     site = check_id(args.site, what="site")
-    if site == cfg.broker.username:
-        raise FedNCAError(f"site {site!r}: that is the coordinator's broker user name")
+    if site == cfg.broker.username or site in OBSERVERS:
+        raise FedNCAError(f"site {site!r}: that is the broker user name of the coordinator or of its views")
     registry = k.read_registry(cfg.registry_path)
     if site in registry.sites and not args.replace:
         raise FedNCAError(f"site {site!r} is already enrolled; pass --replace to give it a new key and password")
@@ -292,6 +306,7 @@ def _broker_config(args: argparse.Namespace) -> int:
     check_config(url=cfg.broker.url, port=cfg.mosquitto.port, tls_names=cfg.mosquitto.tls_names)
     registry = k.read_registry(cfg.registry_path)
     blocked = deploy.write_broker_files(cfg, registry=registry, coordinator_password=_read_secret(cfg),
+                                        observer_passwords=_observer_passwords(cfg),
                                         renew_certificate=args.new_server_certificate)
     settings = cfg.mosquitto_settings(sites=len(registry.sites))
     print(f"wrote the broker files of federation {cfg.federation.name!r} in {cfg.mosquitto_dir}")
@@ -359,19 +374,48 @@ def kill_hook(spec: str | None) -> Callable[[str], None] | None:
 
 
 def broker_client(cfg: CoordinatorConfig, *, client_id: str | None = None, clean_start: bool = False) -> Any:
-    """An MQTT client with the coordinator's credentials (``client_id`` for a second, read-only view)."""
+    """An MQTT client with the coordinator's credentials (``client_id``: a second session, unbound only).
+
+    The read-only views connect with :func:`observer_client` instead; with the ids bound a second
+    session on the coordinator's account would be the coordinator's own, so it is refused.
+    """
     from fednca.transport.mqtt import MqttClient, TLSOptions
 
     if client_id is not None and client_id != cfg.client_id and cfg.mosquitto.bind_client_ids:
         raise ConfigError("mosquitto.bind_client_ids", "is true, so mosquitto gives every client of the coordinator's "
                           "account the same client id: a second view would cut the coordinator off (and a clean start "
-                          "would end its session); read the round log (fednca coordinator show) instead")
+                          "would end its session); connect with an observer account (observer_client) instead")
 
     b = cfg.broker
     tls = TLSOptions(b.ca_file, b.cert_file, b.key_file) if b.url.startswith("mqtts://") else None
     return MqttClient(url=b.url, client_id=client_id or cfg.client_id, username=b.username,
                       password=_read_secret(cfg), tls=tls, keepalive=b.keepalive,
                       max_packet_size=b.max_packet_size, protocol=b.protocol, clean_start=clean_start)
+
+
+def observer_client(cfg: CoordinatorConfig, user: str, **options: Any) -> Any:
+    """A read-only MQTT client on observer account ``user`` (one of ``OBSERVERS``), clean start.
+
+    With the ids bound its client id is its user name (mosquitto would make it so anyway): a
+    second client of the same observer takes that observer's session over, never the
+    coordinator's. Unbound, each process gets an id of its own. ``options`` go to the client
+    (reconnect delays).
+    """
+    from fednca.transport.mqtt import MqttClient, TLSOptions
+
+    if user not in OBSERVERS:
+        raise ConfigError("observer", f"{user!r} is not one of the observer accounts {OBSERVERS}")
+    path = cfg.observer_password_path(user)
+    if not path.exists():
+        raise ConfigError(f"observer {user}", f"{path} is missing: this federation was made before its "
+                          f"read-only views had accounts; run  fednca coordinator broker-config {cfg.folder}  "
+                          "and reload mosquitto")
+    b = cfg.broker
+    tls = TLSOptions(b.ca_file, b.cert_file, b.key_file) if b.url.startswith("mqtts://") else None
+    client_id = user if cfg.mosquitto.bind_client_ids else f"{user}-{os.getpid()}"
+    return MqttClient(url=b.url, client_id=client_id, username=user,
+                      password=_read_secret(cfg, path, key=f"observer {user}"), tls=tls, keepalive=b.keepalive,
+                      max_packet_size=b.max_packet_size, protocol=b.protocol, clean_start=True, **options)
 
 
 def _run(args: argparse.Namespace) -> int:

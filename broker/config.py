@@ -6,7 +6,8 @@ coordinator keeps, at fixed places below it::
     coordinator.yaml    this configuration
     keys/               the coordinator's signing and box keys (0700, private keys 0600)
     registry.json       the enrolled sites and their public signing keys
-    secrets/            the coordinator's broker password (0700, file 0600)
+    secrets/            the broker passwords (0700, files 0600): the coordinator's, and one per
+                        observer account (``<user>-mqtt-password``) of the read-only views
     store/<federation>/ the round store: state, accepted updates, round log, global models
     mosquitto/          mosquitto.conf, passwd, acl and the broker's persistence folder
 
@@ -41,6 +42,10 @@ from .mosquitto import MosquittoSettings, TLSListener, limits_for
 from .rounds import RoundConfig
 
 CONFIG_NAME = "coordinator.yaml"
+# The read-only observer accounts (role ``observer``): one for ``fednca status``, one for the demo's
+# and the harness's monitor, so that neither view takes over the other's session.
+STATUS_OBSERVER, MONITOR_OBSERVER = "fednca-status", "fednca-monitor"
+OBSERVERS = (STATUS_OBSERVER, MONITOR_OBSERVER)
 _MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -156,7 +161,7 @@ class MosquittoConfig:
     tls_names: tuple[str, ...] = ()  # non-empty: a TLS listener whose certificate names these
     user: str = "mosquitto"  # the account mosquitto drops to; it must be able to read the files
     max_inflight_messages: int | None = None  # None: sized for the enrolled sites
-    bind_client_ids: bool = False  # true: each client's id is its user name (no session takeover)
+    bind_client_ids: bool = True  # each client's id is its user name (no session takeover); false: any id
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_as_root, bool):
@@ -167,7 +172,8 @@ class MosquittoConfig:
             tls.check_names(list(self.tls_names), field="tls_names")
         self.settings(federation="check", folder=Path("check"), coordinator_user="coordinator")
 
-    def settings(self, *, federation: str, folder: Path, coordinator_user: str, sites: int = 0) -> MosquittoSettings:
+    def settings(self, *, federation: str, folder: Path, coordinator_user: str, sites: int = 0,
+                 observer_users: tuple[str, ...] = ()) -> MosquittoSettings:
         queued, inflight = limits_for(sites)
         listener = TLSListener.in_folder(folder, port=self.port, address=self.address) if self.tls_names else None
         return MosquittoSettings(
@@ -176,7 +182,7 @@ class MosquittoConfig:
             coordinator_user=coordinator_user, max_queued_messages=self.max_queued_messages or queued,
             max_inflight_messages=self.max_inflight_messages or inflight, user=self.user,
             data_folder=self.data_folder, persistent_client_expiration=self.persistent_client_expiration,
-            run_as_root=self.run_as_root, bind_client_ids=self.bind_client_ids,
+            run_as_root=self.run_as_root, bind_client_ids=self.bind_client_ids, observer_users=observer_users,
         )  # fmt: skip
 
 
@@ -219,13 +225,18 @@ class CoordinatorConfig:
     def password_path(self) -> Path:
         return self.folder / self.broker.password_file
 
+    def observer_password_path(self, user: str) -> Path:
+        """The password file of one observer account (``secrets/<user>-mqtt-password``)."""
+        return self.folder / "secrets" / f"{user}-mqtt-password"
+
     @property
     def client_id(self) -> str:
         return self.broker.client_id or f"fednca-coordinator-{self.federation.name}"
 
     def mosquitto_settings(self, *, sites: int = 0) -> MosquittoSettings:
         return self.mosquitto.settings(federation=self.federation.name, folder=self.mosquitto_dir,
-                                       coordinator_user=self.broker.username, sites=sites)
+                                       coordinator_user=self.broker.username, sites=sites,
+                                       observer_users=OBSERVERS)
 
 
 # -------------------------------------------------------------------------------------- the file

@@ -77,7 +77,7 @@ def ensure_server_certificate(cfg: CoordinatorConfig, *, renew: bool = False, no
 
 def write_broker_files(cfg: CoordinatorConfig, *, registry: k.Registry, coordinator_password: str,
                        site_passwords: dict[str, str] | None = None, renew_certificate: bool = False,
-                       now: Clock = _utc_now) -> list[Path]:
+                       observer_passwords: dict[str, str] | None = None, now: Clock = _utc_now) -> list[Path]:
     """Write every broker file from the configuration; returns the folders mosquitto cannot enter.
 
     ``site_passwords`` None keeps the sites' accounts already in the password file (their
@@ -89,14 +89,17 @@ def write_broker_files(cfg: CoordinatorConfig, *, registry: k.Registry, coordina
     Path(settings.folder).mkdir(parents=True, exist_ok=True)
     if cfg.mosquitto.tls_names:
         ensure_server_certificate(cfg, renew=renew_certificate, now=now)
+    observers = observer_passwords or {}
     if site_passwords is not None or not settings.password_path.exists():
-        mosquitto.write_password_file(settings.password_path,
-                                      {settings.coordinator_user: coordinator_password, **(site_passwords or {})})
+        mosquitto.write_password_file(settings.password_path, {settings.coordinator_user: coordinator_password,
+                                                               **observers, **(site_passwords or {})})
     else:
+        keep = {settings.coordinator_user, *observers}
         for user in password_users(settings.password_path):
-            if user != settings.coordinator_user and user not in registry.sites:
+            if user not in keep and user not in registry.sites:
                 mosquitto.remove_user(settings.password_path, user)
-        mosquitto.set_password(settings.password_path, settings.coordinator_user, coordinator_password)
+        for user, password in {settings.coordinator_user: coordinator_password, **observers}.items():
+            mosquitto.set_password(settings.password_path, user, password)
     return update_access(cfg, registry=registry, account=account)
 
 

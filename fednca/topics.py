@@ -11,6 +11,12 @@ Every topic lives under ``fednca/<federation>/``::
 Federation and site ids are lower-case names (``[a-z0-9][a-z0-9_-]{0,62}``), so they can never
 hold the MQTT separators or wildcards ``/ + #``. A site's broker user name is its site id.
 
+Three roles: a site, the coordinator, and an observer (the read-only account of the operator's
+views: ``fednca status``, the demo's monitor). An observer reads what the coordinator publishes
+for everyone (``round``, ``events``), the sites' telemetry (``status/+``) and the receipts
+(``receipts/+``: signed verdicts that ``events`` already tells in plain JSON, so they reveal
+nothing more), and writes nothing: a stolen observer password can neither forge nor flood.
+
 The access rules are one table per role (:func:`rules`). :func:`allowed` evaluates that table and
 ``broker/mosquitto.py`` writes the same table into mosquitto's ACL file, so the in-memory broker and
 mosquitto enforce one policy. Anything no rule grants is denied.
@@ -29,7 +35,8 @@ _ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 SITE = "site"
 COORDINATOR = "coordinator"
-ROLES = (SITE, COORDINATOR)
+OBSERVER = "observer"
+ROLES = (SITE, COORDINATOR, OBSERVER)
 
 Kind = Literal["round", "updates", "receipts", "status", "events"]
 Action = Literal["read", "write", "subscribe"]
@@ -135,7 +142,8 @@ class Rule:
 
 
 def rules(*, role: str, user: str, federation: str) -> tuple[Rule, ...]:
-    """The access rules of one broker user. A site's user name is its site id."""
+    """The access rules of one broker user. A site's user name is its site id; an observer
+    writes nothing."""
     t = Topics(federation)
     if role == SITE:
         site = check_id(user, what="site")
@@ -152,6 +160,13 @@ def rules(*, role: str, user: str, federation: str) -> tuple[Rule, ...]:
             Rule("write", t.round),
             Rule("write", t.prefix + "receipts/+"),
             Rule("write", t.events),
+        )
+    if role == OBSERVER:
+        return (
+            Rule("read", t.round),
+            Rule("read", t.all_status),
+            Rule("read", t.events),
+            Rule("read", t.prefix + "receipts/+"),
         )
     raise TopicError(f"role {role!r} is not one of {ROLES}")
 

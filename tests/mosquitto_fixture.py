@@ -1,6 +1,6 @@
 """A real mosquitto for integration tests, configured by broker/mosquitto.py under tmp_path.
 
-``mosquitto_factory(federation=..., sites=...)`` writes the broker files for those accounts
+``mosquitto_factory(federation=..., sites=..., observer_users=...)`` writes the broker files for those accounts
 (``fednca_broker.mosquitto.write_files``) and starts :class:`fednca_app.harness.Mosquitto` on a
 free 127.0.0.1 port; every one it started is stopped at teardown. ``mosquitto`` is one with the
 defaults. ``restart()`` stops it cleanly (persistence saved) and starts it again on the same port;
@@ -52,11 +52,12 @@ def mosquitto_factory(tmp_path):
             **settings,
         )
         passwords = {config.coordinator_user: "coordinator-secret"}
-        passwords.update({site: f"{site}-secret" for site in sites})
+        passwords.update({user: f"{user}-secret" for user in (*sites, *config.observer_users)})
         write_files(
             config,
             coordinator_password=passwords[config.coordinator_user],
             site_passwords={site: passwords[site] for site in sites},
+            observer_passwords={user: passwords[user] for user in config.observer_users},
         )
         broker = RunningMosquitto(settings=config, passwords=passwords)
         broker.start()

@@ -41,6 +41,9 @@ def enroll(folder, site, key, *extra):
     return main(["coordinator", "enroll", str(folder), site, key, *extra])
 
 
+OBSERVERS = ["fednca-status", "fednca-monitor"]  # the read-only views' broker accounts
+
+
 def users(folder):
     return [line.split(":", 1)[0] for line in (folder / "mosquitto" / "passwd").read_text().splitlines()]
 
@@ -56,8 +59,16 @@ def test_init_makes_a_complete_private_federation_folder(fed, capsys):
     assert RoundStore(root=fed / "store", federation="clinics").model_rounds() == [1]
     conf = (fed / "mosquitto" / "mosquitto.conf").read_text()
     assert "listener 18830 127.0.0.1" in conf and f"acl_file {fed / 'mosquitto' / 'acl'}" in conf
-    assert users(fed) == ["coordinator"]
-    assert "user coordinator\ntopic read fednca/clinics/updates/+" in (fed / "mosquitto" / "acl").read_text()
+    assert users(fed) == ["coordinator", *OBSERVERS]
+    acl = (fed / "mosquitto" / "acl").read_text()
+    assert "user coordinator\ntopic read fednca/clinics/updates/+" in acl
+    for user in OBSERVERS:  # read-only accounts, their passwords kept as the coordinator's is
+        assert f"user {user}\ntopic read fednca/clinics/round\ntopic read fednca/clinics/status/+\n" in acl
+        secret = fed / "secrets" / f"{user}-mqtt-password"
+        assert mode(secret) == 0o600 and secret.stat().st_uid == (fed / "secrets" / "mqtt-password").stat().st_uid
+    assert not [line for line in acl.split("user fednca-status\n")[1].split("\n\n")[0].splitlines()
+                if line.startswith("topic write")]
+    assert "use_username_as_clientid true" in conf and cfg.mosquitto.bind_client_ids
     assert main(["coordinator", "init", str(fed), "--federation", "clinics"]) == 2
     assert "already exists" in capsys.readouterr().err
 
@@ -90,7 +101,7 @@ def test_enroll_with_a_key_file_or_hex_gives_the_site_what_it_needs(fed, tmp_pat
     assert (tmp_path / "bundle" / "mqtt-password").read_text().strip() == sheet["mqtt_password"]
     assert mode(tmp_path / "bundle" / "mqtt-password") == 0o600
     assert read_registry(fed / "registry.json").sites == {"site-a": a.verify_key, "site-b": b.verify_key}
-    assert users(fed) == ["coordinator", "site-a", "site-b"]
+    assert users(fed) == ["coordinator", *OBSERVERS, "site-a", "site-b"]
     acl = (fed / "mosquitto" / "acl").read_text()
     assert "user site-b\ntopic write fednca/clinics/updates/site-b" in acl
 
@@ -101,7 +112,8 @@ def test_enroll_refuses_a_second_enrolment_a_shared_key_and_a_bad_key(fed, capsy
     capsys.readouterr()
     for site, text, why in [("site-a", bytes(SiteKeys.generate().verify_key).hex(), "--replace"),
                             ("site-b", key, "share one key"), ("site-c", "abc", "neither"),
-                            ("coordinator", bytes(SiteKeys.generate().verify_key).hex(), "coordinator")]:
+                            ("coordinator", bytes(SiteKeys.generate().verify_key).hex(), "coordinator"),
+                            ("fednca-status", bytes(SiteKeys.generate().verify_key).hex(), "of its views")]:
         assert enroll(fed, site, text) == 2
         assert why in capsys.readouterr().err
     assert list(read_registry(fed / "registry.json").sites) == ["site-a"]
@@ -114,7 +126,7 @@ def test_revoke_removes_the_key_the_broker_account_and_the_acl_block(fed, capsys
     assert enroll(fed, "site-a", bytes(SiteKeys.generate().verify_key).hex()) == 0
     assert main(["coordinator", "revoke", str(fed), "site-a"]) == 0
     assert read_registry(fed / "registry.json").sites == {}
-    assert users(fed) == ["coordinator"] and "site-a" not in (fed / "mosquitto" / "acl").read_text()
+    assert users(fed) == ["coordinator", *OBSERVERS] and "site-a" not in (fed / "mosquitto" / "acl").read_text()
     capsys.readouterr()
     assert main(["coordinator", "revoke", str(fed), "site-a"]) == 2
     assert "not enrolled" in capsys.readouterr().err
@@ -275,8 +287,32 @@ def test_broker_config_writes_the_broker_files_again_from_the_configuration(tmp_
     assert "listener 18830 127.0.0.1" in directives(broker / "mosquitto.conf")
     assert "user site-a" in (broker / "acl").read_text()
     assert site_line in (broker / "passwd").read_text()  # the site keeps its password
-    assert [line.split(":")[0] for line in (broker / "passwd").read_text().splitlines()] == ["coordinator", "site-a"]
+    assert [line.split(":")[0] for line in (broker / "passwd").read_text().splitlines()] == [
+        "coordinator", *OBSERVERS, "site-a"]
     assert mode(broker / "acl") == mode(broker / "passwd") == 0o640
+
+
+def test_broker_config_gives_an_older_federation_its_observer_accounts_and_binds_ids(tmp_path, open_dir, capsys):
+    fed, broker = tmp_path / "fed", open_dir / "broker"
+    assert main(["coordinator", "init", str(fed), "--federation", "clinics", "--broker-dir", str(broker)]) == 0
+    assert enroll(fed, "site-a", bytes(SiteKeys.generate().verify_key).hex()) == 0
+    # As a federation made before the observers existed: no observer secrets nor accounts, no
+    # bind_client_ids key in its file (it reads as the default, true).
+    for user in OBSERVERS:
+        (fed / "secrets" / f"{user}-mqtt-password").unlink()
+        subprocess.run(["mosquitto_passwd", "-D", str(broker / "passwd"), user], check=True, capture_output=True)
+    path = fed / "coordinator.yaml"
+    data = yaml.safe_load(path.read_text())
+    del data["mosquitto"]["bind_client_ids"]
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).mosquitto.bind_client_ids
+    assert main(["status", str(fed), "--timeout", "1"]) == 2
+    assert "broker-config" in capsys.readouterr().err  # the view says how to get its account
+    assert main(["coordinator", "broker-config", str(fed)]) == 0
+    assert [line.split(":")[0] for line in (broker / "passwd").read_text().splitlines()] == [
+        "coordinator", "site-a", *OBSERVERS]
+    assert all(mode(fed / "secrets" / f"{u}-mqtt-password") == 0o600 for u in OBSERVERS)
+    assert "use_username_as_clientid true" in (broker / "mosquitto.conf").read_text()
 
 
 def test_broker_config_refuses_a_broker_folder_mosquitto_cannot_enter(fed, capsys):

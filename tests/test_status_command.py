@@ -16,10 +16,11 @@ FED = "clinic"
 
 
 def test_status_shows_each_sites_retained_telemetry(tmp_path, mosquitto_factory, capsys):
-    broker = mosquitto_factory(federation=FED, sites=("s1", "s2"))
+    broker = mosquitto_factory(federation=FED, sites=("s1", "s2"), observer_users=("fednca-status",))
     folder = tmp_path / "fed"
     assert main(["coordinator", "init", str(folder), "--federation", FED, "--broker", broker.url]) == 0
     (folder / "secrets" / "mqtt-password").write_text(broker.passwords["coordinator"] + "\n")
+    (folder / "secrets" / "fednca-status-mqtt-password").write_text(broker.passwords["fednca-status"] + "\n")
     payloads = {
         "s1": status_json(Snapshot(site="s1", version="1", time=time.time(), state="training", round=3, steps=25,
                                    planned=100, cpu_percent=47.0, temperature_c=58.5, outbox=0)),

@@ -1,18 +1,26 @@
 """``fednca status DIR``: a live table of a federation's sites, beside its coordinator.
 
-Reads the sites' retained telemetry (``status/+``) with the coordinator's broker credentials
-under a client id of its own, and the open round and the round log from the coordinator's store:
+Reads the sites' retained telemetry (``status/+``) with the read-only observer account
+``fednca-status`` (never the coordinator's: with client ids bound, mosquitto's default here, a
+second session on the coordinator's account would cut the coordinator off), and the open round
+and the round log from the coordinator's store:
 a finished federation reads as finished, a revoked site as revoked, a rejected update fills the
 site's error column, and the latest rounds' reported test Dice follow the table
 (:mod:`fednca_broker.round_history`). ``--watch N`` redraws every N seconds; ``--json`` prints
 one object for scripts (times as unix seconds).
+
+One session per observer account: each collection connects, reads the retained telemetry for
+``--wait`` seconds and disconnects, also between the redraws of ``--watch``. Two ``fednca status``
+at once share the account's one session: the later one takes it over; the earlier one, if still
+collecting, comes back after its reconnect delay and, since every status message is retained,
+either one gets the whole table on each subscribe. The coordinator and the demo's monitor (an
+observer of its own) are never touched.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -86,7 +94,6 @@ def _collect(client, topics, wait: float) -> dict[str, bytes]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fednca_broker.cli import broker_client
     from fednca_broker.config import CONFIG_NAME, load_config
     from fednca_broker.store import RoundStore
 
@@ -95,23 +102,31 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.folder / CONFIG_NAME)
     topics = Topics(cfg.federation.name)
-    client = broker_client(cfg, client_id=f"fednca-status-{os.getpid()}", clean_start=True)
-    if not client.connect(timeout=args.timeout):
+    latest: dict[str, bytes] = {}
+    while True:
+        latest.update(_read_telemetry(cfg, topics, wait=args.wait, timeout=args.timeout))
+        text, data = view(cfg, RoundStore, read_registry(cfg.registry_path).sites, latest, time.time())
+        if args.json:
+            print(json.dumps(data))
+            return 0
+        if args.watch and sys.stdout.isatty():
+            sys.stdout.write("\x1b[H\x1b[2J")
+        print(text, flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(max(0.0, args.watch - args.wait))
+
+
+def _read_telemetry(cfg, topics, *, wait: float, timeout: float) -> dict[str, bytes]:
+    """The retained telemetry, read in one short session of the status observer account."""
+    from fednca_broker.cli import observer_client
+    from fednca_broker.config import STATUS_OBSERVER
+
+    client = observer_client(cfg, STATUS_OBSERVER)
+    if not client.connect(timeout=timeout):
         raise FedNCAError(f"cannot reach the broker at {cfg.broker.url}")
     try:
         client.subscribe(topics.all_status)
-        latest: dict[str, bytes] = {}
-        while True:
-            latest.update(_collect(client, topics, args.wait))
-            text, data = view(cfg, RoundStore, read_registry(cfg.registry_path).sites, latest, time.time())
-            if args.json:
-                print(json.dumps(data))
-                return 0
-            if args.watch and sys.stdout.isatty():
-                sys.stdout.write("\x1b[H\x1b[2J")
-            print(text, flush=True)
-            if not args.watch:
-                return 0
-            time.sleep(max(0.0, args.watch - args.wait))
+        return _collect(client, topics, wait)
     finally:
         client.disconnect()

@@ -13,7 +13,7 @@ all need the same three things, and take them from here:
   in-memory broker (a thread each), :class:`ProcessParties` runs them as OS processes
   (``python -m fednca_app.cli coordinator run`` and ``... daemon --config``), each in a process
   group of its own, so that any one can be killed (with its trainer child), stopped, restarted.
-  Both read the sites' latest telemetry with the coordinator's credentials.
+  Both read the sites' latest telemetry with the read-only observer account ``fednca-monitor``.
 
 Broker-side files are always made by ``fednca_broker``'s public functions, never rewritten here,
 so what an operator's ``fednca coordinator init`` produces is what the harness runs.

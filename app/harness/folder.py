@@ -49,11 +49,22 @@ class FederationFolder:
     def site(self, name: str) -> SitePaths:
         return next(s for s in self.sites if s.name == name)
 
+    @property
+    def monitor_user(self) -> str:
+        """The observer account the harness's monitor reads the sites' telemetry with."""
+        from fednca_broker.config import MONITOR_OBSERVER
+
+        return MONITOR_OBSERVER
+
     def password(self, user: str) -> str:
-        """The MQTT password of the coordinator's broker user or of a site."""
+        """The MQTT password of the coordinator's broker user, of an observer account or of a site."""
+        from fednca_broker.config import OBSERVERS
+
         cfg = self.config()
         if user == cfg.broker.username:
             return cfg.password_path.read_text().strip()
+        if user in OBSERVERS:
+            return cfg.observer_password_path(user).read_text().strip()
         return (self.site(user).bundle / "mqtt-password").read_text().strip()
 
 

@@ -5,7 +5,8 @@ site (``fednca_daemon.service.Service``) on one in-memory broker, a thread each.
 :class:`ProcessParties` runs mosquitto, ``python -m fednca_app.cli coordinator run`` and one
 ``... daemon --config`` per site, each in a process group of its own, and can kill, stop and
 restart any of them. Both offer ``start()``, ``finished()``, ``telemetry()`` (the latest status
-JSON of each site, read with the coordinator's credentials) and ``close()``.
+JSON of each site, read with the read-only ``fednca-monitor`` observer account, so that neither the
+coordinator nor a ``fednca status`` beside it loses its session) and ``close()``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fednca.errors import FedNCAError
-from fednca.topics import COORDINATOR, SITE, Topics
+from fednca.topics import COORDINATOR, OBSERVER, SITE, Topics
 
 from .folder import FederationFolder
 from .processes import STOP_TIMEOUT, HarnessError, Mosquitto, Process, killpg, survivors
@@ -60,6 +61,8 @@ class InProcessParties:
         self.broker.add_user(self.cfg.broker.username, password=self._coordinator_password, role=COORDINATOR)
         for s in federation.sites:
             self.broker.add_user(s.name, password=federation.password(s.name), role=SITE)
+        self._monitor_user = federation.monitor_user
+        self.broker.add_user(self._monitor_user, password=federation.password(self._monitor_user), role=OBSERVER)
         self._threads: list[threading.Thread] = []
         self.services: dict[str, Any] = {}
         self.coordinator: Any = None
@@ -94,8 +97,8 @@ class InProcessParties:
                               coordinator=k.read_coordinator_public(s.bundle))
             self.services[s.name] = service
             self._thread(service.run, s.name)
-        self._monitor = self.broker.client(client_id="monitor", username=cfg.broker.username,
-                                           password=self._coordinator_password, clean_start=True)
+        self._monitor = self.broker.client(client_id=self._monitor_user, username=self._monitor_user,
+                                           password=self.federation.password(self._monitor_user), clean_start=True)
         self._monitor.connect(5)
         self._monitor.subscribe(self.topics.all_status)
 
@@ -228,9 +231,9 @@ class ProcessParties:
     def telemetry(self) -> dict[str, dict]:
         """The latest status JSON of each site that has reported (read through mosquitto)."""
         if self._monitor is None:
-            from fednca_broker.cli import broker_client
+            from fednca_broker.cli import observer_client
 
-            self._monitor = broker_client(self.cfg, client_id="fednca-harness-monitor", clean_start=True)
+            self._monitor = observer_client(self.cfg, self.federation.monitor_user)
             if not self._monitor.connect(10):
                 raise HarnessError(f"cannot reach mosquitto at {self.cfg.broker.url}")
             self._monitor.subscribe(self.topics.all_status)

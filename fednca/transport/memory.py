@@ -91,7 +91,7 @@ class MemoryBroker:
             raise TransportError("a broker with users needs a federation for its ACL")
         if role == topics.SITE:
             topics.check_id(username, what="site")
-        elif role != topics.COORDINATOR:
+        elif role not in topics.ROLES:
             raise TransportError(f"user {username!r}: role {role!r} is not one of {topics.ROLES}")
         with self._lock:
             self._users[username] = User(password=password, role=role)
