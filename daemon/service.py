@@ -31,7 +31,6 @@ deadline; a round's deadline is the receipt time plus the announcement's ``secon
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import queue
 import sys
@@ -44,7 +43,7 @@ from fednca.atomic import write_bytes
 from fednca.display import Pace
 from fednca.keys import CoordinatorPublicKeys, SiteKeys
 from fednca.topics import TopicError, Topics
-from fednca.transport.base import Client, ConnectRefused, Message, PayloadTooLarge, PublishHandle, TransportError
+from fednca.transport.base import Client, Message, PayloadTooLarge, PublishHandle, TransportError
 from fednca.wire import Announcement, WireError
 
 from . import lifecycle as lc
@@ -54,6 +53,7 @@ from .gates import GateState, Readings, evaluate
 from .inference import InferenceKeeper
 from fednca.notify import Notifier
 from .errors import DamagedFile, StateFolderError
+from .faults import BrokerLink, open_until_usable, storage_problem, why
 from .outbox import Done, StateFolder, Writer
 from .sensors import Sensors
 from .shell_events import Inbound, Queued, StopAsked, Timer, Timers
@@ -84,21 +84,6 @@ def anchored_clock(wall: Callable[[], float]) -> Callable[[], float]:
     (NTP, an operator) do not move it, and saved deadlines still mean something after a restart."""
     offset = wall() - time.monotonic()
     return lambda: time.monotonic() + offset
-
-
-_ADVICE = {
-    errno.ENOSPC: "free space on its disk",
-    errno.EDQUOT: "raise the disk quota or free space",
-    errno.EACCES: "let the daemon's user write there (chown/chmod)",
-    errno.EPERM: "let the daemon's user write there (chown/chmod)",
-    errno.EROFS: "its file system is read-only: remount it read-write or set another state_dir",
-    errno.EIO: "its disk reports I/O errors: check or replace it",
-}
-
-
-def _why(e: OSError) -> str:
-    name = errno.errorcode.get(e.errno or 0, "")
-    return f"{e.strerror or e}" + (f", {name}" if name else "")
 
 
 class Service:
@@ -150,13 +135,12 @@ class Service:
         self._sent_updates: list[tuple[PublishHandle, int, str]] = []  # waiting for the broker's PUBACK
         self._closing = threading.Event()
         self._exited = False
-        self._was_connected = False
         self._pace = Pace()  # the round's progress and ETA, one log line per chunk
         self._timers = Timers()
         self._troubles = Troubles(log=log, base_s=retry_base_s)
         self._deferred: list[lc.Action] = []  # actions the disk refused, performed again later
-        self._refused = False  # the broker refused the credentials: the daemon asks again itself
-        self._seen_error: object = None  # the client's last error already looked at
+        self.link = BrokerLink(client=client, troubles=self._troubles, clock=self.clock, site=config.site,
+                               timeout=connect_timeout)
         self._troubles_told = 0  # Troubles.changes when the status was last published
 
     # -- public -------------------------------------------------------------------------------
@@ -210,23 +194,14 @@ class Service:
     def _open_folder(self) -> tuple[Done, lc.RoundInfo | None, int, int | None] | None:
         """Open and lock the state folder and read what it holds, waiting (watchdog pinged) and
         trying again while it is unusable; None if a stop was asked meanwhile."""
-        told = False
-        while True:
-            try:
-                self.folder.open()
-                done = self._load_done()
-                round_info, steps, planned = self.inbox.resume(now=self.clock(), wall=self.wall())
-            except (OSError, StateFolderError) as e:
-                self.folder.close()
-                wait = self._troubles.report("folder", self._folder_problem(e), self.clock())
-                if not told:  # systemd waits for READY; it should not kill a daemon that waits for its disk
-                    self.notifier.ready(f"waiting for the state folder {self.folder.path}")
-                    told = True
-                if self._pause(wait):
-                    return None
-                continue
-            self._troubles.clear("folder", f"state folder {self.folder.path} usable again")
-            return done, round_info, steps, planned
+        def attempt() -> tuple[Done, lc.RoundInfo | None, int, int | None]:
+            self.folder.open()
+            done = self._load_done()
+            return (done, *self.inbox.resume(now=self.clock(), wall=self.wall()))
+
+        return open_until_usable(folder=self.folder.path, attempt=attempt, release=self.folder.close,
+                                 troubles=self._troubles, clock=self.clock, waiting=self.notifier.ready,
+                                 pause=self._pause)
 
     def _load_done(self) -> Done:
         try:
@@ -236,14 +211,6 @@ class Service:
             log.error("%s: moved to %s; a round already submitted may be trained and submitted again (the "
                       "coordinator counts one update per site and round)", e, aside)
             return Done()
-
-    def _folder_problem(self, e: Exception) -> str:
-        if isinstance(e, OSError):
-            advice = _ADVICE.get(e.errno or 0, "check the folder and its disk")
-            where = e.filename or self.folder.path
-            return (f"state folder {self.folder.path} unusable ({where}: {_why(e)}): {advice}; "
-                    f"the daemon waits and tries again")
-        return f"state folder unusable: {e}; the daemon waits and tries again"
 
     def _pause(self, seconds: float) -> bool:
         """Wait ``seconds`` before the folder is tried again, pinging the watchdog; True if a
@@ -271,9 +238,9 @@ class Service:
                                          gates_open=self._gates.open, gate_reasons=self._gates.reasons)
         self.client.subscribe(self.topics.round, qos=1)
         self.client.subscribe(self.topics.receipts(self.cfg.site), qos=1)
-        if not self._connect() and not self._refused:
+        if not self.link.connect() and not self.link.refused:
             log.warning("broker not reachable yet; training goes on from the saved round, and the client retries")
-        self._was_connected = self.client.connected
+        self.link.was_connected = self.client.connected
         log.info("started: site %s, federation %s, %s", self.cfg.site, self.cfg.federation,
                  status_line(self._snapshot()))
         self._perform_all(actions)
@@ -314,7 +281,7 @@ class Service:
         wait = min((t - now for t in times), default=MAX_WAIT_S)
         clock = self.clock()
         wakes = [lc.next_wakeup(self.state, clock)]
-        if self._refused or self._deferred or self.inbox.holding:  # what the loop retries itself
+        if self.link.refused or self._deferred or self.inbox.holding:  # what the loop retries itself
             wakes.append(self._troubles.next_at())
         for wake in wakes:
             if wake is not None and wake > clock:
@@ -347,57 +314,16 @@ class Service:
         self.trainer.check(now)
         if self.inference is not None:
             self.inference.poll()
-        self._watch_connection()
+        if self.link.watch():
+            log.info("connected to the broker")
+            self._publish_status()
         if (self._deferred or self.inbox.holding) and self._troubles.due("storage", self.clock()):
             self._retry_storage()
-
-    # -- the broker connection ------------------------------------------------------------------
-
-    def _connect(self) -> bool:
-        """Connect (or ask again after a refusal); False while not connected."""
-        try:
-            connected = self.client.connect(timeout=self.connect_timeout)
-        except ConnectRefused as e:
-            self._refused = True
-            self._broker_refused(e)
-            return False
-        self._refused = False
-        return connected
-
-    def _broker_refused(self, e: ConnectRefused) -> None:
-        self._troubles.report(
-            "broker", f"the broker refused site {self.cfg.site} ({e.reason}): check broker.password and broker.tls "
-            f"in the configuration; if they are right, the site may have been revoked (ask the federation's "
-            f"operator). Work and stored updates are kept; the daemon asks again with a growing wait", self.clock())
-
-    def _watch_connection(self) -> None:
-        connected = self.client.connected
-        if connected:
-            if not self._was_connected:
-                log.info("connected to the broker")
-                self._publish_status()
-            self._troubles.clear("broker", "the broker accepts this site again")
-            self._refused = False
-        else:
-            error = getattr(self.client, "last_error", None)
-            if error is not None and error is not self._seen_error:
-                self._seen_error = error
-                if isinstance(error, ConnectRefused):
-                    self._refused = True  # the client gave up: the daemon asks again itself
-                    self._broker_refused(error)
-                elif self._was_connected or self._troubles.active("broker"):
-                    self._troubles.report("broker", f"not connected to the broker: {error}; the client retries",
-                                          self.clock(), level=logging.WARNING)
-            if self._refused and self._troubles.due("broker", self.clock()):
-                self._connect()
-        self._was_connected = self.client.connected
 
     # -- the state folder's troubles ------------------------------------------------------------
 
     def _storage_failed(self, e: OSError) -> None:
-        advice = _ADVICE.get(e.errno or 0, "check the folder and its disk")
-        self._troubles.report("storage", f"cannot write in the state folder {self.folder.path} ({_why(e)}): "
-                              f"{advice}; nothing stored is lost, and the daemon tries again later", self.clock())
+        self._troubles.report("storage", storage_problem(self.folder.path, e), self.clock())
 
     def _stored(self) -> None:
         self._troubles.clear("storage", f"state folder {self.folder.path} writable again")
@@ -464,7 +390,7 @@ class Service:
             try:
                 self.trainer.start(a.round)
             except OSError as e:  # no memory or processes left: back off like a failed trainer
-                self._troubles.report("trainer-start", f"cannot start the trainer ({_why(e)}); the daemon "
+                self._troubles.report("trainer-start", f"cannot start the trainer ({why(e)}); the daemon "
                                       f"tries again later", self.clock())
                 self._pending.append(lc.WorkerExited(f"cannot start the trainer: {e.strerror or e}"))
             else:
