@@ -177,12 +177,11 @@ def _step_backward(s: _Stage, state: np.ndarray, fire: np.ndarray, g_new: np.nda
         proj = _row_dot(g, cache.xhat)
         grads[pre + "norm.weight"] += proj
         grads[pre + "norm.bias"] += g.sum(1)
-        g *= _col(s.gamma)  # gradient of xhat
-        # Batch norm on batch statistics: d/dz = inv_std * (g - mean(g) - xhat * mean(g * xhat)).
-        proj *= s.gamma / n
+        # Batch norm on batch statistics, with gy the gradient of its output y = gamma * xhat + beta:
+        # dL/dz = gamma * inv_std * (gy - mean(gy) - xhat * mean(gy * xhat)).
         g -= _col(_row_mean(g))
-        g -= cache.xhat * _col(proj)
-        g *= _col(cache.inv_std)
+        g -= cache.xhat * _col(proj / n)
+        g *= _col(s.gamma * cache.inv_std)
     grads[pre + "fc0.weight"] += g @ cache.features.T
     if s.b0 is not None:
         grads[pre + "fc0.bias"] += g.sum(1)
