@@ -4,11 +4,13 @@ The same model as :mod:`fednca.model` (same tensor names and shapes, so the same
 wire tensors), for sites where PyTorch is too large to install or to import. A test holds its
 logits and every gradient to the PyTorch model's on the same weights, images and fire masks.
 
-Layout: states are channels-last, (B, H, W, C), so every 1x1 layer is one BLAS matmul over
-(cells, channels). The depthwise perception convolution is a sum over its kernel taps of shifted
-views of the reflect-padded state. Backpropagation through time keeps only each step's input state
-(a few MB for the 40 + 20 steps at batch 4) and recomputes the step's intermediates while going
-back, as the PyTorch model's low-memory mode does.
+Layout: states are channel-first, (C, B, H, W), seen as (C, cells) by the 1x1 layers, so each is
+one BLAS matmul (out, in) @ (in, cells), and every per-channel reduction (batch-norm statistics,
+bias gradients) runs along contiguous rows. The depthwise perception convolution is in
+:mod:`fednca.npops`. Backpropagation through time keeps only each step's input state (~31 MB for
+the 40 + 20 steps at batch 4) and recomputes the step's intermediates while going back, as the
+PyTorch model's low-memory mode does. Float32 for training; the same code runs in float64 when
+given float64 weights (the tests' exactness check).
 
 Only the depthwise perception is implemented (the ``fednca`` preset and its variants: batch norm,
 biases and ``full_update`` are honoured); Med-NCA's full 3x3 perception and patch training are
