@@ -109,7 +109,8 @@ class DataConfig:
     folder: Path | None = key(None, doc="dataset folder of images/ and masks/")
     phantom: PhantomConfig | None = key(None, doc="instead of a folder: phantom images (demos)")
     skip_bad: bool = key(False, doc="skip unreadable image/mask pairs instead of failing")
-    test_fraction: float = key(0.0, doc="share held out for local test Dice (0: none)", check=_between(0.0, 0.9))
+    test_fraction: float = key(0.1, doc="share held out (by patient) for the local test Dice sent with each update (0: none)",
+                                check=_between(0.0, 0.9))
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,8 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
         daemon = {
             "site": name, "federation": federation,
             "broker": {"url": (site_urls or {}).get(name, url), "password_file": str(folder / "bundle" / "mqtt-password")},
-            "data": {"phantom": {"site": i, "count": train_images, "seed": seed}},
+            "data": {"phantom": {"site": i, "count": train_images, "seed": seed},
+                     "test_fraction": 0.0},  # the demo scores every site on test patients of its own
             "keys": {"site": str(folder / "keys"), "coordinator": str(folder / "bundle")},
             "state_dir": str(folder / "state"),
             "cpu": {"threads": 1, "duty_cycle": 1.0},
