@@ -66,16 +66,18 @@ def infos(caplog) -> list[str]:
 
 
 class Disk:
-    """The state folder's writer; ``full`` makes every write fail as on a full disk."""
+    """The state folder's writer; ``full`` makes every write fail with ``code`` (a full disk by
+    default; ``EACCES`` stands for a folder the daemon's user may not write, which root can)."""
 
-    def __init__(self) -> None:
+    def __init__(self, code: int = errno.ENOSPC) -> None:
+        self.code = code
         self.full = False
         self.refused = 0
 
     def __call__(self, path, data, *, mode=0o644) -> None:
         if self.full:
             self.refused += 1
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            raise OSError(self.code, os.strerror(self.code), str(path))
         write_bytes(path, data, mode=mode)
 
 
@@ -146,19 +148,22 @@ def test_an_announcement_without_seconds_left_falls_back_to_the_deadline_with_on
 # ---------------------------------------------------------------------------------- the disk
 
 
-def test_a_full_disk_is_said_once_retried_and_recovered_from(fed, broker, coordinator, lines):
-    disk, dog = Disk(), Watchdog()
+@pytest.mark.parametrize("code, advice", [(errno.ENOSPC, "free space on its disk"),
+                                          (errno.EACCES, "let the daemon's user write there")])
+def test_a_full_or_unwritable_disk_is_said_once_retried_and_recovered_from(fed, broker, coordinator, lines, code,
+                                                                          advice):
+    disk, dog = Disk(code), Watchdog()
     disk.full = True
     d = Running(fed, broker, writer=disk, **RETRY)
     d.service.notifier = dog
     coordinator.announce(round=1, deadline=T0 + 3600, weights=tiny_weights())
     wait_for(lambda: disk.refused >= 4, what="several tries to store the announcement")
     assert d.thread.is_alive() and d.state.round is None and d.service.inbox.holding
-    assert len([m for m in lines() if "No space left on device" in m]) == 1 and len(lines()) == 1
-    assert "free space on its disk" in lines()[0] and str(d.cfg.state_dir) in lines()[0]
+    assert len([m for m in lines() if os.strerror(code) in m]) == 1 and len(lines()) == 1
+    assert advice in lines()[0] and str(d.cfg.state_dir) in lines()[0]
     pings = dog.pings
     wait_for(lambda: dog.pings > pings, what="the watchdog still pinged")
-    assert "No space left" in status_of(broker)["error"]
+    assert os.strerror(code) in status_of(broker)["error"]
     disk.full = False
     got = wait_for(lambda: coordinator.accepted.get(("site-a", 1)), what="the update after the disk cleared")
     assert got.steps == 40
