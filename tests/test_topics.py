@@ -136,5 +136,9 @@ def test_rules_are_the_single_table():
         ("read", T.round),
         ("read", T.receipts("s1")),
     }
+    observer_rules = topics.rules(role=topics.OBSERVER, user="fednca-status", federation=F)
+    assert {(r.access, r.topic_filter) for r in observer_rules} == {
+        ("read", T.round), ("read", T.all_status), ("read", T.events), ("read", T.prefix + "receipts/+"),
+    }  # and no write
     with pytest.raises(TopicError, match="role"):
-        topics.rules(role="observer", user="x", federation=F)
+        topics.rules(role="admin", user="x", federation=F)
