@@ -166,7 +166,7 @@ def test_a_full_or_unwritable_disk_is_said_once_retried_and_recovered_from(fed, 
     assert os.strerror(code) in status_of(broker)["error"]
     disk.full = False
     got = wait_for(lambda: coordinator.accepted.get(("site-a", 1)), what="the update after the disk cleared")
-    assert got.steps == 40
+    assert not got.partial and got.steps > 0
     wait_for(lambda: d.state.phase == "idle", what="idle")
     assert len(lines()) == 1
     d.stop()
@@ -238,7 +238,7 @@ def test_damaged_files_are_moved_aside_and_the_round_is_trained_anyway(fed, brok
     entry.write_bytes(b"")
     d = Running(fed, broker, **RETRY)
     got = wait_for(lambda: coordinator.accepted.get(("site-a", 1)), what="round 1 trained despite the damage")
-    assert got.steps == 40
+    assert not got.partial and got.steps > 0
     for name in ("done.json", "announcement.bin", "checkpoint.safetensors", f"outbox/{entry.name}"):
         assert (state / f"{name}.corrupt").is_file(), name
     assert (state / "done.json.corrupt").read_bytes() == b"{not json"
