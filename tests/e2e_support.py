@@ -7,22 +7,37 @@ generated configuration, password file and ACL, ``fednca coordinator run`` and o
 daemon`` per site, each in a process group of its own, any of which it can kill, stop and
 restart. A site may reach the broker through a :class:`Relay` that can take its link down.
 :class:`Listener` records what a broker user receives.
+
+mosquitto binds client ids to users (the default), so each broker account has one session, and a
+second client on an account that a running party uses would take that party's session over. So
+the tests' extra clients never share a running party's account: what they only read comes
+through :meth:`Federation.observe` (views of one client on the read-only observer account),
+a test-only site account comes from :meth:`Federation.enroll` (the operator's ``enroll``), and a
+client that must speak as a running site (to send that site's own update again) gets its account
+from :meth:`Federation.borrow`, which holds the site's daemon still meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
+import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 from fednca.config import preset, train_preset
+from fednca.keys import SiteKeys
+from fednca.topics import matches
 from fednca.transport.base import Message
 from fednca.transport.mqtt import MqttClient
 from fednca_app import harness
+from fednca_app.cli import main
 from fednca_broker.cli import KILL_ENV
 from fednca_broker.store import RoundStore
 from mosquitto_fixture import MOSQUITTO
@@ -171,9 +186,24 @@ class Listener:
         with self._lock:
             return list(self._messages)
 
+    def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, 1)
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+class View:
+    """What one :class:`Listener` received on some topics since the view was made."""
+
+    def __init__(self, *, listener: Listener, topics: list[str]) -> None:
+        self._listener, self._topics = listener, topics
+        self._start = len(listener.messages)
+
+    @property
+    def messages(self) -> list[Message]:
+        return [m for m in self._listener.messages[self._start:] if any(matches(t, m.topic) for t in self._topics)]
 
 
 class Federation:
@@ -203,11 +233,66 @@ class Federation:
         self.processes = harness.ProcessParties(federation=self.folder_paths, log_dir=self.logs)
         self._listeners: list[Listener] = []
         self._clients: list[MqttClient] = []
+        self._observer: Listener | None = None
+        self._enrolled: dict[str, str] = {}  # test-only site accounts: name -> password
 
     # -- credentials and state --------------------------------------------------------------------
 
     def password(self, user: str) -> str:
-        return self.folder_paths.password(user)
+        return self._enrolled.get(user) or self.folder_paths.password(user)
+
+    def enroll(self, name: str) -> str:
+        """A test-only site account, enrolled as an operator enrols a site (``fednca coordinator
+        enroll``); its daemon never runs. Enrol before :meth:`start_broker`, or mosquitto is told
+        to read its files again. Returns the name."""
+        bundle = self.root / "enrolled" / name
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["coordinator", "enroll", str(self.folder), name, bytes(SiteKeys.generate().verify_key).hex(),
+                         "--out", str(bundle)]) == 0, f"enrolling {name} failed"  # fmt: skip
+        self._enrolled[name] = (bundle / "mqtt-password").read_text().strip()
+        if self.processes.mosquitto is not None and self.processes.mosquitto.process.running():
+            self.processes.mosquitto.reload()
+        return name
+
+    def observe(self, topics: list[str]) -> View:
+        """What the read-only observer account (the harness monitor's) receives on these topics
+        (below the federation's prefix) from now on. Every view shares one client, since the
+        account has one session; it is closed by :meth:`close`."""
+        full = [f"fednca/{FEDERATION}/{t}" for t in topics]
+        if self._observer is None:
+            user = self.folder_paths.monitor_user
+            self._observer = self.listener(user, user, [])
+        view = View(listener=self._observer, topics=full)
+        for topic in full:
+            self._observer.subscribe(topic)
+        return view
+
+    @contextlib.contextmanager
+    def borrow(self, site: str, *, timeout: float = 60.0) -> Iterator[MqttClient]:
+        """A client connected with ``site``'s own account while its daemon is held still.
+
+        With one session per account the two cannot both be connected, so: once the site's outbox
+        is empty (its receipts are in, so that nothing is sent again on its reconnect), its
+        process group is stopped (SIGSTOP); the client takes over the site's session (kept: what
+        arrives for the site meanwhile waits in it), is disconnected on leaving, and the daemon
+        continues (SIGCONT) and reconnects to its session.
+        """
+        outbox = self.state_dir(site) / "outbox"
+        wait_until(lambda: not list(outbox.glob("*.update")), timeout=timeout,
+                   what=f"{site}'s outbox to empty", federation=self)
+        group = self.processes.parties[site].pid
+        os.killpg(group, signal.SIGSTOP)
+        try:
+            client = MqttClient(url=self.url, client_id=f"fednca-{FEDERATION}-{site}", username=site,
+                                password=self.password(site))
+            try:
+                if not client.connect(10):
+                    raise AssertionError(f"cannot connect to {self.url} as {site}")
+                yield client
+            finally:
+                client.disconnect()
+        finally:
+            os.killpg(group, signal.SIGCONT)
 
     def listener(self, user: str, client_id: str, topics: list[str]) -> Listener:
         """A :class:`Listener` on these topics (below the federation's prefix); closed by :meth:`close`."""
@@ -218,7 +303,8 @@ class Federation:
         return listener
 
     def client(self, user: str, client_id: str) -> MqttClient:
-        """A connected client with ``user``'s credentials; disconnected by :meth:`close`."""
+        """A connected client with ``user``'s credentials; disconnected by :meth:`close`. An account
+        no running party uses: a site whose daemon is not running, or one from :meth:`enroll`."""
         client = MqttClient(url=self.url, client_id=client_id, username=user, password=self.password(user))
         self._clients.append(client)
         if not client.connect(10):

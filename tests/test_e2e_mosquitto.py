@@ -148,10 +148,11 @@ def check_rounds(fed: Federation, *, rounds: int, published: list) -> dict[int, 
 
 def test_a_full_run_where_the_broker_refuses_forgery_and_the_coordinator_counts_duplicates_and_garbage_right(running):
     fed = running(sites=3, rounds=2, quorum=2, grace=2.0)
+    probe = fed.enroll("probe")  # an enrolled device's account that only listens, besides the three sites
     fed.start_broker()
-    watch = fed.listener("site2", "e2e-watch", ["round"])
-    snoop = fed.listener("site0", "e2e-snoop-site0", ["#", "updates/site1", "updates/+", "receipts/site1"])
-    listeners = {s: fed.listener(s, f"e2e-receipts-{s}", [f"receipts/{s}"]) for s in fed.sites}
+    watch = fed.observe(["round"])
+    snoop = fed.listener(probe, "e2e-snoop-probe", ["#", "updates/site1", "updates/+", "receipts/site1"])
+    listeners = {s: fed.observe([f"receipts/{s}"]) for s in fed.sites}
     fed.start()
     wait_until(lambda: announcements(fed, watch.messages), timeout=ROUND_TIMEOUT, what="round 1 to be announced",
                federation=fed)
@@ -159,17 +160,17 @@ def test_a_full_run_where_the_broker_refuses_forgery_and_the_coordinator_counts_
     # Site0's broker account writing where only site1, or only the coordinator, may write.
     initial = fed.store.load_model(1)
     forged_id = "f0" * 16
-    intruder = fed.client("site0", "e2e-intruder-site0")
     forged = {
         "updates/site1": _forged_update(fed, site="site0", rnd=1, base=initial, update_id=forged_id),
         "status/site1": b'{"state": "idle"}',
         "receipts/site1": b"receipt",
         "round": b"announcement",
     }
-    for topic, payload in forged.items():
-        handle = intruder.publish(T + topic, payload)
-        assert handle.wait(10), f"no PUBACK for {topic}"
-        assert handle.reason_code == NOT_AUTHORIZED, f"{topic}: reason {handle.reason_code}"
+    with fed.borrow("site0") as intruder:
+        for topic, payload in forged.items():
+            handle = intruder.publish(T + topic, payload)
+            assert handle.wait(10), f"no PUBACK for {topic}"
+            assert handle.reason_code == NOT_AUTHORIZED, f"{topic}: reason {handle.reason_code}"
 
     # Duplicate deliveries after the round closed: site0's sealed update of round 1, captured from the
     # store, sent twice more on its own topic with its own credentials.
@@ -177,9 +178,9 @@ def test_a_full_run_where_the_broker_refuses_forgery_and_the_coordinator_counts_
                         what="site0's update of round 1 to be accepted", federation=fed)
     captured = fed.store.read_update(1, "site0", dup_id)
     wait_until(lambda: fed.aggregated(1), timeout=ROUND_TIMEOUT, what="round 1 to close", federation=fed)
-    duplicator = fed.client("site0", "e2e-duplicate-site0")
-    for _ in range(2):
-        duplicator.publish(T + "updates/site0", captured).result(10)
+    with fed.borrow("site0") as duplicator:
+        for _ in range(2):
+            duplicator.publish(T + "updates/site0", captured).result(10)
 
     # A hostile client with a site's credentials, on that site's own topic, once round 2 is open.
     counted = next(r["sites"] for r in fed.records("round_aggregated") if r["round"] == 1)
@@ -199,16 +200,16 @@ def test_a_full_run_where_the_broker_refuses_forgery_and_the_coordinator_counts_
         (captured, None, "site_mismatch"),  # site0's update, republished as its own
         (_forged_update(fed, site=hostile, rnd=9, base=initial, update_id=future_id), future_id, "unknown_round"),
     ]
-    attacker = fed.client(hostile, f"e2e-hostile-{hostile}")
-    for payload, _, _ in attacks:
-        attacker.publish(T + f"updates/{hostile}", payload).result(10)
+    with fed.borrow(hostile) as attacker:
+        for payload, _, _ in attacks:
+            attacker.publish(T + f"updates/{hostile}", payload).result(10)
 
     _finish(fed)
     check_rounds(fed, rounds=2, published=announcements(fed, watch.messages))
 
     # The broker delivered nothing forged: no record of the forged update, nothing read from other sites.
     assert not [r for r in fed.records() if r.get("update_id") == forged_id]
-    assert {m.topic for m in snoop.messages} <= {T + "round", T + "receipts/site0"}
+    assert {m.topic for m in snoop.messages} <= {T + "round", T + f"receipts/{probe}"}
     assert any(m.topic == T + "round" for m in snoop.messages)  # the snoop was listening all along
     # The duplicates were counted once: accepted in round 1, each copy refused as stale in round 2.
     verdicts = [(r["kind"], r["round"], r.get("reason")) for r in fed.records() if r.get("update_id") == dup_id]
@@ -228,9 +229,9 @@ def test_a_full_run_where_the_broker_refuses_forgery_and_the_coordinator_counts_
 def test_a_federation_survives_crashes_a_broker_restart_an_outage_and_duplicates(running):
     fed = running(sites=3, rounds=5, quorum=2, grace=4.0, relayed=("site2",))
     fed.start_broker()
-    watch = fed.listener("site1", "e2e-watch", ["round"])
-    receipts2 = fed.listener("site2", "e2e-receipts-site2", ["receipts/site2"])
-    status2 = fed.listener("coordinator", "e2e-status-site2", ["status/site2"])
+    watch = fed.observe(["round"])
+    receipts2 = fed.observe(["receipts/site2"])
+    status2 = fed.observe(["status/site2"])
     # 1. The coordinator SIGKILLs itself right after its second receipt of round 1: both updates are
     #    stored, counted and acknowledged, their round-log lines not yet written. Started again.
     fed.start(kill_coordinator_after="SendReceipt:2")
@@ -254,10 +255,9 @@ def test_a_federation_survives_crashes_a_broker_restart_an_outage_and_duplicates
                what="a first update of round 3", federation=fed)
     assert fed.stop("mosquitto") == 0
     fed.restart("mosquitto")
-    fresh = fed.client("site1", "e2e-fresh")
-    fresh.subscribe(T + "round", 1)
-    retained = fresh.receive(5)
-    assert retained is not None and retained.retain, "the retained round announcement did not survive the restart"
+    fresh = fed.observe(["round"])  # subscribed again (and on the reconnect): mosquitto sends what it retained
+    retained = wait_until(lambda: next((m for m in fresh.messages if m.retain), None), timeout=30,
+                          what="the retained round announcement to survive the restart", federation=fed)
     kept = announcements(fed, [retained])[0].header
     assert kept.round >= 3 and kept.model_sha256 == wire.model_sha256(fed.store.load_model(kept.round))
 
@@ -272,9 +272,9 @@ def test_a_federation_survives_crashes_a_broker_restart_an_outage_and_duplicates
     first = wait_until(lambda: next((r for r in fed.records("update_accepted") if r["round"] == 4), None),
                        timeout=ROUND_TIMEOUT, what="a first update of round 4", federation=fed)
     again = fed.store.read_update(4, first["site"], first["update_id"])
-    duplicator = fed.client(first["site"], f"e2e-duplicate-{first['site']}")
-    for _ in range(2):
-        duplicator.publish(T + f"updates/{first['site']}", again).result(10)
+    with fed.borrow(first["site"]) as duplicator:
+        for _ in range(2):
+            duplicator.publish(T + f"updates/{first['site']}", again).result(10)
     late = wait_until(lambda: fed.site_logged("site2", STORED.format(round=4)), timeout=ROUND_TIMEOUT,
                       what="site2 to store its update of round 4 while offline", federation=fed)
     wait_until(lambda: fed.aggregated(4), timeout=ROUND_TIMEOUT, what="round 4 to close without site2",
