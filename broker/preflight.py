@@ -162,7 +162,8 @@ def broker_findings(cfg: CoordinatorConfig, registry: k.Registry | None) -> list
     if registry is None:
         return out
     if settings.acl_path in present and settings.acl_path.read_text() != mosquitto.render_acl(
-            settings.federation, coordinator_user=settings.coordinator_user, sites=registry.sites):
+            settings.federation, coordinator_user=settings.coordinator_user, sites=registry.sites,
+            observers=settings.observer_users):
         out.append(Finding("mosquitto", "the ACL does not match the enrolled sites", f"{again}, then reload mosquitto",
                            path=str(settings.acl_path)))
     if settings.password_path in present:
@@ -170,6 +171,11 @@ def broker_findings(cfg: CoordinatorConfig, registry: k.Registry | None) -> list
         if settings.coordinator_user not in users:
             out.append(Finding("broker.username", "no broker account for the coordinator "
                                f"({settings.coordinator_user})", again, path=str(settings.password_path)))
+        for user in settings.observer_users:  # the views cannot log in; the coordinator still runs
+            if user not in users or not cfg.observer_password_path(user).is_file():
+                out.append(Finding("mosquitto", f"no broker account for the read-only view {user!r} "
+                                   "(fednca status, the demo's monitor)", f"{again}, then reload mosquitto",
+                                   path=str(cfg.observer_password_path(user)), severity="warning"))
         for site in sorted(set(registry.sites) - users):
             out.append(Finding("registry", f"enrolled site {site!r} has no broker account",
                                f"fednca coordinator enroll {cfg.folder} {site} KEY --replace (a new password)",

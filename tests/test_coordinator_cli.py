@@ -308,11 +308,17 @@ def test_broker_config_gives_an_older_federation_its_observer_accounts_and_binds
     assert load_config(path).mosquitto.bind_client_ids
     assert main(["status", str(fed), "--timeout", "1"]) == 2
     assert "broker-config" in capsys.readouterr().err  # the view says how to get its account
+    main(["coordinator", "check", str(fed)])
+    said = capsys.readouterr()
+    assert "warning: mosquitto:" in said.out + said.err and "read-only view 'fednca-status'" in said.out + said.err
     assert main(["coordinator", "broker-config", str(fed)]) == 0
     assert [line.split(":")[0] for line in (broker / "passwd").read_text().splitlines()] == [
         "coordinator", "site-a", *OBSERVERS]
     assert all(mode(fed / "secrets" / f"{u}-mqtt-password") == 0o600 for u in OBSERVERS)
     assert "use_username_as_clientid true" in (broker / "mosquitto.conf").read_text()
+    main(["coordinator", "check", str(fed)])
+    said = capsys.readouterr()
+    assert "read-only view" not in said.out + said.err and "ACL does not match" not in said.out + said.err
 
 
 def test_broker_config_refuses_a_broker_folder_mosquitto_cannot_enter(fed, capsys):
