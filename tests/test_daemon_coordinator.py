@@ -40,6 +40,8 @@ def test_two_sites_complete_a_federation_with_the_real_coordinator(tmp_path):
         for d in sites:
             # The final model is announced as round 2 with its deadline already past: nothing to train.
             wait_for(lambda: d.state.done_round == 2 and d.service.worker_pid is None, what="the final announcement")
+            # The state says so as the daemon decides; the file follows once its fsync returns.
+            wait_for(lambda: d.service.folder.load_done().round == 2, what="done.json written")
             assert d.state.last_receipt == "past_deadline" and d.service.folder.outbox.entries() == []
             assert d.service.folder.load_done().round == 2
             assert len(d.service.trainer_pids) == 1  # one trainer for the round, none for the final model
