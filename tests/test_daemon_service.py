@@ -204,6 +204,8 @@ def test_a_restart_publishes_the_stored_update_again_and_it_is_counted_once(fed,
     coordinator.receipts = True
     d2 = Running(fed, broker)
     wait_for(lambda: d2.state.phase == "idle" and d2.state.done_round == 1, what="receipt after the restart")
+    # the state turns idle when the receipt is judged; the shell removes the outbox file just after
+    wait_for(lambda: d2.service.folder.outbox.entries() == [], what="the outbox emptied by the receipt")
     assert [uid for _, uid in coordinator.deliveries] == [stored[0][1]] * 2
     assert len(coordinator.accepted) == 1 and d2.service.folder.outbox.entries() == []
     assert d2.service.trainer_pids == [], "a submitted round is not trained again"
