@@ -151,7 +151,7 @@ def test_the_conf_binds_ids_on_every_listener():
 
 def test_with_ids_bound_no_second_view_takes_the_coordinators_account(tmp_path):
     from fednca.errors import ConfigError
-    from fednca_broker.cli import broker_client
+    from fednca_broker.clients import broker_client
     from fednca_broker.config import CoordinatorConfig, FederationConfig, MosquittoConfig
 
     cfg = CoordinatorConfig(folder=tmp_path, federation=FederationConfig(name=FED),
@@ -221,7 +221,7 @@ def federation(tmp_path):
 
 
 def coordinator_with_a_site(cfg, client):
-    from fednca_broker.cli import broker_client
+    from fednca_broker.clients import broker_client
 
     coordinator = broker_client(cfg)
     assert coordinator.connect(WAIT)
@@ -257,7 +257,7 @@ def test_fednca_status_beside_the_running_coordinator_leaves_its_session_alone(f
     import json
 
     from fednca_app.cli import main
-    from fednca_broker.cli import observer_client
+    from fednca_broker.clients import observer_client
     from fednca_broker.config import STATUS_OBSERVER
 
     cfg, client = federation

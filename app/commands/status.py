@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _read_telemetry(cfg, topics, *, wait: float, timeout: float) -> dict[str, bytes]:
     """The retained telemetry, read in one short session of the status observer account."""
-    from fednca_broker.cli import observer_client
+    from fednca_broker.clients import observer_client
     from fednca_broker.config import STATUS_OBSERVER
 
     client = observer_client(cfg, STATUS_OBSERVER)

@@ -231,7 +231,7 @@ class ProcessParties:
     def telemetry(self) -> dict[str, dict]:
         """The latest status JSON of each site that has reported (read through mosquitto)."""
         if self._monitor is None:
-            from fednca_broker.cli import observer_client
+            from fednca_broker.clients import observer_client
 
             self._monitor = observer_client(self.cfg, self.federation.monitor_user)
             if not self._monitor.connect(10):
