@@ -158,7 +158,8 @@ def test_sigkill_at_any_point_loses_no_update_and_at_most_one_chunk(tmp_path, mo
     fed = Federation(tmp_path)
     conf = tmp_path / "daemon.yaml"
     cfg = write_config(fed, conf, broker={"url": broker.url, "password": broker.passwords["site-a"]},
-                       training={"chunk_s": 0.1, "min_steps": 5, "deadline_margin_s": 0.0})
+                       training={"chunk_s": 0.1, "min_steps": 5, "deadline_margin_s": 0.0},
+                       data={"test_fraction": 0.0})  # all 8 images train, as in the reference run
     client = MqttClient(url=broker.url, client_id="coordinator", username=broker.settings.coordinator_user,
                         password=broker.passwords[broker.settings.coordinator_user])
     assert client.connect(10)
