@@ -96,7 +96,10 @@ def main() -> None:
     for _ in range(args.repeats):
         for threads in args.threads:
             for variant in args.variants:
-                runs.setdefault(f"{variant}@{threads}", []).append(measure(variant, args.iters, threads, args.batch))
+                result = measure(variant, args.iters, threads, args.batch)
+                runs.setdefault(f"{variant}@{threads}", []).append(result)
+                print(f"{variant}@{threads}: {result['samples_per_s']} samples/s, "
+                      f"{result['peak_rss_mb']} MB", file=sys.stderr, flush=True)  # progress
     summary = {
         key: {
             "samples_per_s": spread([r["samples_per_s"] for r in rs]),
