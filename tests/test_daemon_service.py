@@ -25,6 +25,7 @@ from fednca_daemon.service import Service
 from fednca_daemon.submission import _metadata
 
 T0 = 2_000_000_000.0
+ALL_IMAGES = {"test_fraction": 0.0}  # every phantom image trains: the step counts below assume 8
 
 
 class FakeSensors(Sensors):
@@ -108,7 +109,7 @@ def status_of(broker: MemoryBroker, site: str = "site-a") -> dict:
 def test_two_rounds_are_trained_submitted_and_acknowledged_keeping_adam_moments(fed, broker, coordinator):
     weights = tiny_weights()
     coordinator.announce(round=1, deadline=T0 + 3600, weights=weights)
-    d = Running(fed, broker)
+    d = Running(fed, broker, data=ALL_IMAGES)
     got = wait_for(lambda: coordinator.accepted.get(("site-a", 1)), what="round 1 update")
     assert got.steps == 40 and not got.partial and got.samples == 8 and "train_loss" in got.metrics
     wait_for(lambda: d.state.phase == "idle" and d.service.worker_pid is None, what="idle after the receipt")
@@ -135,7 +136,7 @@ def test_partial_work_is_submitted_at_the_deadline(fed, broker, coordinator):
     wall = Wall()
     coordinator.train = coordinator.train.__class__(**{**coordinator.train.to_dict(), "local_epochs": 1000})
     coordinator.announce(round=1, deadline=T0 + 600, weights=tiny_weights())
-    d = Running(fed, broker, wall=wall)
+    d = Running(fed, broker, wall=wall, data=ALL_IMAGES)
     wait_for(lambda: d.state.steps >= 5, what="at least min_steps")
     assert d.state.planned == 4000
     wall.advance(600)
@@ -150,7 +151,8 @@ def test_a_hot_device_pauses_training_frees_the_trainer_and_resumes_without_losi
     sensors = FakeSensors(temperature=50.0)
     coordinator.train = coordinator.train.__class__(**{**coordinator.train.to_dict(), "local_epochs": 20})
     coordinator.announce(round=1, deadline=T0 + 3600, weights=tiny_weights())
-    d = Running(fed, broker, sensors=sensors, gates={"max_temperature_c": 70.0, "temperature_hysteresis_c": 5.0})
+    d = Running(fed, broker, sensors=sensors, gates={"max_temperature_c": 70.0, "temperature_hysteresis_c": 5.0},
+                data=ALL_IMAGES)
     wait_for(lambda: d.state.steps > 0, what="training")
     sensors.temperature_c = 80.0
     wait_for(lambda: d.state.phase == "paused" and d.service.worker_pid is None, what="paused without a trainer")
