@@ -21,10 +21,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fednca_app.harness import Process, listening
+from mosquitto_fixture import MOSQUITTO
 
 REPO = Path(__file__).resolve().parent.parent
 FEDNCA = str(Path(sys.executable).with_name("fednca"))
@@ -107,8 +109,9 @@ class Host:
                    f"{REPO}/systemd/install-daemon.sh", c)  # fmt: skip
         return c
 
-    def run(self, commands: list[str], *, editor: callable | None = None) -> list[str]:  # type: ignore[valid-type]
-        """Run documented commands here; the output of each that ran in a shell."""
+    def run(self, commands: list[str], *, editor: Callable[[Path], None] | None = None) -> list[str]:
+        """Run documented commands here; the output of each that ran in a shell. ``editor`` makes
+        the change an operator makes by hand at ``editor FILE``."""
         outputs = []
         for documented in commands:
             command = documented.removeprefix("sudo ")
@@ -140,9 +143,7 @@ class Host:
         line = [v for v in re.findall(r"^ExecStart=(.*)$", text, flags=re.MULTILINE) if v.strip()][-1]
         argv = shlex.split(self.localize(line))
         if unit == "mosquitto":
-            from mosquitto_fixture import MOSQUITTO
-
-            argv[0] = MOSQUITTO or argv[0]
+            argv[0] = MOSQUITTO or argv[0]  # where this machine has it
         return argv
 
     def systemctl(self, verb: str, unit: str) -> None:

@@ -16,6 +16,7 @@ daemon's YAML), so that the whole day fits in a few minutes on two cores.
 
 from __future__ import annotations
 
+import pwd
 import re
 import shutil
 import tempfile
@@ -156,7 +157,8 @@ def _the_day(ops: dict[str, list[list[str]]], hub: Host, sites: dict[str, Host],
         probe = MqttClient(url=f"mqtts://localhost:{hub.port}", client_id="clinic-b-probe", username="clinic-b",
                            password=old_password, tls=ca)  # fmt: skip
         try:
-            return not probe.connect(2.0)
+            probe.connect(2.0)
+            return False  # connected, or no answer yet: not the refusal
         except ConnectRefused as e:
             return "Not authorized" in str(e)
         finally:
@@ -168,7 +170,9 @@ def _the_day(ops: dict[str, list[list[str]]], hub: Host, sites: dict[str, Host],
     # ... and take it back: enrol again, the new bundle, a restart of the daemon that kept running
     assert sites["clinic-b"].processes["fednca-daemon"].running()
     enrol("clinic-b")
+    assert sites["clinic-b"].path("/etc/fednca/mqtt-password").read_text().strip() != old_password
     sites["clinic-b"].run(["systemctl restart fednca-daemon"])
+
     def rejoined() -> bool:
         return any(r["round"] > closed_before and accepted_in("clinic-b", r["round"]) for r in aggregated())
 
@@ -197,8 +201,6 @@ def _the_day(ops: dict[str, list[list[str]]], hub: Host, sites: dict[str, Host],
 
 
 def _user_of(pid: int) -> str:
-    import pwd
-
     status = Path(f"/proc/{pid}/status").read_text()
     return pwd.getpwuid(int(re.search(r"^Uid:\s+(\d+)", status, flags=re.MULTILINE).group(1))).pw_name
 
