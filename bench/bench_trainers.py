@@ -49,12 +49,14 @@ def child(variant: str, iters: int, threads: int, batch: int) -> dict:
         trainer = TorchTrainer(**kw, low_memory=variant == "torch-low-memory")
     trainer.set_weights({k: v + 0.02 for k, v in trainer.weights().items()})  # a non-zero last layer
     trainer.step()  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.run(max_steps=iters)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {
         "variant": variant,
         "samples_per_s": round(iters * batch / seconds, 2),
+        # CPU seconds per sample, all threads: on a busy machine a fairer figure than samples/s
+        "cpu_s_per_sample": round(cpu / (iters * batch), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "torch_imported": "torch" in sys.modules,
     }
@@ -104,6 +106,7 @@ def main() -> None:
         key: {
             "samples_per_s": spread([r["samples_per_s"] for r in rs]),
             "peak_rss_mb": spread([r["peak_rss_mb"] for r in rs]),
+            **({"cpu_s_per_sample": spread([r["cpu_s_per_sample"] for r in rs])} if "cpu_s_per_sample" in rs[0] else {}),
         }
         for key, rs in runs.items()
     }
