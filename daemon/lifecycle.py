@@ -53,7 +53,8 @@ from .lifecycle_vocab import (DEADLINE_RESOLUTION_S, PAST_DEADLINE, RESEND_FRACT
                               UpdateStored, Worker, WorkerExited, WorkerReady)
 
 __all__ = [
-    "DEADLINE_RESOLUTION_S", "PAST_DEADLINE", "RESEND_FRACTION", "RESEND_MIN_S", "TRANSITIONS", "Action", "Announced", "ChunkDone", "DropUpdate",
+    "DEADLINE_RESOLUTION_S", "PAST_DEADLINE", "RESEND_FRACTION", "RESEND_MIN_S", "TRANSITIONS", "Action",
+    "Announced", "ChunkDone", "DropUpdate",
     "Event", "Exit", "GatesChanged", "IllegalTransition", "Pending", "Phase", "PingWatchdog", "Policy", "Publish",
     "ReceiptArrived", "RoundInfo", "RunChunk", "SaveDone", "StartWorker", "State", "StopRequested", "StopWorker",
     "Submit", "SubmitFailed", "Telemetry", "Tick", "UpdateLost", "UpdateStored", "Worker", "WorkerExited",
