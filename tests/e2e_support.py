@@ -44,6 +44,8 @@ from mosquitto_fixture import MOSQUITTO
 
 FEDERATION = "demo"
 STOP_TIMEOUT = harness.STOP_TIMEOUT
+MODEL = preset(input_size=16, steps=(3, 2))  # a tiny model: a round takes seconds
+TRAIN = train_preset(local_epochs=1, batch_size=2)
 
 
 def wait_until(condition: Callable[[], Any], *, timeout: float, what: str,
@@ -210,7 +212,7 @@ class Federation:
     """One federation folder and the processes that run it."""
 
     def __init__(self, *, root: Path, sites: int, rounds: int, quorum: int, grace: float,
-                 relayed: tuple[str, ...] = ()) -> None:
+                 relayed: tuple[str, ...] = (), initial_model: Path | None = None, train: Any = TRAIN) -> None:
         if MOSQUITTO is None:
             raise RuntimeError("mosquitto is not installed")
         self.root = root
@@ -220,9 +222,10 @@ class Federation:
         # Short chunks and telemetry; a relayed site connects to its relay.
         self.folder_paths = harness.set_up(
             root / "work", federation=FEDERATION, sites=sites, rounds=rounds, quorum=quorum, url=self.url,
-            model=preset(input_size=16, steps=(3, 2)), train=train_preset(local_epochs=1, batch_size=2),
+            model=MODEL, train=train,
             grace=grace, train_images=8, seed=0, chunk_s=0.2, telemetry_s=1.0,
-            site_urls={name: f"mqtt://127.0.0.1:{relay.port}" for name, relay in self.relays.items()})
+            site_urls={name: f"mqtt://127.0.0.1:{relay.port}" for name, relay in self.relays.items()},
+            initial_model=initial_model)
         self.folder = self.folder_paths.folder
         self.sites = [s.name for s in self.folder_paths.sites]
         self.site_paths = {s.name: s for s in self.folder_paths.sites}
@@ -338,8 +341,9 @@ class Federation:
             env[KILL_ENV] = kill_after
         self.processes.start_coordinator(env=env, expect_exit=bool(kill_after))
 
-    def start_site(self, site: str) -> None:
-        self.processes.start_site(site)
+    def start_site(self, site: str, *, wrapper: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+        """``site``'s daemon; ``wrapper`` runs it under another program (``faketime``), ``env`` adds to its environment."""
+        self.processes.start_site(site, wrapper=wrapper, env=env)
 
     def start(self, *, kill_coordinator_after: str | None = None) -> None:
         """The coordinator and every site (after :meth:`start_broker`)."""

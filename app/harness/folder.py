@@ -80,7 +80,8 @@ def _quiet(argv: list[str]) -> str:
 
 def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int, url: str, model: Any,
            train: Any, grace: float, train_images: int, seed: int = 0, chunk_s: float = 2.0,
-           telemetry_s: float = 2.0, site_urls: Mapping[str, str] | None = None) -> FederationFolder:
+           telemetry_s: float = 2.0, site_urls: Mapping[str, str] | None = None,
+           initial_model: Path | None = None) -> FederationFolder:
     """A federation folder under ``root`` (``coordinator/``, ``site0/``...) made as an operator would.
 
     ``model`` and ``train`` (``fednca.config`` objects) replace the preset's; rounds last up to 30
@@ -88,6 +89,8 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
     site ``i`` (``train_images`` images, seeded by ``seed``, its trainer by ``seed + i``) with one
     thread, no gates and no ONNX export. ``site_urls`` gives a site another broker address (a
     relay); the others use ``url``, which the coordinator's configuration and broker files name.
+    ``initial_model`` (a model folder of ``fednca.modelfile`` whose configuration is ``model``) is
+    the first global model instead of fresh weights (``coordinator init --model``).
     """
     from fednca_broker.config import to_yaml_dict
 
@@ -97,7 +100,8 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
     root = root.resolve()  # the daemons' YAML files name paths: make them absolute
     coordinator = root / "coordinator"
     _quiet(["coordinator", "init", str(coordinator), "--federation", federation, "--broker", url,
-            "--quorum", str(quorum), "--max-rounds", str(rounds), "--seed", str(seed)])
+            "--quorum", str(quorum), "--max-rounds", str(rounds), "--seed", str(seed),
+            *(["--model", str(initial_model)] if initial_model is not None else [])])
     made = FederationFolder(folder=coordinator, sites=())
     cfg = made.config()
     fed = dataclasses.replace(

@@ -178,10 +178,18 @@ class ProcessParties:
                             env=dict(env) if env is not None else None))
         self.parties["coordinator"].expect_exit = expect_exit
 
-    def start_site(self, site: str) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
-        argv = CLI + ["daemon", "--config", str(self.federation.site(site).config)]
-        self._spawn(Process(name=site, argv=argv, log_path=self.log_dir / f"{site}.log", env=env))
+    def start_site(self, site: str, *, wrapper: tuple[str, ...] = (), env: Mapping[str, str] | None = None) -> None:
+        """``fednca daemon`` for ``site``; ``wrapper`` runs it under another program (such as
+        ``faketime +2h``) and ``env`` adds to its environment."""
+        merged = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV} | dict(env or {})
+        argv = [*wrapper, *CLI, "daemon", "--config", str(self.federation.site(site).config)]
+        self._spawn(Process(name=site, argv=argv, log_path=self.log_dir / f"{site}.log", env=merged))
+
+    def start_program(self, name: str, argv: list[str], *, env: Mapping[str, str] | None = None) -> None:
+        """Another party (a misbehaving site, say) in a process group of its own, logged in
+        ``log_dir/NAME.log``, stopped and checked by :meth:`close` like the others."""
+        self._spawn(Process(name=name, argv=argv, log_path=self.log_dir / f"{name}.log",
+                            env=dict(env) if env is not None else None))
 
     def start(self) -> None:
         """The coordinator and every site (mosquitto must be up: :meth:`start_broker`)."""
@@ -254,6 +262,7 @@ class ProcessParties:
         if self._monitor is not None:
             self._monitor.disconnect()
         order = [*(s.name for s in self.federation.sites), "coordinator", "mosquitto"]
+        order = [*(n for n in self.parties if n not in order), *order]  # other programs first
         try:
             for name in order:
                 party = self.parties.get(name)
