@@ -18,12 +18,13 @@ $(STAMP): $(RUNTIME)
 	$(PIP) -e '.[test]'
 	touch $@
 
-# mosquitto backs the real-broker tests; install it when missing and we may (root + apt-get).
+# mosquitto backs the real-broker tests (faketime, the hostile-clock ones); install them when missing
+# and we may (root + apt-get).
 mosquitto:
-	@command -v mosquitto >/dev/null 2>&1 || { \
+	@{ command -v mosquitto && command -v faketime; } >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
-	  else echo "mosquitto missing and not root: real-broker tests will be skipped"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients faketime >/dev/null; \
+	  else echo "mosquitto or faketime missing and not root: the tests that need them will be skipped"; fi; }
 
 # The demo sets up a federation as an operator would: its broker password file needs mosquitto_passwd.
 demo: $(RUNTIME) mosquitto
