@@ -152,7 +152,8 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class OutboxConfig:
-    resend_s: float = key(900.0, doc="publish a stored update again after this long without a receipt",
+    resend_s: float = key(900.0, doc="longest wait for a receipt before a stored update is published again "
+                                       "(the first resend comes sooner: docs/daemon.md)",
                           check=_between(1.0, 86400.0 * 7))
 
 

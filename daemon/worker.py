@@ -250,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         events.write(encode_event(TrainerFailed(message=str(e), peak_rss=_peak_rss())))
         return 2
+    except OSError as e:  # the device, not a bug: a full disk, an unwritable state folder, a lost file
+        where = f" ({e.filename})" if e.filename else ""
+        log.error("training stopped by a file system error%s: %s", where, e.strerror or e)
+        events.write(encode_event(TrainerFailed(message=f"file system error{where}: {e.strerror or e}",
+                                                peak_rss=_peak_rss())))  # fmt: skip
+        return 2
     except Exception as e:  # a bug: say so on the pipe, keep the traceback for the journal
         traceback.print_exc()
         events.write(encode_event(TrainerFailed(message=f"internal error: {type(e).__name__}: {e}", peak_rss=_peak_rss())))
