@@ -4,7 +4,9 @@ docs/operations.md gives every step as ``sh`` blocks for a real hub and real boa
 has one host, no ``/etc/fednca`` of its own to write, no systemd and no ``fednca`` user, so each
 :class:`Host` (the hub, each site) gets a scratch root and :meth:`Host.localize` rewrites a command
 only there: the system folders move below the root, the hub's names become ``localhost``,
-``127.0.0.1`` and a free port, ``sudo`` goes (the tests run as root), ``make install-*`` and the
+``127.0.0.1`` and a free port, ``tar -C /`` works in the root instead, the guide's example values
+(:attr:`Host.examples`: the round to go back to, the backup's date) become this run's, ``sudo``
+goes (the tests run as root), ``make install-*`` and the
 install scripts install below the root without a venv, and ``-o fednca -g fednca`` is dropped where
 that user does not exist; ``FEDNCA_STATE_DIR`` tells ``fednca segment`` where this host's
 ``/var/lib/fednca`` is. ``systemctl start/stop/restart/reload UNIT`` starts, stops or HUPs the
@@ -80,6 +82,7 @@ class Host:
     site: str = "clinic-a"  # the docs' site id, replaced by this one
     processes: dict[str, Process] = field(default_factory=dict)
     ran: list[str] = field(default_factory=list)  # the documented commands, as written, that ran here
+    examples: dict[str, str] = field(default_factory=dict)  # a documented example value -> this run's
 
     def __post_init__(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -94,8 +97,12 @@ class Host:
         return Path(self.localize(documented))
 
     def localize(self, command: str) -> str:
-        c = command.replace("/opt/fednca/venv/bin/fednca", FEDNCA)
+        c = command
+        for documented, value in self.examples.items():
+            c = c.replace(documented, value)
+        c = c.replace("/opt/fednca/venv/bin/fednca", FEDNCA)
         c = SYSTEM_DIRS.sub(lambda m: f"{self.root}/{m.group(1)}", c)
+        c = re.sub(r"(?<=\btar -C )/(?=\s)", f"{self.root}/", c)  # archives name paths relative to /
         c = c.replace("0.0.0.0:8883", f"127.0.0.1:{self.port}").replace(":8883", f":{self.port}")
         c = c.replace("clinic-hub.example", "localhost").replace("10.0.0.5", "127.0.0.1")
         c = c.replace("clinic-a", self.site)

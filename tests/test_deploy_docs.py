@@ -7,7 +7,11 @@ wrote runs as its own ``mosquitto`` user, each site's daemon YAML as ``install-d
 passes ``--check-config``, rounds complete over ``mqtts://``, a revoked site's password stops
 working at the HUP and the re-enrolled site trains again, ``fednca status`` and ``coordinator show``
 show the Dice each site reported, and ``fednca segment`` makes masks with the model the daemon
-exported. The README's Deploying commands are among those that ran.
+exported. Then the upkeep: ``clinic-a``'s key is rotated and its next update accepted, the broker
+gets a new certificate that the sites accept without a change, the hub is backed up, loses its
+folders and is restored from the archive (``coordinator check`` passes on it), and a rollback to an
+earlier round opens a round on that round's model, which both sites train on and complete. Every
+command of the guide ran, and the README's Deploying commands are among them.
 
 Only the model and the pace are shrunk, through settings the docs name (``model.input_size``,
 ``model.steps``, ``train.*`` in coordinator.yaml; ``cpu``, ``training``, ``telemetry`` in the
@@ -16,9 +20,11 @@ daemon's YAML), so that the whole day fits in a few minutes on two cores.
 
 from __future__ import annotations
 
+import json
 import pwd
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy_docs_support import REPO, Host, readme_commands, sh_blocks, user_exists
+from deploy_docs_support import FEDNCA, REPO, Host, readme_commands, sh_blocks, user_exists
 from fednca.transport.base import ConnectRefused
 from fednca.transport.mqtt import MqttClient, TLSOptions
 from fednca_app.harness import free_port
@@ -101,13 +107,15 @@ def test_the_operations_guide_runs_as_written(scratch):
     finally:
         for host in hosts:
             host.close()
-    readme = readme_commands((REPO / "README.md").read_text())
     ran = {c for h in hosts for c in h.ran}
+    documented = [c.removeprefix("sudo ") for blocks in ops.values() for block in blocks for c in block]
+    assert not [c for c in documented if c not in ran], "a command of the guide is not run here"
+    readme = readme_commands((REPO / "README.md").read_text())
     assert readme and not [c for c in readme if c not in ran], "README's Deploying commands differ from the guide's"
 
 
 def _the_day(ops: dict[str, list[list[str]]], hub: Host, sites: dict[str, Host], hosts: list[Host]) -> None:
-    install_hub, init, start_hub, *_ = ops["Install the hub (coordinator and broker)"]
+    install_hub, init, start_hub, rewrite_broker = ops["Install the hub (coordinator and broker)"]
     hub.run(install_hub)
     # install-coordinator.sh --root chowns nothing; the table of operations.md says who owns what
     shutil.chown(hub.path("/etc/fednca/mosquitto"), "root", "mosquitto")
@@ -115,18 +123,17 @@ def _the_day(ops: dict[str, list[list[str]]], hub: Host, sites: dict[str, Host],
     hub.run(init)
     tiny_coordinator(hub.path(f"{HUB_DIR}/coordinator.yaml"))
     hub.run(start_hub)
-    mosquitto = hub.processes["mosquitto"]
-    assert _user_of(mosquitto.pid) == "mosquitto"
+    hub.run(rewrite_broker)  # as after an edit of the mosquitto section: the coordinator reconnects
+    assert _user_of(hub.processes["mosquitto"].pid) == "mosquitto"
     cfg = load_config(hub.path(f"{HUB_DIR}/coordinator.yaml"))
     assert cfg.broker.url == f"mqtts://localhost:{hub.port}"
     store = RoundStore(root=cfg.store_root, federation=cfg.federation.name)
 
     def aggregated() -> list[dict[str, Any]]:
-        return [r for r in store.read_log() if r.get("kind") == "round_aggregated"]
+        return _aggregated(store)
 
     def accepted_in(site: str, round: int) -> bool:
-        return any(r.get("kind") == "update_accepted" and r.get("site") == site and r.get("round") == round
-                   for r in store.read_log())  # fmt: skip
+        return _accepted_in(store, site, round)
 
     (install_site,) = ops["Install a site"]
     enrol_hub, bundle, data, start_site = ops["Enrol a site"]
@@ -178,14 +185,16 @@ def _the_day(ops: dict[str, list[list[str]]], hub: Host, sites: dict[str, Host],
 
     wait_for(rejoined, timeout=2 * ROUND_WAIT, what="a round with the re-enrolled site", hosts=hosts)
     last = max(r["round"] for r in aggregated())
-    assert last >= 2 and mosquitto.running()
+    assert last >= 2 and hub.processes["mosquitto"].running()
 
     # Watch: both views show each site's reported test Dice (a number, where "-" means none)
-    status_out, show_out = hub.run(ops["Watch the federation"][0])
+    watch, view_accounts = ops["Watch the federation"]
+    status_out, show_out = hub.run(watch)
     by_site = {row["site"]: row["Dice"] for row in _table(status_out, "Dice") if row["site"] in sites}
     assert set(by_site) == set(sites) and all(_number(by_site[s]) for s in sites), status_out
     rounds = [row for row in _table(show_out, "mean Dice") if row["round"].isdigit()]
     assert int(rounds[-1]["round"]) == last and all(_number(rounds[-1][s]) for s in sites), show_out
+    hub.run(view_accounts)
 
     # Segment on a site with the model its daemon exported
     site = sites["clinic-a"]
@@ -195,9 +204,95 @@ def _the_day(ops: dict[str, list[list[str]]], hub: Host, sites: dict[str, Host],
     masks = list((site.home / "masks").rglob("*.png"))
     images = list(site.path("/srv/fednca/data/images").glob("*.png"))
     assert len(masks) >= len(images) > 0
+
+    _upkeep(ops, hub, sites, hosts, store)
     for host in hosts:
         for unit, process in host.processes.items():
             assert process.running(), f"{host.name} {unit} exited:\n{process.log()[-3000:]}"
+
+
+def _upkeep(ops: dict[str, list[list[str]]], hub: Host, sites: dict[str, Host], hosts: list[Host],
+            store: RoundStore) -> None:  # fmt: skip
+    """Rotate a site's key and the broker's certificate, back up and restore the hub, roll back."""
+    # Rotate clinic-a's key: its next update, signed with the new key, is accepted
+    site_stop, hub_enrol, site_start, new_certificate = ops["Rotate a key"]
+    a = sites["clinic-a"]
+    old_key = a.path("/etc/fednca/keys/signing.pub").read_bytes()
+    old_password = a.path("/etc/fednca/mqtt-password").read_text()
+    a.run(site_stop)
+    assert a.path("/etc/fednca/keys/signing.pub").read_bytes() != old_key
+    hub.site = "clinic-a"
+    shutil.copy(a.path("/etc/fednca/keys/signing.pub"), hub.path("/root/clinic-a-signing.pub"))
+    hub.run(hub_enrol)
+    shutil.copytree(hub.path("/root/bundle-clinic-a"), a.home / "bundle-clinic-a", dirs_exist_ok=True)
+    rotated_at = time.time()
+    a.run(site_start)
+    assert a.path("/etc/fednca/mqtt-password").read_text() != old_password
+
+    def next_update() -> dict[str, Any] | None:
+        mine = [r for r in store.read_log() if r.get("site") == "clinic-a" and r.get("at", 0) >= rotated_at
+                and r.get("kind") in ("update_accepted", "update_rejected") and r.get("reason") != "wrong_key"]
+        return mine[0] if mine else None  # an old-key update still in the outbox is refused as wrong_key
+
+    first = wait_for(next_update, timeout=ROUND_WAIT, what="clinic-a's update with its new key", hosts=hosts)
+    assert first.get("kind") == "update_accepted", first
+
+    # A new broker certificate from the same CA: nothing changes on the sites
+    certificate = hub.path("/etc/fednca/mosquitto/server.pem").read_bytes()
+    hub.run(new_certificate)
+    assert hub.path("/etc/fednca/mosquitto/server.pem").read_bytes() != certificate
+
+    # Back up (coordinator stopped), lose both folders, restore from the archive and check it
+    backup, restore = ops["Back up the coordinator"]
+    hub.run(backup)
+    (archive,) = hub.home.glob("fednca-backup-*.tar.gz")
+    hub.examples["fednca-backup-2026-12-01.tar.gz"] = archive.name
+    hub.run(restore[:1])
+    for folder in (HUB_DIR, "/etc/fednca/mosquitto"):
+        shutil.rmtree(hub.path(folder))
+    resumes = hub.log("fednca-coordinator").count("coordinator_resumed")
+    hub.run(restore[1:])
+
+    def resumed() -> bool:  # from the restored store, under its lock (the event is logged, not stored)
+        return hub.log("fednca-coordinator").count("coordinator_resumed") > resumes
+
+    wait_for(resumed, timeout=30, what="the coordinator resuming from the restored folder", hosts=hosts)
+
+    # Go back to the model of the last aggregated round: refused while the coordinator runs
+    stop, rollback, start = ops["Recover from a bad round"][0]
+    good = max(r["round"] for r in _aggregated(store))
+    hub.examples["--to-round 12"] = f"--to-round {good}"
+    busy = subprocess.run(["sh", "-ec", hub.localize(rollback.removeprefix("sudo "))], capture_output=True, text=True)
+    assert busy.returncode != 0 and "stop it first" in busy.stderr, busy.stderr
+    hub.run([stop])
+    current = store.load_state().round
+    hub.run([rollback])
+    opened = _show_json(hub)["round"]
+    assert (opened["round"], opened["status"]) == (current + 1, "open"), opened
+    model = {r["round"]: r["model_sha256"] for r in store.read_log() if r.get("kind") == "round_opened"}
+    assert model[current + 1] == model[good] != model[current]
+    hub.run([start])
+
+    def trained_on() -> bool:
+        return (any(r["round"] == current + 1 for r in _aggregated(store))
+                and all(_accepted_in(store, s, current + 1) for s in sites))  # fmt: skip
+
+    wait_for(trained_on, timeout=ROUND_WAIT, what="a round on the rolled-back model", hosts=hosts)
+
+
+def _show_json(hub: Host) -> dict[str, Any]:
+    done = subprocess.run([FEDNCA, "coordinator", "show", str(hub.path(HUB_DIR)), "--json"], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout)
+
+
+def _aggregated(store: RoundStore) -> list[Any]:
+    return [r for r in store.read_log() if r.get("kind") == "round_aggregated"]
+
+
+def _accepted_in(store: RoundStore, site: str, round: int) -> bool:
+    return any(r.get("kind") == "update_accepted" and r.get("site") == site and r.get("round") == round
+               for r in store.read_log())  # fmt: skip
 
 
 def _user_of(pid: int) -> str:
