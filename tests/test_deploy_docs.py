@@ -229,7 +229,7 @@ def _upkeep(ops: dict[str, list[list[str]]], hub: Host, sites: dict[str, Host], 
     a.run(site_start)
     assert a.path("/etc/fednca/mqtt-password").read_text() != old_password
 
-    def next_update() -> dict[str, Any] | None:
+    def next_update() -> Any:
         mine = [r for r in store.read_log() if r.get("site") == "clinic-a" and r.get("at", 0) >= rotated_at
                 and r.get("kind") in ("update_accepted", "update_rejected") and r.get("reason") != "wrong_key"]
         return mine[0] if mine else None  # an old-key update still in the outbox is refused as wrong_key
