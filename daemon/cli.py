@@ -19,7 +19,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
@@ -27,8 +27,9 @@ from fednca.errors import ConfigError
 from fednca.keys import read_coordinator_public, read_site_keys
 
 from . import config as dc
-from . import preflight
-from .preflight_data import ImageCheck
+
+if TYPE_CHECKING:  # the checks load image decoding: only --check-config imports them
+    from .preflight_data import ImageCheck
 
 log = logging.getLogger("fednca.daemon")
 
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
 def image_check(words: list[str] | None) -> ImageCheck:
     """``--check-images all`` or ``--check-images sample N``."""
+    from .preflight_data import ImageCheck
+
     if not words or words == ["all"]:
         return ImageCheck()
     if len(words) == 2 and words[0] == "sample" and words[1].isdigit() and int(words[1]) > 0:
@@ -62,9 +65,12 @@ def image_check(words: list[str] | None) -> ImageCheck:
     raise ConfigError("--check-images", f"must be 'all' or 'sample N' with N > 0, got {' '.join(words)!r}")
 
 
-def check_config(path: Path, *, images: ImageCheck = ImageCheck(), as_json: bool = False) -> int:
+def check_config(path: Path, *, images: ImageCheck | None = None, as_json: bool = False) -> int:
     """Print the effective configuration and every problem found (preflight.py); 0 when fine, else 2."""
-    report = preflight.check(path, images=images)
+    from . import preflight
+    from .preflight_data import ImageCheck
+
+    report = preflight.check(path, images=images or ImageCheck())
     effective = report.facts.get("effective")  # absent when the keys themselves are wrong
     if as_json:
         print(json.dumps({"effective": None, **report.to_dict()}, sort_keys=True))

@@ -42,6 +42,7 @@ from fednca import __version__
 from fednca.atomic import write_bytes
 from fednca.display import Pace
 from fednca.keys import CoordinatorPublicKeys, SiteKeys
+from fednca.notify import Notifier
 from fednca.topics import TopicError, Topics
 from fednca.transport.base import Client, Message, PayloadTooLarge, PublishHandle, TransportError
 from fednca.wire import Announcement, WireError
@@ -51,7 +52,6 @@ from .config import DaemonConfig
 from .coordinator_inbox import CoordinatorInbox
 from .gates import GateState, Readings, evaluate
 from .inference import InferenceKeeper
-from fednca.notify import Notifier
 from .errors import DamagedFile, StateFolderError
 from .faults import BrokerLink, open_until_usable, storage_problem, why
 from .outbox import Done, StateFolder, Writer
