@@ -10,10 +10,11 @@ Jobs run in worker processes (one torch thread each), so the baselines use every
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +54,19 @@ def _train_job(job: tuple[ModelConfig, TrainConfig, Dataset, int, int, bool]) ->
     return trainer.weights()
 
 
-def _lower_priority() -> None:
-    os.nice(10)  # baselines fill the cores' idle time; the federation they are compared with comes first
+def _die_with_parent() -> None:
+    """Ask Linux to end this worker when the demo process ends, however it ends (SIGTERM, SIGKILL):
+    a baseline job runs for minutes and would otherwise go on training for nobody."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the pool's own shutdown still ends idle workers
+
+
+def _worker_start(background: bool) -> None:
+    _die_with_parent()
+    if background:
+        os.nice(10)  # baselines fill the cores' idle time; the federation they are compared with comes first
 
 
 class Baselines:
@@ -81,23 +93,24 @@ class Baselines:
         # The pooled job (as long as all local ones together) goes first so two workers finish together.
         jobs = [(model_cfg, train_cfg, pooled, max(1, sum(steps_per_site.values())), seed, low_memory)]
         jobs += [(model_cfg, train_cfg, s.train, max(1, steps_per_site[s.name]), seed, low_memory) for s in sites]
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                         initializer=_lower_priority if background else None)
-        self._futures = [self._pool.submit(_train_job, job) for job in jobs]
+        self._pool = mp.get_context("spawn").Pool(processes=workers, initializer=_worker_start,
+                                                  initargs=(background,))
+        self._results = [self._pool.apply_async(_train_job, (job,)) for job in jobs]
+
+    def cancel(self) -> None:
+        """Stop every job now, running ones included."""
+        self._pool.terminate()
+        self._pool.join()
 
     def result(self) -> dict[str, dict[str, float]]:
         """{"local": {site: dice}, "pooled": {site: dice}}."""
         try:
-            pooled, *alone = [f.result() for f in self._futures]
+            pooled, *alone = [r.get() for r in self._results]
         finally:
-            self._pool.shutdown()
+            self._pool.terminate()  # every job has answered (or failed): nothing left to wait for
+            self._pool.join()
         local = {s.name: site_dice(w, self.model_cfg, [s], seed=self.seed)[s.name] for s, w in zip(self.sites, alone)}
         return {"local": local, "pooled": site_dice(pooled, self.model_cfg, self.sites, seed=self.seed)}
-
-    def cancel(self) -> None:
-        for f in self._futures:
-            f.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def baselines(sites: Sequence[Site], **kw) -> dict[str, dict[str, float]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -116,6 +117,10 @@ def _traffic(telemetry: dict[str, dict]) -> tuple[int, int]:
     return up, down
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -127,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from fednca.config import preset, train_preset
     from ..plots import line_chart
 
+    signal.signal(signal.SIGTERM, _interrupted)  # stop the parties and baselines as Ctrl-C does
     if args.sites < 2 or not 1 <= args.quorum <= args.sites or args.rounds < 1:
         raise ConfigError("--sites/--quorum/--rounds", "need at least 2 sites, 1 <= quorum <= sites, rounds >= 1")
     if args.broker and not args.broker.startswith(("mqtt://127.0.0.1:", "mqtt://localhost:")):
