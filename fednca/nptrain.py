@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -32,22 +31,11 @@ from .config import ModelConfig, TrainConfig, tensor_shapes
 from .data import Dataset
 from .errors import FedNCAError
 from .metrics import dice, nqm
+from .training import CheckpointError, Chunk, Evaluation, checkpoint_metadata
 from .npadam import Adam
 
 FORMAT = "fednca-numpy-checkpoint/1"
 TORCH_FORMAT = "fednca-checkpoint/1"  # what fednca.train writes
-
-
-class CheckpointError(FedNCAError):
-    """A checkpoint is unreadable, belongs to another configuration or to the PyTorch trainer."""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    steps: int  # optimiser steps done in this chunk
-    samples: int
-    loss: float  # mean training loss over the chunk (nan if no step)
-    seconds: float
 
 
 def _mask_rng(seed: int) -> np.random.Generator:
@@ -168,7 +156,7 @@ class Trainer:
         """A trainer continuing exactly where ``checkpoint()`` left off; also returns its ``extra``."""
         try:
             arrays = st_load(blob)
-            meta = json.loads(_metadata(blob)["fednca"])
+            meta = json.loads(checkpoint_metadata(blob)["fednca"])
             if meta.get("format") == TORCH_FORMAT:
                 raise CheckpointError("checkpoint was made by the PyTorch trainer (fednca.train)")
             if meta.get("format") != FORMAT:
@@ -193,27 +181,6 @@ class Trainer:
         except (KeyError, ValueError, TypeError, SafetensorError) as e:
             raise CheckpointError(f"unreadable checkpoint: {e}") from None
         return t, meta["extra"]
-
-
-def _metadata(blob: bytes) -> dict[str, str]:
-    """The string metadata of safetensors bytes (its JSON header's ``__metadata__``)."""
-    n = int.from_bytes(blob[:8], "little")
-    return json.loads(blob[8 : 8 + n]).get("__metadata__", {})
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    dice: np.ndarray  # per image
-    nqm: np.ndarray | None  # per image, when more than one pass
-    probabilities: np.ndarray  # (N, 1, S, S) mean sigmoid over passes
-
-    @property
-    def dice_mean(self) -> float:
-        return float(self.dice.mean())
-
-    @property
-    def dice_std(self) -> float:
-        return float(self.dice.std())
 
 
 def evaluate(weights: dict[str, np.ndarray], cfg: ModelConfig, data: Dataset, *, passes: int = 1,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -27,21 +26,10 @@ from .config import ModelConfig, TrainConfig
 from .data import Dataset
 from .errors import FedNCAError
 from .metrics import dice, nqm
+from .training import CheckpointError, Chunk, Evaluation, checkpoint_metadata
 from .model import SegmentationNCA, build, tensors
 
 FORMAT = "fednca-checkpoint/1"
-
-
-class CheckpointError(FedNCAError):
-    """A checkpoint is unreadable or belongs to another configuration."""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    steps: int  # optimiser steps done in this chunk
-    samples: int
-    loss: float  # mean training loss over the chunk (nan if no step)
-    seconds: float
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -181,7 +169,7 @@ class Trainer:
         try:
             arrays = st_load(blob)
 
-            meta = json.loads(_metadata(blob)["fednca"])
+            meta = json.loads(checkpoint_metadata(blob)["fednca"])
             if meta.get("format") != FORMAT:
                 raise CheckpointError(f"unknown checkpoint format {meta.get('format')!r}")
             model_cfg = ModelConfig.from_dict(meta["model_cfg"])
@@ -204,27 +192,6 @@ class Trainer:
         t.order_rng.bit_generator.state = meta["order_rng"]
         t.epoch, t.cursor, t.steps = meta["epoch"], meta["cursor"], meta["steps"]
         return t, meta["extra"]
-
-
-def _metadata(blob: bytes) -> dict[str, str]:
-    """The string metadata of safetensors bytes (its JSON header's ``__metadata__``)."""
-    n = int.from_bytes(blob[:8], "little")
-    return json.loads(blob[8 : 8 + n]).get("__metadata__", {})
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    dice: np.ndarray  # per image
-    nqm: np.ndarray | None  # per image, when more than one pass
-    probabilities: np.ndarray  # (N, 1, S, S) mean sigmoid over passes
-
-    @property
-    def dice_mean(self) -> float:
-        return float(self.dice.mean())
-
-    @property
-    def dice_std(self) -> float:
-        return float(self.dice.std())
 
 
 @torch.no_grad()
