@@ -114,8 +114,17 @@ def killpg(group: int) -> None:
         pass  # the whole group has exited
 
 
-def survivors(groups: set[int]) -> list[str]:
-    """Live (not zombie) processes in any of these process groups."""
+def survivors(groups: set[int], *, settle_s: float = 5.0) -> list[str]:
+    """Live (not zombie) processes in any of these process groups, after giving a SIGKILL just
+    sent up to ``settle_s`` to take effect (its delivery is asynchronous: a dying process still
+    shows as running for a moment)."""
+    deadline = time.monotonic() + settle_s
+    while (left := _live(groups)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def _live(groups: set[int]) -> list[str]:
     left = []
     for p in psutil.process_iter(["pid", "name", "status"]):
         try:
