@@ -54,7 +54,7 @@ class TelemetryError(FedNCAError):
 @dataclass(frozen=True)
 class StatusMessage:
     """One site's telemetry, as it travels. Build it through the producer
-    (``fednca_daemon.telemetry``), which rounds numbers and cuts texts to these bounds."""
+    (the edge daemon's telemetry), which rounds numbers and cuts texts to these bounds."""
 
     site: str
     version: str | None

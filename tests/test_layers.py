@@ -14,6 +14,7 @@ to ``importlib`` or ``python -m``.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,9 @@ MAY_NOT_NAME = {
 }
 
 
+_NAMED = re.compile(r"(?<![\w.])(" + "|".join(sorted(FOLDERS, key=len, reverse=True)) + r")(?!\w)")
+
+
 def named_packages(source: str) -> set[str]:
     """Top-level package names that a module's source reaches: imports and string literals."""
     found: set[str] = set()
@@ -37,8 +41,7 @@ def named_packages(source: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            found.update(word.split(".")[0] for word in node.value.replace(":", " ").split()
-                         if word.split(".")[0] in FOLDERS)
+            found.update(_NAMED.findall(node.value))
     return found
 
 
@@ -46,8 +49,11 @@ def test_the_checker_sees_lazy_imports_and_importlib_strings():
     src = ("import fednca\n"
            "def f():\n    from fednca_broker.cli import main\n"
            "def g():\n    importlib.import_module('fednca_daemon.cli')\n"
-           "h = ['python', '-m', 'fednca_app.cli']\n")
+           "h = ['python', '-m', 'fednca_app.cli']\n"
+           "def k():\n    \"\"\"Filled by the producer (``fednca_broker.telemetry``).\"\"\"\n")
     assert named_packages(src) == {"fednca", "fednca_broker", "fednca_daemon", "fednca_app"}
+    assert named_packages('"""Filled by the producer (``fednca_daemon.telemetry``)."""') == {"fednca_daemon"}
+    assert named_packages('x = "fednca_daemonic, my_fednca_app"') == set()
 
 
 @pytest.mark.parametrize("package", sorted(MAY_NOT_NAME))
