@@ -31,7 +31,7 @@ from .config import ModelConfig, TrainConfig, tensor_shapes
 from .data import Dataset
 from .errors import FedNCAError
 from .metrics import dice, nqm
-from .training import CheckpointError, Chunk, Evaluation, checkpoint_metadata
+from .training import CheckpointError, Chunk, DataOrder, Evaluation, checkpoint_metadata
 from .npadam import Adam
 
 FORMAT = "fednca-numpy-checkpoint/1"
@@ -43,7 +43,7 @@ def _mask_rng(seed: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64([seed, 1]))
 
 
-class Trainer:
+class Trainer(DataOrder):
     def __init__(
         self,
         *,
@@ -71,21 +71,9 @@ class Trainer:
         self.order = self._new_order()
 
     # -- data order -------------------------------------------------------------------------
-    @property
-    def batches_per_epoch(self) -> int:
-        return max(1, len(self.data) // self.train_cfg.batch_size)
-
-    def _new_order(self) -> np.ndarray:
-        return self.order_rng.permutation(len(self.data))
-
     def _next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """The next batch's images and masks: copies of those rows only, never of the dataset."""
-        b = self.train_cfg.batch_size
-        idx = self.order[self.cursor * b : (self.cursor + 1) * b]
-        self.cursor += 1
-        if self.cursor >= self.batches_per_epoch:
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self.order = self._new_order()
+        idx = self._next_indices()
         return self.data.images[idx], self.data.masks[idx]
 
     # -- training ---------------------------------------------------------------------------

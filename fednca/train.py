@@ -26,7 +26,7 @@ from .config import ModelConfig, TrainConfig
 from .data import Dataset
 from .errors import FedNCAError
 from .metrics import dice, nqm
-from .training import CheckpointError, Chunk, Evaluation, checkpoint_metadata
+from .training import CheckpointError, Chunk, DataOrder, Evaluation, checkpoint_metadata
 from .model import SegmentationNCA, build, tensors
 
 FORMAT = "fednca-checkpoint/1"
@@ -42,7 +42,7 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
     return bce + (1 - soft_dice).mean()
 
 
-class Trainer:
+class Trainer(DataOrder):
     def __init__(
         self,
         *,
@@ -69,20 +69,8 @@ class Trainer:
         self.order = self._new_order()
 
     # -- data order -------------------------------------------------------------------------
-    @property
-    def batches_per_epoch(self) -> int:
-        return max(1, len(self.data) // self.train_cfg.batch_size)
-
-    def _new_order(self) -> np.ndarray:
-        return self.order_rng.permutation(len(self.data))
-
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.train_cfg.batch_size
-        idx = self.order[self.cursor * b : (self.cursor + 1) * b]
-        self.cursor += 1
-        if self.cursor >= self.batches_per_epoch:
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self.order = self._new_order()
+        idx = self._next_indices()
         return torch.from_numpy(self.data.images[idx]), torch.from_numpy(self.data.masks[idx])
 
     # -- training ---------------------------------------------------------------------------
