@@ -11,7 +11,7 @@ orders metadata by a per-process random hash. Any safetensors reader reads our d
 
 :func:`read_document` is a strict, bounded reader for bytes from the network: the header length is
 checked against the bytes that are there, the JSON must be an object without duplicate keys, only
-float16 and float32 are known, and the tensors must tile the data area exactly (no gaps, no
+float16, float32 and int8 (the values of a quantised delta, :mod:`fednca.wire_q8`) are known, and the tensors must tile the data area exactly (no gaps, no
 overlap, no trailing bytes). It returns views into the buffer; it copies nothing but the header.
 Every failure is a :class:`WireError`; nothing else escapes.
 
@@ -35,7 +35,8 @@ from .errors import ConfigError, FedNCAError
 from .rounds_vocab import Reason  # the codes a refusal carries, shared with the round policy
 from .topics import check_id
 
-DTYPES: dict[str, np.dtype] = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+DTYPES: dict[str, np.dtype] = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "I8": np.dtype("i1")}
+FLOAT_DTYPES = ("F16", "F32")  # what a tensor of model values (weights or a plain delta) may be
 MAX_HEADER_BYTES = 64 << 10
 MAX_TENSORS = 256
 MAX_NDIM = 8
@@ -90,15 +91,15 @@ class Document:
 
 
 def write_document(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
-    """The canonical safetensors bytes of float16/float32 ``tensors`` with string ``metadata``."""
+    """The canonical safetensors bytes of float16/float32/int8 ``tensors`` with string ``metadata``."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     parts: list[Any] = []
     offset = 0
     for name in sorted(tensors):
         array = np.asarray(tensors[name])
-        code = {"float16": "F16", "float32": "F32"}.get(array.dtype.name)
+        code = {"float16": "F16", "float32": "F32", "int8": "I8"}.get(array.dtype.name)
         if code is None or not NAME_PATTERN.fullmatch(name):
-            raise ValueError(f"tensor {name!r}: needs a plain name and dtype float16 or float32, got {array.dtype}")
+            raise ValueError(f"tensor {name!r}: needs a plain name and dtype float16, float32 or int8, got {array.dtype}")
         array = np.asarray(array, dtype=DTYPES[code], order="C")  # keeps 0-d arrays 0-d
         header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
         parts.append(array.tobytes() if array.ndim == 0 else memoryview(array).cast("B"))
@@ -156,7 +157,7 @@ def _entry(name: str, spec: Any) -> Entry:
         raise malformed(f"tensor {name}: must have exactly dtype, shape and data_offsets")
     dtype = spec["dtype"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise WireError(Reason.BAD_DTYPE, f"tensor {name}: dtype {str(dtype)[:16]!r} is not F16 or F32")
+        raise WireError(Reason.BAD_DTYPE, f"tensor {name}: dtype {str(dtype)[:16]!r} is not F16, F32 or I8")
     shape = tuple(_int_list(spec["shape"], f"tensor {name} shape", max_len=MAX_NDIM))
     if any(d > MAX_DIM for d in shape):
         raise malformed(f"tensor {name}: a dimension is larger than {MAX_DIM}")

@@ -18,7 +18,7 @@ from nacl.public import PrivateKey, PublicKey
 from nacl.signing import VerifyKey
 
 from .keys import key_id_bytes
-from .tensorcodec import DTYPES, Document, Reason, WireError, hex_field, int_field, malformed, read_document
+from .tensorcodec import DTYPES, FLOAT_DTYPES, Document, Reason, WireError, hex_field, int_field, malformed, read_document
 
 MAGIC = b"FNCA"
 VERSION = 1
@@ -111,6 +111,8 @@ def check_tensors(doc: Document, expected: Mapping[str, Sequence[int]], fail: An
             raise fail(Reason.BAD_SHAPE, f"tensor {name} has shape {shape}, the model's is {tuple(expected[name])}")
     if len({e.dtype for e in doc.entries}) > 1:
         raise fail(Reason.BAD_DTYPE, "tensors mix F16 and F32")
+    if any(e.dtype not in FLOAT_DTYPES for e in doc.entries):
+        raise fail(Reason.BAD_DTYPE, "model tensors must be F16 or F32")
     if not doc.entries:
         return {}
     dt = DTYPES[doc.entries[0].dtype]

@@ -3,6 +3,14 @@ global model and the round's training configuration, and the receipt that answer
 
 Both are signed with the coordinator's key and readable by anyone on the topic; neither is
 sealed. ``open_*`` verifies the signature before it parses a field.
+
+An announcement carries the global model whole (float32), or as a delta: the optional field
+``base_sha256`` names the model the delta applies to, and the tensors are a q8 delta
+(:mod:`fednca.wire_q8`). The receiver passes the models it holds (``held``); one whose sha256 is
+the base gets the delta added (:func:`fednca.quantise.apply`), and the result must have the signed
+``model_sha256``, so a delta can only ever give the coordinator's own model. A receiver holding
+neither the base nor the new model is refused with ``wrong_base_model`` and fetches the whole
+model (the retained ``model`` topic).
 """
 
 from __future__ import annotations
@@ -13,8 +21,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
+from . import wire_q8
 from .config import ModelConfig, TrainConfig
 from .errors import ConfigError
+from .quantise import Quantised, apply
 from .rounds_vocab import Verdict
 from .tensorcodec import (
     Field, Reason, WireError, code_field, config_field, format_fields, hex_field, id_field, int_field, malformed,
@@ -39,6 +49,10 @@ class AnnouncementHeader:
     # Seconds from publication to the deadline, by the coordinator's clock; None in an announcement
     # of a coordinator that predates the field. Sites time the round by it, on their own clock.
     seconds_left: int | None = None
+    # The model the tensors are a delta from; None when they are the whole model.
+    base_sha256: str | None = None
+    # How the coordinator asks sites to send their updates this round; None: as each site is configured.
+    update_dtype: str | None = None
     version: int = VERSION
 
     @property
@@ -70,7 +84,10 @@ ANNOUNCEMENT_FIELDS: dict[str, Field] = {
     "train": config_field(TrainConfig), "model": config_field(ModelConfig), "model_sha256": hex_field(64),
 }
 # Optional fields: absent in announcements of older coordinators, parsed as strictly when present.
-ANNOUNCEMENT_OPTIONAL: dict[str, Field] = {"seconds_left": int_field(0, 2**31 - 1)}
+ANNOUNCEMENT_OPTIONAL: dict[str, Field] = {
+    "seconds_left": int_field(0, 2**31 - 1), "base_sha256": hex_field(64),
+    "update_dtype": word_field({e: e for e in ("float16", "float32", "q8")}),
+}
 RECEIPT_FIELDS: dict[str, Field] = {
     "federation": id_field, "site": id_field, "round": ROUND, "update_id": UPDATE_ID,
     "verdict": word_field({v.value: v for v in Verdict}), "reason": code_field,
@@ -89,22 +106,31 @@ def make_announcement(
     tensors: Mapping[str, Any],
     signing_key: SigningKey,
     seconds_left: int | None = None,
+    delta: tuple[str, Quantised] | None = None,
+    update_dtype: str | None = None,
 ) -> bytes:
     """A signed round announcement carrying the global model as float32.
 
     ``seconds_left`` is the time from now to ``deadline`` by the coordinator's clock; a site times
     the round by it on its own clock, so a site whose clock is wrong still meets the deadline.
+    ``delta`` (base sha256, quantised delta) sends the model as that delta instead: the caller
+    vouches that the base plus the dequantised delta (:func:`fednca.quantise.apply`) is ``tensors``,
+    whose sha256 is announced. ``update_dtype`` tells sites how to send their updates.
     """
     arrays = float32(tensors, "tensor")
     fields: dict[str, Any] = dict(federation=federation, round=round, deadline=deadline, quorum=quorum, train=train,
                                   model=model, model_sha256=model_sha256(arrays))
     spec = dict(ANNOUNCEMENT_FIELDS)
-    if seconds_left is not None:
-        fields["seconds_left"] = seconds_left
-        spec.update(ANNOUNCEMENT_OPTIONAL)
+    optional = dict(seconds_left=seconds_left, update_dtype=update_dtype,
+                    base_sha256=None if delta is None else delta[0])
+    for name, value in optional.items():
+        if value is not None:
+            fields[name] = value
+            spec[name] = ANNOUNCEMENT_OPTIONAL[name]
     _check_seconds_left(fields)
     prefix = make_prefix(ANNOUNCEMENT, signing_key.verify_key)
-    body = write_document(arrays, format_fields(fields, spec, "announcement"))
+    sent = arrays if delta is None else wire_q8.pack(delta[1])
+    body = write_document(sent, format_fields(fields, spec, "announcement"))
     return prefix + signing_key.sign(prefix + body).signature + body
 
 
@@ -127,11 +153,14 @@ def open_announcement(
     shapes: Mapping[str, Sequence[int]] | None = None,
     min_round: int | None = None,
     max_bytes: int = MAX_MESSAGE_BYTES,
+    held: Sequence[Mapping[str, Any]] = (),
 ) -> Announcement:
     """A verified round announcement and its float32 global model.
 
     ``shapes`` default to those of the announced model configuration. ``min_round`` refuses an
     older announcement (a broker replaying a stale retained message) as ``stale_round``.
+    ``held`` are models the receiver has: a delta announcement needs one of them to be its base
+    (or already the announced model), else it is refused as ``wrong_base_model``.
     """
     doc, kid = open_signed(payload, ANNOUNCEMENT, coordinator_verify_key, max_bytes)
     spec = {**ANNOUNCEMENT_FIELDS, **{k: f for k, f in ANNOUNCEMENT_OPTIONAL.items() if k in doc.metadata}}
@@ -143,14 +172,49 @@ def open_announcement(
         raise fail(Reason.WRONG_FEDERATION, f"announcement is for federation {header.federation!r}, not {federation!r}")
     if min_round is not None and header.round < min_round:
         raise fail(Reason.STALE_ROUND, f"announcement of round {header.round} is older than round {min_round}")
-    if any(e.dtype != "F32" for e in doc.entries):
-        raise fail(Reason.BAD_DTYPE, "the global model must travel as F32")
     if shapes is None:
         shapes = _model_shapes(header.model, fail)
+    if header.base_sha256 is not None:
+        return Announcement(header=header, tensors=_from_delta(doc, header, shapes, held, fail))
+    if any(e.dtype != "F32" for e in doc.entries):
+        raise fail(Reason.BAD_DTYPE, "the global model must travel as F32")
     tensors = check_tensors(doc, shapes, fail)
     if model_sha256(tensors) != header.model_sha256:
         raise fail(Reason.MALFORMED, "model_sha256 does not match the announced tensors")
     return Announcement(header=header, tensors=tensors)
+
+
+def _from_delta(doc: Any, header: AnnouncementHeader, shapes: Mapping[str, Sequence[int]],
+                held: Sequence[Mapping[str, Any]], fail: Any) -> Mapping[str, np.ndarray]:
+    """The announced model from a q8 delta and the base among ``held`` (checked before any is used)."""
+    if not wire_q8.is_q8(doc):
+        raise fail(Reason.BAD_DTYPE, "an announcement with base_sha256 carries a q8 delta")
+    delta = wire_q8.unpack(doc, shapes, fail)
+    base = None
+    for model in held:
+        arrays = {k: np.asarray(v, dtype=np.float32) for k, v in model.items()}
+        if arrays.keys() != shapes.keys() or any(a.shape != tuple(shapes[k]) for k, a in arrays.items()):
+            continue
+        sha = model_sha256(arrays)
+        if sha == header.model_sha256:
+            return _frozen(arrays)
+        if sha == header.base_sha256:
+            base = arrays
+    if base is None:
+        raise fail(Reason.WRONG_BASE_MODEL, f"announcement is a delta from model {header.base_sha256[:16]}…, "
+                   "which this receiver does not hold")  # type: ignore[index]
+    with np.errstate(over="ignore", invalid="ignore"):
+        tensors = apply(base, delta.dequantised())
+    if model_sha256(tensors) != header.model_sha256:
+        raise fail(Reason.MALFORMED, "the delta applied to its base does not give the announced model_sha256")
+    return _frozen(tensors)
+
+
+def _frozen(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {k: np.array(v, dtype=np.float32, copy=True) for k, v in arrays.items()}
+    for a in out.values():
+        a.flags.writeable = False
+    return out
 
 
 def _check_seconds_left(fields: Mapping[str, Any]) -> None:

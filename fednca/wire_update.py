@@ -17,7 +17,9 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 from nacl.signing import SigningKey
 
+from . import wire_q8
 from .keys import Registry, key_id
+from .quantise import Quantised, quantise
 from .tensorcodec import (
     Document, Entry, Field, Reason, WireError, format_fields, hex_field, id_field, int_field, malformed,
     metrics_field, parse_fields, read_document, word_field, write_document,
@@ -28,6 +30,8 @@ from .wire_envelope import (
 )
 
 UPDATE_DTYPES = {"float16": np.float16, "float32": np.float32}
+# How a delta may travel: the float dtypes, or 8 bits per value with a scale per tensor (fednca.wire_q8).
+UPDATE_ENCODINGS = ("float16", "float32", "q8")
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class UpdateHeader:
 @dataclass(frozen=True)
 class Update:
     header: UpdateHeader
-    dtype: str  # "float16" or "float32", as it travelled
+    dtype: str  # "float16", "float32" or "q8", as it travelled
     delta: Mapping[str, np.ndarray]  # local minus global, float32, read-only
 
 
@@ -84,7 +88,7 @@ def make_update(
     steps: int,
     partial: bool,
     metrics: Mapping[str, float],
-    delta: Mapping[str, Any],
+    delta: Mapping[str, Any] | Quantised,
     signing_key: SigningKey,
     coordinator_box: PublicKey,
     dtype: str = "float16",
@@ -92,15 +96,22 @@ def make_update(
 ) -> bytes:
     """A site's update: signed with its key, then sealed to the coordinator's box key.
 
-    ``delta`` is local minus global per tensor; it travels as ``dtype`` (float16 or float32).
-    A value that float16 cannot hold raises ``non_finite`` (send float32 instead).
+    ``delta`` is local minus global per tensor; it travels as ``dtype`` (float16, float32 or q8).
+    A value that float16 cannot hold raises ``non_finite`` (send float32 instead). For q8,
+    ``delta`` may already be quantised (:func:`fednca.quantise.quantise_with_feedback`, a site
+    that keeps its residual); float tensors are quantised here without feedback.
     """
-    if dtype not in UPDATE_DTYPES:
-        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
-    with np.errstate(over="ignore"):  # overflow to infinity is refused just below
-        arrays = {name: a.astype(UPDATE_DTYPES[dtype]) for name, a in float32(delta, "delta").items()}
+    if dtype not in UPDATE_ENCODINGS:
+        raise ValueError(f"dtype must be one of {', '.join(UPDATE_ENCODINGS)}, got {dtype!r}")
+    if dtype == "q8":
+        arrays = wire_q8.pack(delta if isinstance(delta, Quantised) else _quantised(delta))
+    else:
+        if isinstance(delta, Quantised):
+            raise ValueError(f"a quantised delta travels as q8, not {dtype}")
+        with np.errstate(over="ignore"):  # overflow to infinity is refused just below
+            arrays = {name: a.astype(UPDATE_DTYPES[dtype]) for name, a in float32(delta, "delta").items()}
     for name, a in arrays.items():
-        if not np.isfinite(a).all():
+        if a.dtype != np.int8 and not np.isfinite(a).all():
             raise WireError(Reason.NON_FINITE, f"delta {name}: values beyond the {dtype} range; send float32")
     fields = dict(federation=federation, site=site, round=round, base_sha256=base_sha256,
                   update_id=secrets.token_hex(16) if update_id is None else update_id,
@@ -111,6 +122,13 @@ def make_update(
     signature = signing_key.sign(prefix + body).signature
     return prefix + SealedBox(coordinator_box).encrypt(signature + body)
 
+
+
+def _quantised(delta: Mapping[str, Any]) -> Quantised:
+    values, scales = {}, {}
+    for name, a in float32(delta, "delta").items():
+        values[name], scales[name] = quantise(a)
+    return Quantised(values=values, scales=scales)
 
 
 def _entry_dtype(entries: Sequence[Entry]) -> str:
@@ -198,8 +216,18 @@ def check_update(
     if base_sha256 is not None and header.base_sha256 != base_sha256:
         raise fail(Reason.WRONG_BASE_MODEL, f"update was trained from model {header.base_sha256[:16]}…, "
                    f"round {header.round} trains from {base_sha256[:16]}…")
-    delta = check_tensors(verified.document, shapes, fail)
-    return Update(header=header, dtype=_entry_dtype(verified.document.entries), delta=delta)
+    doc = verified.document
+    if wire_q8.is_q8(doc) and not wire_q8.NAMES <= shapes.keys():
+        delta = _read_only(wire_q8.unpack(doc, shapes, fail).dequantised())
+        return Update(header=header, dtype="q8", delta=delta)
+    delta = check_tensors(doc, shapes, fail)
+    return Update(header=header, dtype=_entry_dtype(doc.entries), delta=delta)
+
+
+def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    for a in arrays.values():
+        a.flags.writeable = False
+    return arrays
 
 
 def open_update(
