@@ -1,5 +1,12 @@
 """What the round policy keeps between events: its configuration, each counted update, the round.
 
+Cost per event: a round may count ten thousand updates, so nothing the policy does for one event
+may walk all of them. :class:`Accepted` is the accepted updates as an append-only sequence with an
+index by site (lookup and append in O(1)); states derived from one another share it, and a state
+keeps seeing exactly the updates it counted (its own length), so an older state is never changed by
+a newer one. :meth:`RoundState.derive` builds the next state in O(1), checking only what changed;
+building a state in full (``RoundState(...)``, ``from_dict``) checks everything, in O(n).
+
 These are values, validated when built: a :class:`RoundState` that exists keeps the invariants
 listed in :mod:`.rounds` that a single state can be checked for (one update per site, the accepted
 sites enrolled while open, ``quorum_at`` set exactly at quorum, a closed round with a reason, a
@@ -10,10 +17,11 @@ so a damaged file is refused with the field it breaks rather than resumed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, Sequence, overload
 
 from fednca.config import from_mapping
 from fednca.errors import ConfigError
@@ -88,6 +96,90 @@ class AcceptedUpdate:
         _finite("accepted.accepted_at", self.accepted_at, RoundStateError)
 
 
+class Accepted(Sequence[AcceptedUpdate]):
+    """The accepted updates of a round, in acceptance order, indexed by site.
+
+    A view of the first ``n`` entries of a list that views derived from it may share: appending to
+    the view that sees the whole list extends the list in place (O(1)) and returns a longer view;
+    appending to an older, shorter view copies (O(n), which only a test replaying old states does).
+    Equal to any sequence of the same entries (a tuple included).
+    """
+
+    __slots__ = ("_items", "_index", "_n")
+
+    def __init__(self, entries: Iterable[AcceptedUpdate] = ()) -> None:
+        self._items: list[AcceptedUpdate] = list(entries)
+        self._index: dict[str, int] = {}
+        for i, entry in enumerate(self._items):
+            self._index.setdefault(entry.site, i)
+        self._n = len(self._items)
+
+    @property
+    def unique(self) -> bool:
+        """Whether no site has two entries (only a state read from a file can break this)."""
+        return len(self._index) == self._n
+
+    def by_site(self, site: str) -> AcceptedUpdate | None:
+        i = self._index.get(site)
+        return self._items[i] if i is not None and i < self._n else None
+
+    def appended(self, entry: AcceptedUpdate) -> "Accepted":
+        """This sequence with ``entry`` at the end, for a site not in it yet."""
+        if self.by_site(entry.site) is not None:
+            raise RoundStateError("accepted", f"site {entry.site!r} already has an accepted update")
+        if self._n == len(self._items):
+            out = Accepted.__new__(Accepted)
+            out._items, out._index = self._items, self._index
+        else:  # an older state growing a branch of its own
+            out = Accepted(self._items[: self._n])
+        out._items.append(entry)
+        out._n = len(out._items)
+        out._index[entry.site] = out._n - 1
+        return out
+
+    def without(self, site: str) -> "Accepted":
+        """A new sequence without ``site``'s entry (O(n): a revocation)."""
+        return Accepted(a for a in self if a.site != site)
+
+    def extends(self, other: "Accepted") -> bool:
+        """Whether this sequence is ``other`` with entries appended (or ``other`` itself)."""
+        if self._items is other._items:
+            return self._n >= other._n
+        return len(self) >= len(other) and all(a == b for a, b in zip(self, other))
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> AcceptedUpdate: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[AcceptedUpdate, ...]: ...
+    def __getitem__(self, i: int | slice) -> AcceptedUpdate | tuple[AcceptedUpdate, ...]:
+        if isinstance(i, slice):
+            return tuple(self._items[: self._n][i])
+        if not -self._n <= i < self._n:
+            raise IndexError("accepted index out of range")
+        return self._items[i % self._n]
+
+    def __iter__(self) -> Iterator[AcceptedUpdate]:
+        return itertools.islice(self._items, self._n)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Accepted):
+            if self._items is other._items:
+                return self._n == other._n
+            return self._n == other._n and all(a == b for a, b in zip(self, other))
+        if isinstance(other, (tuple, list)):
+            return len(other) == self._n and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Accepted({list(self)!r})"
+
+
 @dataclass(frozen=True)
 class RoundState:
     federation: str
@@ -97,7 +189,7 @@ class RoundState:
     opened_at: float
     deadline: float
     enrolled: frozenset[str]
-    accepted: tuple[AcceptedUpdate, ...] = ()
+    accepted: Sequence[AcceptedUpdate] = ()  # kept as an Accepted (any sequence given is indexed)
     quorum_at: float | None = None  # when the K-th accepted update made quorum
     status: RoundStatus = RoundStatus.OPEN
     extensions: int = 0
@@ -121,15 +213,44 @@ class RoundState:
         closed = self.status == RoundStatus.CLOSED
         if closed != (self.close_reason is not None) or closed != (self.closed_at is not None):
             raise RoundStateError("close_reason", "a closed round, and only a closed one, has a close reason and time")
-        sites = [a.site for a in self.accepted]
-        if len(set(sites)) != len(sites):
+        if not isinstance(self.accepted, Accepted):
+            object.__setattr__(self, "accepted", Accepted(self.accepted))
+        if not self.accepted.unique:
             raise RoundStateError("accepted", "a site has more than one accepted update")
-        if not closed and not set(sites) <= self.enrolled:
-            raise RoundStateError("accepted", f"sites not enrolled: {sorted(set(sites) - self.enrolled)}")
-        if not closed and (self.quorum_at is not None) != (len(sites) >= self.quorum):
+        sites = {a.site for a in self.accepted}
+        if not closed and not sites <= self.enrolled:
+            raise RoundStateError("accepted", f"sites not enrolled: {sorted(sites - self.enrolled)}")
+        self._check_counts()
+
+    def _check_counts(self) -> None:
+        """The checks that do not walk the accepted updates (those :meth:`derive` repeats)."""
+        closed, n = self.status == RoundStatus.CLOSED, len(self.accepted)
+        if not closed and (self.quorum_at is not None) != (n >= self.quorum):
             raise RoundStateError("quorum_at", f"must be set exactly when {self.quorum} updates are accepted")
-        if closed and not sites:
+        if closed and not n:
             raise RoundStateError("accepted", "a round cannot close without an accepted update")
+
+    def derive(self, **changes: Any) -> "RoundState":
+        """This state with ``changes``, in O(1) when neither the enrolment nor the accepted set
+        shrinks: an accepted sequence that extends this one by one entry is checked for that entry
+        alone (enrolled while open), the counts and the close fields are checked as always. Any
+        other change is checked in full."""
+        accepted = changes.get("accepted", self.accepted)
+        cheap = "enrolled" not in changes and isinstance(accepted, Accepted) and (
+            accepted is self.accepted or (len(accepted) == len(self.accepted) + 1 and accepted.extends(self.accepted)))
+        if not cheap:
+            values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | changes
+            return RoundState(**values)
+        new = object.__new__(RoundState)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        closed = new.status == RoundStatus.CLOSED
+        if closed != (new.close_reason is not None) or closed != (new.closed_at is not None):
+            raise RoundStateError("close_reason", "a closed round, and only a closed one, has a close reason and time")
+        if accepted is not self.accepted and not closed and accepted[-1].site not in new.enrolled:
+            raise RoundStateError("accepted", f"sites not enrolled: {[accepted[-1].site]}")
+        new._check_counts()
+        return new
 
     @property
     def quorum(self) -> int:
@@ -137,10 +258,12 @@ class RoundState:
 
     @property
     def all_reported(self) -> bool:
-        return bool(self.enrolled) and self.enrolled <= {a.site for a in self.accepted}
+        if self.status == RoundStatus.OPEN:  # every accepted site is enrolled: counting is enough
+            return bool(self.enrolled) and len(self.accepted) >= len(self.enrolled)
+        return bool(self.enrolled) and all(self.accepted.by_site(site) is not None for site in self.enrolled)
 
     def accepted_from(self, site: str) -> AcceptedUpdate | None:
-        return next((a for a in self.accepted if a.site == site), None)
+        return self.accepted.by_site(site)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -163,7 +286,7 @@ class RoundState:
             values = dict(data)
             values["config"] = RoundConfig.from_dict(data["config"])
             values["enrolled"] = frozenset(_strings("enrolled", data["enrolled"]))
-            values["accepted"] = tuple(AcceptedUpdate(**a) for a in data["accepted"])
+            values["accepted"] = Accepted(AcceptedUpdate(**a) for a in data["accepted"])
         except ConfigError as e:
             raise RoundStateError(f"config.{e.field}", e.why) from None
         except TypeError as e:  # an entry of "accepted" that is not a mapping of its fields

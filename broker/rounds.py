@@ -7,7 +7,7 @@ here reads a clock, a file or the network; ``now`` is seconds since the epoch, p
 The state and its checks are in :mod:`.round_state`, the events and actions in :mod:`.round_events`,
 the lines it logs in :mod:`.roundlog`; this module is the transition table and the rules.
 
-Invariants (checked whenever a ``RoundState`` is built, so after every ``handle`` call):
+Invariants (checked whenever a ``RoundState`` is built or derived, so after every ``handle`` call):
 
 1. At most one accepted update per site and round; ``accepted`` keeps acceptance order, which is
    the order the round is aggregated in.
@@ -24,6 +24,11 @@ Invariants (checked whenever a ``RoundState`` is built, so after every ``handle`
 6. Peer behaviour never raises: a stale, duplicate or unknown update becomes a rejected receipt. An
    illegal event (a mistake of the shell or the operator, such as opening a round while one is
    open) raises ``IllegalRoundEvent`` and no new state is produced.
+
+Cost: an event costs O(1) whatever the number of sites (a revocation, or a change of enrolment,
+costs O(n), and the close builds its log line in O(n), once a round). The accepted updates are an
+indexed, append-only :class:`.round_state.Accepted` shared by the states derived from one another;
+no rule walks them, and ``handle`` tells a changed state from an unchanged one by identity.
 
 Time runs first: before an event is applied, the round is closed or extended as the clock says it
 should have been by ``now``. An update that arrives after the grace period or the deadline is
@@ -69,7 +74,9 @@ class _Actions:
         self.rest.append(LogEvent(record))
 
     def result(self, before: RoundState, after: RoundState) -> list[Action]:
-        saved: list[Action] = [SaveState(after)] if after != before else []
+        # A handler returns the state it was given when nothing changed; comparing by identity
+        # keeps this O(1) however many updates the round counts.
+        saved: list[Action] = [SaveState(after)] if after is not before else []
         return [*self.stored, *saved, *self.rest]
 
 
@@ -109,12 +116,14 @@ def _check_now(now: float) -> None:
 
 
 def _evolve(state: RoundState, now: float, **changes: Any) -> RoundState:
-    """``state`` with ``changes``, and ``quorum_at`` brought in line with them (invariant 3)."""
-    values = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)} | changes
-    if values["status"] == OPEN:
-        reached = len(values["accepted"]) >= values["config"].quorum(len(values["enrolled"]))
-        values["quorum_at"] = (values["quorum_at"] if values["quorum_at"] is not None else now) if reached else None
-    return RoundState(**values)
+    """``state`` with ``changes``, and ``quorum_at`` brought in line with them (invariant 3); O(1)
+    unless the enrolment changes or an update is dropped (:meth:`RoundState.derive`)."""
+    status = changes.get("status", state.status)
+    if status == OPEN:
+        accepted, enrolled = changes.get("accepted", state.accepted), changes.get("enrolled", state.enrolled)
+        reached = len(accepted) >= changes.get("config", state.config).quorum(len(enrolled))
+        changes["quorum_at"] = (state.quorum_at if state.quorum_at is not None else now) if reached else None
+    return state.derive(**changes)
 
 
 def _opened(
@@ -193,7 +202,7 @@ def _on_update(state: RoundState, e: UpdateVerified, now: float, out: _Actions) 
     out.log(roundlog.UpdateAcceptedRecord(round=state.round, at=now, site=e.site, update_id=e.update_id,
                                           samples=e.samples, steps=e.steps, partial=e.partial,
                                           metrics=e.metrics))  # fmt: skip
-    return _evolve(state, now, accepted=state.accepted + (entry,))
+    return _evolve(state, now, accepted=state.accepted.appended(entry))
 
 
 def _on_rejected(state: RoundState, e: UpdateRejected, now: float, out: _Actions) -> RoundState:
@@ -228,7 +237,7 @@ def _on_revoked(state: RoundState, e: SiteRevoked, now: float, out: _Actions) ->
     if dropped is not None:
         out.log(roundlog.UpdateDroppedRecord(round=state.round, at=now, site=e.site, update_id=dropped.update_id,
                                              reason=RoundReason.SITE_REVOKED))  # fmt: skip
-    kept = tuple(a for a in state.accepted if a is not dropped)
+    kept = state.accepted.without(e.site) if dropped is not None else state.accepted
     return _evolve(state, now, enrolled=state.enrolled - {e.site}, accepted=kept)
 
 
