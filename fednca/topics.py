@@ -3,6 +3,8 @@
 Every topic lives under ``fednca/<federation>/``::
 
     round               coordinator -> sites   QoS 1, retained
+    model               coordinator -> sites   QoS 1, retained; the whole model, for a site that
+                                               cannot apply the round's delta (docs/wire.md)
     updates/<site>      site -> coordinator    QoS 1
     receipts/<site>     coordinator -> site    QoS 1
     status/<site>       site -> coordinator    QoS 1, retained; last will = offline
@@ -38,10 +40,10 @@ COORDINATOR = "coordinator"
 OBSERVER = "observer"
 ROLES = (SITE, COORDINATOR, OBSERVER)
 
-Kind = Literal["round", "updates", "receipts", "status", "events"]
+Kind = Literal["round", "model", "updates", "receipts", "status", "events"]
 Action = Literal["read", "write", "subscribe"]
 _PER_SITE = ("updates", "receipts", "status")
-_GLOBAL = ("round", "events")
+_GLOBAL = ("round", "model", "events")
 
 
 class TopicError(FedNCAError, ValueError):
@@ -93,6 +95,10 @@ class Topics:
         return self.prefix + "round"
 
     @property
+    def model(self) -> str:
+        return self.prefix + "model"
+
+    @property
     def events(self) -> str:
         return self.prefix + "events"
 
@@ -130,7 +136,7 @@ class Topics:
 @dataclass(frozen=True)
 class ParsedTopic:
     kind: Kind
-    site: str | None  # None for round and events
+    site: str | None  # None for round, model and events
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,7 @@ def rules(*, role: str, user: str, federation: str) -> tuple[Rule, ...]:
             Rule("write", t.updates(site)),
             Rule("write", t.status(site)),
             Rule("read", t.round),
+            Rule("read", t.model),
             Rule("read", t.receipts(site)),
         )
     if role == COORDINATOR:
@@ -158,12 +165,14 @@ def rules(*, role: str, user: str, federation: str) -> tuple[Rule, ...]:
             Rule("read", t.all_updates),
             Rule("read", t.all_status),
             Rule("write", t.round),
+            Rule("write", t.model),
             Rule("write", t.prefix + "receipts/+"),
             Rule("write", t.events),
         )
     if role == OBSERVER:
         return (
             Rule("read", t.round),
+            Rule("read", t.model),
             Rule("read", t.all_status),
             Rule("read", t.events),
             Rule("read", t.prefix + "receipts/+"),

@@ -134,11 +134,13 @@ def test_rules_are_the_single_table():
         ("write", T.updates("s1")),
         ("write", T.status("s1")),
         ("read", T.round),
+        ("read", T.model),
         ("read", T.receipts("s1")),
     }
     observer_rules = topics.rules(role=topics.OBSERVER, user="fednca-status", federation=F)
     assert {(r.access, r.topic_filter) for r in observer_rules} == {
-        ("read", T.round), ("read", T.all_status), ("read", T.events), ("read", T.prefix + "receipts/+"),
+        ("read", T.round), ("read", T.model), ("read", T.all_status), ("read", T.events),
+        ("read", T.prefix + "receipts/+"),
     }  # and no write
     with pytest.raises(TopicError, match="role"):
         topics.rules(role="admin", user="x", federation=F)
