@@ -115,7 +115,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class CpuConfig:
-    threads: int = key(1, doc="PyTorch threads while computing", check=_between(1, 256))
+    threads: int = key(1, doc="compute threads of the trainer (BLAS, or PyTorch's)", check=_between(1, 256))
     duty_cycle: float = key(0.5, doc="share of the time spent computing: rests t*(1-d)/d after t seconds of CPU",
                             check=_between(0.0, 1.0, low_open=True))
 
@@ -143,7 +143,11 @@ class TrainingConfig:
                          check=_between(1, 10**9))
     deadline_margin_s: float = key(60.0, doc="submit this long before the round's deadline",
                                    check=_between(0.0, 86400.0))
-    low_memory: bool = key(True, doc="recompute NCA steps in the backward pass (less memory, more time)")
+    trainer: Literal["numpy", "torch"] = key(
+        "numpy", doc="numpy: the site's trainer, no PyTorch needed; torch: the reference trainer "
+                     "(needs the [torch] extra; also for the Med-NCA preset)")
+    low_memory: bool = key(True, doc="torch trainer: recompute NCA steps in the backward pass (less memory, "
+                                     "more time); the numpy trainer always does")
     seed: int | None = key(None, doc="training seed (empty: derived from the site id)", check=_between(0, 2**63 - 1))
     delta_dtype: Literal["float16", "float32"] = key("float16", doc="dtype of the weight delta on the wire")
     worker_backoff_s: float = key(10.0, doc="wait after a failed trainer, doubling up to an hour",

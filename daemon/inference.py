@@ -2,8 +2,10 @@
 
 When a round announcement has been verified, its global model is written as a model folder
 (``inference/model/``: safetensors + config, numpy only) and a short-lived child process runs
-``python -m fednca.onnx_export`` into ``inference/model.onnx``. The daemon itself never loads PyTorch; the child
-returns its memory when it exits. The ONNX file is replaced atomically, so ``fednca segment``
+``python -m fednca.onnx_build`` into ``inference/model.onnx``: the graph is written from the
+weights with the ``onnx`` package and checked with onnxruntime against the numpy model, so a site
+needs no PyTorch for it (a Med-NCA model is checked against PyTorch where it is installed). The
+daemon itself imports neither onnx nor onnxruntime; the child returns its memory when it exits. The ONNX file is replaced atomically, so ``fednca segment``
 always finds a whole model, the newest one once its export has finished. A model whose export
 already succeeded is not exported again; a failed export is logged and retried with the next
 announcement.
@@ -63,7 +65,7 @@ class InferenceKeeper:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         modelfile.save(self.folder / "model", dict(announcement.tensors), announcement.header.model,
                        model_sha256=sha, round=announcement.header.round)
-        argv = [self.python, "-m", "fednca.onnx_export", str(self.folder / "model"), str(self.onnx_path)]
+        argv = [self.python, "-m", "fednca.onnx_build", str(self.folder / "model"), str(self.onnx_path)]
         with open(self.folder / "export.log", "wb") as log_file:  # a file: a pipe could fill and block
             self._child = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
         self._pending_sha = sha

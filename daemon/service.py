@@ -128,7 +128,8 @@ class Service:
             setup=TrainerSetup(state_dir=str(self.folder.path), federation=config.federation,
                                coordinator_verify_key=bytes(coordinator.verify).hex(),
                                data=DataSpec.from_config(config.data), threads=config.cpu.threads,
-                               low_memory=config.training.low_memory, seed=config.seed),
+                               low_memory=config.training.low_memory, seed=config.seed,
+                               trainer=config.training.trainer),
             deliver=self._events.put, follow=self.sensors.follow_trainer, python=python)
         self._gates = GateState()
         self._readings: Readings | None = None

@@ -32,7 +32,9 @@ from fednca.wire import Announcement, Reason, WireError, make_update
 
 from .errors import CheckpointMismatch
 
-CHECKPOINT_FORMAT = "fednca-checkpoint/1"  # fednca.train.FORMAT (not imported: it brings PyTorch)
+# fednca.train.FORMAT (not imported: it brings PyTorch) and fednca.nptrain.FORMAT: both trainers'
+# checkpoints hold the same fields read here (steps, samples, extra) and the weights under model/.
+CHECKPOINT_FORMATS = ("fednca-checkpoint/1", "fednca-numpy-checkpoint/1")
 _METRICS = ("train_loss", "dice_global", "dice_local")
 
 
@@ -53,7 +55,7 @@ def _metadata(blob: bytes) -> dict[str, Any]:
         raise ValueError("header longer than the file")
     head = json.loads(blob[8 : 8 + n])
     meta = json.loads(head.get("__metadata__", {}).get("fednca", "null"))
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in CHECKPOINT_FORMATS:
         raise ValueError("not a fednca checkpoint")
     return meta
 

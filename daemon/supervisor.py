@@ -46,11 +46,13 @@ class TrainerSetup:
     threads: int
     low_memory: bool
     seed: int
+    trainer: str = "numpy"
 
     def spec(self, round: int) -> WorkerSpec:
         return WorkerSpec(state_dir=self.state_dir, round=round, federation=self.federation,
                           coordinator_verify_key=self.coordinator_verify_key, data=self.data,
-                          threads=self.threads, low_memory=self.low_memory, seed=self.seed)
+                          threads=self.threads, low_memory=self.low_memory, seed=self.seed,
+                          trainer=self.trainer)
 
 
 class TrainerSupervisor:

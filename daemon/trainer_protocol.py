@@ -26,6 +26,7 @@ from .errors import TrainerProtocolError
 
 MAX_LINE = 1 << 16
 MAX_TEXT = 500  # an error message from the trainer is cut to this
+TRAINERS = ("numpy", "torch")  # fednca.nptrain (no PyTorch), fednca.train (the reference)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class WorkerSpec:
     threads: int = 1
     low_memory: bool = True
     seed: int = 0
+    trainer: str = "numpy"  # one of TRAINERS: which implementation the child trains with
+
+    def __post_init__(self) -> None:
+        if self.trainer not in TRAINERS:
+            raise TrainerProtocolError(f"trainer must be one of {', '.join(TRAINERS)}, got {self.trainer!r}"[:200])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)

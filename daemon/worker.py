@@ -11,7 +11,12 @@ It reads its :class:`~fednca_daemon.trainer_protocol.WorkerSpec` from the first 
 5. answers ``ready`` and then trains one chunk per command, at most up to the planned steps,
    writing the checkpoint atomically after each, and answers ``chunk``.
 
-This is the only place in the daemon that imports PyTorch.
+The trainer is the spec's ``trainer`` (``training.trainer`` in daemon.yaml): ``numpy``
+(:mod:`fednca.nptrain`, the default, which never imports PyTorch) or ``torch`` (:mod:`fednca.train`,
+the reference, which needs the ``torch`` extra). This is the only place in the daemon that may
+import PyTorch, and only for the latter. Each trainer refuses the other's checkpoint: a site that
+switches trainer starts its current round again from the global model, with fresh Adam moments
+(a warning names the file and the trainer that wrote it).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 from fednca.atomic import write_bytes
 from fednca.errors import FedNCAError
@@ -109,18 +115,61 @@ def _load_data(spec: WorkerSpec, size: int) -> tuple[Any, Any]:
     return data, None
 
 
+@dataclass(frozen=True)
+class Backend:
+    """One trainer implementation behind the interface the session uses."""
+
+    name: str
+    trainer: Any  # the Trainer class: constructor, restore(), run(), checkpoint(), set_weights()
+    evaluate: Callable[[Any, Any], float]  # (trainer, dataset) -> mean Dice on that dataset
+    check: Callable[[Any], None]  # raises TrainerError when it cannot train this model configuration
+
+
+def _numpy_backend(threads: int) -> Backend:
+    from fednca import npnca
+    from fednca.errors import ConfigError
+    from fednca.nptrain import Trainer, evaluate
+
+    def check(cfg: Any) -> None:
+        try:
+            npnca.check_supported(cfg)
+        except ConfigError as e:
+            raise TrainerError(f"the numpy trainer cannot train this federation's model ({e}); "
+                               "set training.trainer: torch on this site (needs PyTorch)") from None
+
+    # numpy's BLAS takes its threads from OPENBLAS_NUM_THREADS and friends (set by the daemon).
+    return Backend(name="numpy", trainer=Trainer, check=check,
+                   evaluate=lambda t, data: evaluate(t.params, t.model_cfg, data).dice_mean)
+
+
+def _torch_backend(threads: int) -> Backend:
+    try:
+        import torch
+    except ImportError:
+        raise TrainerError("training.trainer is 'torch' but PyTorch is not installed here: install the "
+                           "package's [torch] extra, or set training.trainer: numpy") from None
+    from fednca.train import Trainer, evaluate
+
+    torch.set_num_threads(threads)
+    return Backend(name="torch", trainer=Trainer, check=lambda cfg: None,
+                   evaluate=lambda t, data: evaluate(t.model, data).dice_mean)
+
+
+BACKENDS = {"numpy": _numpy_backend, "torch": _torch_backend}
+
+
 class Session:
     """The trainer of one round, after start-up."""
 
     def __init__(self, *, spec: WorkerSpec, events: BinaryIO, signals: _Signals) -> None:
         import numpy as np
-        import torch
 
-        from fednca.train import CheckpointError, Trainer, evaluate
+        from fednca.training import CheckpointError
         from fednca.wire import open_announcement
         from nacl.signing import VerifyKey
 
-        torch.set_num_threads(spec.threads)
+        backend = BACKENDS[spec.trainer](spec.threads)
+        Trainer, evaluate = backend.trainer, backend.evaluate
         self.spec, self.events, self.signals = spec, events, signals
         self.evaluate = evaluate
         folder = StateFolder(path=spec.state_dir)
@@ -131,13 +180,15 @@ class Session:
         h = ann.header
         if h.round != spec.round:
             raise TrainerError(f"the saved announcement is for round {h.round}, not {spec.round}")
+        backend.check(h.model)
         self.train, self.test = _load_data(spec, h.model.input_size)
         trainer, extra = None, {}
         if self.checkpoint_path.exists():
             try:
                 trainer, extra = Trainer.restore(self.checkpoint_path.read_bytes(), data=self.train)
             except CheckpointError as e:
-                log.warning("checkpoint not usable (%s): starting from the global model", e)
+                log.warning("%s: checkpoint not usable by the %s trainer (%s): starting the round from the "
+                            "global model", self.checkpoint_path, backend.name, e)
             if trainer is not None and (trainer.model_cfg != h.model or trainer.train_cfg != h.train):
                 log.warning("the federation changed the model or training configuration: new optimiser state")
                 trainer, extra = None, {}
@@ -156,7 +207,7 @@ class Session:
             extra = {"round": h.round, "base_sha256": h.model_sha256, "round_start": trainer.steps,
                      "planned": h.train.local_epochs * trainer.batches_per_epoch, "loss_sum": 0.0, "loss_steps": 0}
             if self.test is not None:
-                extra["dice_global"] = evaluate(trainer.model, self.test).dice_mean
+                extra["dice_global"] = evaluate(trainer, self.test)
             self.save(trainer, extra)
             log.info("round %d: %d steps planned on %d images", h.round, extra["planned"], len(self.train))
         self.trainer, self.extra = trainer, extra
@@ -191,7 +242,7 @@ class Session:
             self.extra["loss_sum"] += c.loss * c.steps
             self.extra["loss_steps"] += c.steps
             if self.steps >= self.planned and self.test is not None:
-                self.extra["dice_local"] = self.evaluate(self.trainer.model, self.test).dice_mean
+                self.extra["dice_local"] = self.evaluate(self.trainer, self.test)
             self.save(self.trainer, self.extra)
         self.send(ChunkReport(round=self.spec.round, steps=self.steps, planned=self.planned,
                               samples=len(self.train), chunk_steps=steps, chunk_samples=samples,
@@ -269,4 +320,4 @@ if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # the checkpoint is on disk: skip PyTorch's slow teardown so a stop stays quick
+    os._exit(code)  # the checkpoint is on disk: skip the interpreter's (and PyTorch's) slow teardown

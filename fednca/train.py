@@ -30,6 +30,7 @@ from .training import CheckpointError, Chunk, DataOrder, Evaluation, checkpoint_
 from .model import SegmentationNCA, build, tensors
 
 FORMAT = "fednca-checkpoint/1"
+NUMPY_FORMAT = "fednca-numpy-checkpoint/1"  # what fednca.nptrain writes; refused here, as it refuses ours
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -158,6 +159,8 @@ class Trainer(DataOrder):
             arrays = st_load(blob)
 
             meta = json.loads(checkpoint_metadata(blob)["fednca"])
+            if meta.get("format") == NUMPY_FORMAT:
+                raise CheckpointError("checkpoint was made by the numpy trainer (fednca.nptrain)")
             if meta.get("format") != FORMAT:
                 raise CheckpointError(f"unknown checkpoint format {meta.get('format')!r}")
             model_cfg = ModelConfig.from_dict(meta["model_cfg"])

@@ -127,8 +127,19 @@ def test_the_reference_lists_every_key_with_its_default():
     assert rows["site"] == "required" and rows["cpu.duty_cycle"] == "0.5" and rows["gates.windows"] == "[]"
     assert rows["training.low_memory"] == "true" and rows["broker.tls.ca_file"] == "null"
     assert rows["data.phantom.count"] == "64" and rows["data.phantom"] == "(section)"
-    assert len(rows) == 48  # 37 keys in 11 sections
+    assert len(rows) == 49  # 38 keys in 11 sections
     assert rows["inference.export"] == "true"
+    assert rows["training.trainer"] == "numpy"
+
+
+def test_the_trainer_is_numpy_or_torch(tmp_path):
+    conf = tmp_path / "daemon.yaml"
+    fed = Federation(tmp_path)
+    assert fed.config().training.trainer == "numpy"
+    assert fed.config(training={"trainer": "torch"}).training.trainer == "torch"
+    conf.write_text(yaml.safe_dump(fed.config_data(training={"trainer": "tensorflow"})))
+    with pytest.raises(dc.DaemonConfigError, match="training.trainer: .*numpy.*torch"):
+        dc.load(conf, env={})
 
 
 def test_check_config_prints_the_effective_configuration(tmp_path, capsys):

@@ -13,7 +13,7 @@ from fednca.train import Trainer
 from fednca.wire import make_announcement, model_sha256, open_announcement, open_update
 from fednca_daemon.errors import StateFolderError
 from fednca_daemon.outbox import Done, Outbox, StateFolder
-from fednca_daemon.submission import CheckpointMismatch, build_update, progress_of, read_progress
+from fednca_daemon.submission import CheckpointMismatch, build_update, checkpoint_damage, progress_of, read_progress
 
 UID = "0123456789abcdef0123456789abcdef"
 
@@ -91,6 +91,22 @@ def test_progress_is_read_from_a_trainer_checkpoint_without_pytorch(trained):
     assert progress_of(None, round=3, base_sha256=sha) == (0, None)
     with pytest.raises(CheckpointMismatch):
         read_progress(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+
+
+def test_progress_is_read_from_a_numpy_trainer_checkpoint_too():
+    from fednca.nptrain import Trainer as NumpyTrainer
+
+    weights = tiny_weights()
+    trainer = NumpyTrainer(model_cfg=TINY_MODEL, train_cfg=TINY_TRAIN, data=phantom_dataset(site=0, count=8, size=16),
+                           weights={k: np.array(v) for k, v in weights.items()})
+    trainer.run(max_steps=3)
+    blob = trainer.checkpoint(round=2, base_sha256="ab" * 32, round_start=0, planned=40, loss_sum=1.5, loss_steps=3)
+    p = read_progress(blob)
+    assert (p.round, p.steps, p.planned, p.samples) == (2, 3, 40, 8)
+    assert p.metrics == {"train_loss": 0.5}
+    assert all(np.array_equal(p.weights[k], v) for k, v in trainer.weights().items())
+    assert progress_of(blob, round=2, base_sha256="ab" * 32) == (3, 40)
+    assert checkpoint_damage(blob) is None
 
 
 def test_an_update_made_from_the_checkpoint_opens_at_the_coordinator(trained):

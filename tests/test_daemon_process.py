@@ -21,7 +21,7 @@ import yaml
 from daemon_support import FakeCoordinator, Federation, TINY_MODEL, tiny_weights, wait_for
 from fednca.config import train_preset
 from fednca.phantom import phantom_dataset
-from fednca.train import Trainer
+from fednca.nptrain import Trainer
 from fednca.transport.mqtt import MqttClient
 from fednca.wire import make_announcement
 from fednca_daemon import config as dc

@@ -163,6 +163,8 @@ def test_bad_checkpoints_are_refused_with_checkpoint_error():
     torch_blob = TorchTrainer(model_cfg=TINY, train_cfg=train_preset(batch_size=4), data=data).checkpoint()
     with pytest.raises(CheckpointError, match="PyTorch"):
         Trainer.restore(torch_blob, data=data)
+    with pytest.raises(CheckpointError, match="numpy trainer"):  # and the other way round
+        TorchTrainer.restore(make(data).checkpoint(), data=data)
 
 
 def test_model_files_are_the_same_format_both_ways(tmp_path):
