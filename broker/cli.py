@@ -5,6 +5,7 @@
     fednca coordinator enroll DIR SITE KEYFILE|HEX [--out FOLDER] [--replace]
     fednca coordinator revoke DIR SITE
     fednca coordinator broker-config DIR [--new-server-certificate]
+    fednca coordinator bridge DIR REGION [--broker URL] [--site SITE ...] [--remove-site SITE ...]
     fednca coordinator run DIR [--log-level info]
     fednca coordinator show DIR [--json]
     fednca coordinator check DIR [--json]                 every problem that would stop run (exit 2)
@@ -44,7 +45,7 @@ from fednca.notify import Notifier
 
 from .clients import broker_client
 from .config import CONFIG_NAME, BrokerConfig, FederationConfig, load_config
-from . import setup_commands as setup
+from . import bridge_setup, setup_commands as setup
 from .store import RoundStore
 
 KILL_ENV = "FEDNCA_COORDINATOR_KILL_AFTER"
@@ -77,6 +78,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     enroll.add_argument("--replace", action="store_true", help="give an enrolled site a new key and password")
     enroll.add_argument("--out", type=Path, help="also write what the site needs into this folder")
     enroll.add_argument("--json", action="store_true", help="print one JSON object")
+    enroll.add_argument("--region", help="the site connects to this region's broker (fednca coordinator bridge)")
     revoke = sub.add_parser("revoke", help="revoke a site: drop its key and its broker account")
     revoke.add_argument("folder", type=Path)
     revoke.add_argument("site")
@@ -88,6 +90,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     conf.add_argument("folder", type=Path)
     conf.add_argument("--new-server-certificate", action="store_true",
                       help="issue the broker's TLS certificate again (same CA: sites need nothing new)")
+    bridge_setup.configure(sub)
     back = sub.add_parser("rollback", help="go back to an earlier global model, in a new round (coordinator stopped)")
     back.add_argument("folder", type=Path, metavar="DIR", help="the federation folder")
     back.add_argument("--to-round", type=int, required=True, metavar="N", help="train on from the model of round N")
@@ -103,7 +106,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     actions = {"init": setup.init, "enroll": setup.enroll, "revoke": setup.revoke,
                "broker-config": setup.broker_config, "run": _run, "rollback": _rollback, "show": _show,
-               "check": _check}  # fmt: skip
+               "check": _check, "bridge": bridge_setup.run}  # fmt: skip
     return actions[args.action](args)
 
 

@@ -28,7 +28,8 @@ from typing import Callable
 from fednca import keys as k
 from fednca.atomic import write_bytes
 
-from . import mosquitto, tls
+from . import mosquitto, regions, tls
+from .bridge import bridge_user
 from .config import CoordinatorConfig
 from .mosquitto import BrokerAccount, MosquittoSettings
 
@@ -89,7 +90,7 @@ def write_broker_files(cfg: CoordinatorConfig, *, registry: k.Registry, coordina
     Path(settings.folder).mkdir(parents=True, exist_ok=True)
     if cfg.mosquitto.tls_names:
         ensure_server_certificate(cfg, renew=renew_certificate, now=now)
-    observers = observer_passwords or {}
+    observers = {**(observer_passwords or {}), **bridge_passwords(cfg)}  # service accounts, passwords in secrets/
     if site_passwords is not None or not settings.password_path.exists():
         mosquitto.write_password_file(settings.password_path, {settings.coordinator_user: coordinator_password,
                                                                **observers, **(site_passwords or {})})
@@ -103,6 +104,21 @@ def write_broker_files(cfg: CoordinatorConfig, *, registry: k.Registry, coordina
     return update_access(cfg, registry=registry, account=account)
 
 
+def bridge_passwords(cfg: CoordinatorConfig) -> dict[str, str]:
+    """The central broker accounts of the regional bridges (``regions.json``), with their passwords."""
+    out = {}
+    for name in regions.read_regions(cfg.folder).regions:
+        path = regions.password_path(cfg.folder, name)
+        if path.is_file():
+            out[bridge_user(name)] = path.read_text().strip()
+    return out
+
+
+def bridges(cfg: CoordinatorConfig, registry: k.Registry) -> dict[str, tuple[str, ...]]:
+    """Region -> its enrolled sites, for the central broker's ACL."""
+    return regions.read_regions(cfg.folder).bridges(registry.sites)
+
+
 def password_users(path: Path) -> list[str]:
     return [line.split(":", 1)[0] for line in path.read_text().splitlines() if ":" in line]
 
@@ -111,7 +127,7 @@ def update_access(cfg: CoordinatorConfig, *, registry: k.Registry, account: Brok
     """ACL and conf again for the enrolled sites (limits grow with them), owners and modes restored."""
     account = account or mosquitto.broker_account(cfg.mosquitto.user)
     settings = settings_for(cfg, sites=len(registry.sites), account=account)
-    mosquitto.write_acl_and_conf(settings, sites=registry.sites, account=None)
+    mosquitto.write_acl_and_conf(settings, sites=registry.sites, account=None, bridges=bridges(cfg, registry))
     blocked = mosquitto.secure(settings, account)
     hand_over(cfg)
     return blocked

@@ -49,6 +49,8 @@ from fednca import topics
 from fednca.atomic import fsync_dir, write_bytes, write_text
 from fednca.errors import ConfigError, FedNCAError
 
+from . import bridge
+
 DEFAULT_MAX_PACKET_SIZE = 1_048_576
 CONF_NAME, PASSWORD_NAME, ACL_NAME, DATA_NAME = "mosquitto.conf", "passwd", "acl", "data"
 CA_NAME, CERT_NAME, KEY_NAME = "ca.pem", "server.pem", "server.key"
@@ -211,11 +213,13 @@ def render_conf(settings: MosquittoSettings) -> str:
 
 
 def render_acl(federation: str, *, coordinator_user: str, sites: Iterable[str],
-               observers: Iterable[str] = ()) -> str:
-    """The ACL file: the coordinator's block, the observers', then one block per site (sorted)."""
+               observers: Iterable[str] = (), bridges: Mapping[str, Iterable[str]] | None = None) -> str:
+    """The ACL file: the coordinator's block, the observers', one block per site (sorted), then one
+    per regional bridge (``bridges``: region -> its sites; rules in :func:`bridge.bridge_rules`)."""
     site_ids = sorted(set(sites))
     observer_ids = list(dict.fromkeys(observers))
-    for taken in (coordinator_user, *observer_ids):
+    regions = dict(sorted((bridges or {}).items()))
+    for taken in (coordinator_user, *observer_ids, *map(bridge.bridge_user, regions)):
         if taken in site_ids:
             raise ConfigError("sites", f"no site may be named {taken!r}, a broker account of the coordinator's")
     lines = [
@@ -229,6 +233,10 @@ def render_acl(federation: str, *, coordinator_user: str, sites: Iterable[str],
         lines += ["", f"user {user}"]
         for rule in topics.rules(role=role, user=user, federation=federation):
             lines.append(f"topic {rule.access} {rule.topic_filter}")
+    for region, members in regions.items():
+        lines += ["", f"user {bridge.bridge_user(region)}"]
+        lines += [f"topic {r.access} {r.topic_filter}"
+                  for r in bridge.bridge_rules(federation, region=region, sites=members)]
     return "\n".join(lines) + "\n"
 
 
@@ -424,10 +432,11 @@ def write_files(
     return BrokerFiles(settings.conf_path, settings.password_path, settings.acl_path)
 
 
-def write_acl_and_conf(settings: MosquittoSettings, *, sites: Iterable[str], account: BrokerAccount | None) -> None:
-    """Write the ACL and mosquitto.conf again (enrolment, revocation, a new configuration)."""
+def write_acl_and_conf(settings: MosquittoSettings, *, sites: Iterable[str], account: BrokerAccount | None,
+                       bridges: Mapping[str, Iterable[str]] | None = None) -> None:
+    """Write the ACL and mosquitto.conf again (enrolment, revocation, a new configuration, a region)."""
     acl = render_acl(settings.federation, coordinator_user=settings.coordinator_user, sites=sites,
-                     observers=settings.observer_users)
+                     observers=settings.observer_users, bridges=bridges)
     write_text(settings.acl_path, acl, mode=0o640)
     write_text(settings.conf_path, render_conf(settings), mode=0o640)
     if account is not None:

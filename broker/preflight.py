@@ -163,7 +163,7 @@ def broker_findings(cfg: CoordinatorConfig, registry: k.Registry | None) -> list
         return out
     if settings.acl_path in present and settings.acl_path.read_text() != mosquitto.render_acl(
             settings.federation, coordinator_user=settings.coordinator_user, sites=registry.sites,
-            observers=settings.observer_users):
+            observers=settings.observer_users, bridges=deploy.bridges(cfg, registry)):
         out.append(Finding("mosquitto", "the ACL does not match the enrolled sites", f"{again}, then reload mosquitto",
                            path=str(settings.acl_path)))
     if settings.password_path in present:

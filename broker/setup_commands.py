@@ -23,11 +23,12 @@ from fednca.config import preset, train_preset
 from fednca.errors import ConfigError, FedNCAError
 from fednca.topics import check_id
 
-from . import deploy, mosquitto
+from . import bridge_setup, deploy, mosquitto
 from .clients import read_secret
 from .config import (CONFIG_NAME, OBSERVERS, BrokerConfig, CoordinatorConfig, FederationConfig, MosquittoConfig,
                      load_config, to_yaml_dict)
 from .listener import check_config, plan_listener
+from .regions import read_regions
 from .rounds import RoundConfig
 from .store import RoundStore
 
@@ -144,21 +145,22 @@ def _warn_blocked(blocked: list[Path]) -> None:
 def enroll(args: argparse.Namespace) -> int:
     cfg = load_config(args.folder / CONFIG_NAME)
     site = check_id(args.site, what="site")
-    if site == cfg.broker.username or site in OBSERVERS:
-        raise FedNCAError(f"site {site!r}: that is the broker user name of the coordinator or of its views")
+    if site == cfg.broker.username or site in OBSERVERS or site in read_regions(cfg.folder).users:
+        raise FedNCAError(f"site {site!r}: that is the broker user name of the coordinator, its views or a bridge")
     registry = k.read_registry(cfg.registry_path)
     if site in registry.sites and not args.replace:
         raise FedNCAError(f"site {site!r} is already enrolled; pass --replace to give it a new key and password")
     enrolled = registry.enrol(site, k.verify_key_from_text(args.key))
     password = secrets.token_urlsafe(24)
     mosquitto.set_password(cfg.mosquitto_settings().password_path, site, password)
+    url = bridge_setup.place_site(cfg, site, region=args.region, registry=enrolled) or cfg.broker.url
     _rewrite_acl(cfg, enrolled)
     k.write_registry(cfg.registry_path, enrolled)  # last: the site counts from here on
     deploy.hand_over(cfg)
     pub = k.read_coordinator_public(cfg.keys_dir)
     sheet = {
         "federation": cfg.federation.name, "site": site, "site_key_id": k.key_id(enrolled.sites[site]),
-        "broker": cfg.broker.url, "mqtt_username": site, "mqtt_password": password,
+        "broker": url, "mqtt_username": site, "mqtt_password": password,
         "coordinator_signing_key": bytes(pub.verify).hex(), "coordinator_signing_key_id": pub.verify_id,
         "coordinator_box_key": bytes(pub.box).hex(), "coordinator_box_key_id": pub.box_id,
         "update_dtype": cfg.federation.update_dtype,
@@ -196,6 +198,7 @@ def revoke(args: argparse.Namespace) -> int:
     passwd = cfg.mosquitto_settings().password_path
     if any(line.split(":", 1)[0] == site for line in passwd.read_text().splitlines()):
         mosquitto.remove_user(passwd, site)
+    bridge_setup.forget_site(cfg, site, registry=revoked)
     _rewrite_acl(cfg, revoked)
     print(f"revoked site {site!r} of federation {cfg.federation.name!r}")
     print(_reload_hint(cfg))
