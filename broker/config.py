@@ -35,9 +35,10 @@ from fednca.settings import BAD, Parser
 from fednca.topics import TopicError, check_id
 from fednca.transport.base import DEFAULT_MAX_PACKET_SIZE, TransportError
 from fednca.transport.mqtt import parse_url
-from fednca.wire import UPDATE_DTYPES
+from fednca.wire import UPDATE_ENCODINGS
 
 from . import tls
+from .downlink import MODEL_DELTAS
 from .mosquitto import MosquittoSettings, TLSListener, limits_for
 from .rounds import RoundConfig
 
@@ -88,7 +89,8 @@ class FederationConfig:
     model: ModelConfig = ModelConfig()
     seed: int = 0  # seed of the initial weights when the federation starts from scratch
     train: TrainConfig = TrainConfig()
-    update_dtype: str = "float16"  # what sites are told to send; float16 and float32 are both accepted
+    update_dtype: str = "float16"  # what sites are told to send (announced): float16, float32 or q8; all accepted
+    model_delta: str = "off"  # "q8": announce each model as an 8-bit delta from the previous (broker/downlink.py)
 
     def __post_init__(self) -> None:
         problems: list[tuple[str, str]] = []
@@ -100,8 +102,10 @@ class FederationConfig:
             _positive_int("max_rounds", self.max_rounds, problems)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             problems.append(("seed", f"must be an integer >= 0, got {self.seed!r}"))
-        if self.update_dtype not in UPDATE_DTYPES:
-            problems.append(("update_dtype", f"must be one of {sorted(UPDATE_DTYPES)}, got {self.update_dtype!r}"))
+        if self.update_dtype not in UPDATE_ENCODINGS:
+            problems.append(("update_dtype", f"must be one of {sorted(UPDATE_ENCODINGS)}, got {self.update_dtype!r}"))
+        if self.model_delta not in MODEL_DELTAS:
+            problems.append(("model_delta", f"must be one of {list(MODEL_DELTAS)}, got {self.model_delta!r}"))
         _refuse(problems)
 
 
@@ -255,6 +259,7 @@ def to_yaml_dict(cfg: CoordinatorConfig) -> dict[str, Any]:
         "model": {"preset": f.model.preset, "seed": f.seed, **_plain(model_overrides)},
         "train": _plain(f.train.to_dict()),
         "update_dtype": f.update_dtype,
+        "model_delta": f.model_delta,
         "mosquitto": _plain(dataclasses.asdict(cfg.mosquitto)),
     }
 
@@ -289,7 +294,8 @@ def load_config(path: str | Path) -> CoordinatorConfig:
     return parse_config(data, folder=path.resolve().parent, path=path)
 
 
-_SECTIONS = ("federation", "broker", "round", "aggregation", "model", "train", "update_dtype", "mosquitto")
+_SECTIONS = ("federation", "broker", "round", "aggregation", "model", "train", "update_dtype", "model_delta",
+             "mosquitto")
 
 # Fields of FederationConfig that the file holds under another key.
 _KEY_OF_FIELD = {"name": "federation", "max_rounds": "round.max_rounds", "seed": "model.seed"}
@@ -334,7 +340,8 @@ def parse_config(data: Any, *, folder: Path, path: Path | None = None) -> Coordi
     broker = parser.section(BrokerConfig, _mapping(data.get("broker"), "broker", parser), "broker")
     mosquitto = parser.section(MosquittoConfig, _mapping(data.get("mosquitto"), "mosquitto", parser), "mosquitto")
     top = {"name": name or "check", "max_rounds": max_rounds, "seed": seed,
-           "update_dtype": data.get("update_dtype", FederationConfig.update_dtype)}
+           "update_dtype": data.get("update_dtype", FederationConfig.update_dtype),
+           "model_delta": data.get("model_delta", FederationConfig.model_delta)}
     complete = {key: value for key, value in sections.items() if value is not BAD}
     federation = problems.build("", FederationConfig, {**top, **complete}, keys=_KEY_OF_FIELD)
     if problems:

@@ -65,6 +65,7 @@ from .config import FederationConfig
 from .errors import CoordinatorError
 from .line_limit import LineKey, LineLimiter
 from .global_model import GlobalModel, float32, guarded_model, stored_deltas
+from .downlink import Downlink
 from .publisher import NO_UPDATE_ID, Publisher
 from .recovery import RoundLogIndex
 from .round_events import (
@@ -131,7 +132,9 @@ class Coordinator:
         self._topics = Topics(config.name)
         self._publisher = Publisher(client=client, topics=self._topics, federation=config.name,
                                     signing_key=keys.signing, train=config.train, model=config.model,
-                                    clock=clock)  # fmt: skip
+                                    clock=clock, update_dtype=config.update_dtype,
+                                    model_topic=config.model_delta != "off")  # fmt: skip
+        self._downlink = Downlink(store=store, encoding=config.model_delta)  # the model as sites receive it
         self._commit = GroupCommit(store=store, perform=self._perform_deferred, event=self._publisher.event,
                                    done=self._done)  # fmt: skip
         self._statuses = StatusCache(clock=clock)
@@ -405,6 +408,7 @@ class Coordinator:
             if kept is not None:
                 log.warning("round %d: the aggregate was refused, the next round keeps the previous model: %s",
                             state.round, kept)
+            model = self._downlink.define(round=nxt, previous=self._model, candidate=model)
             size = len(self._store.save_model(nxt, model, metadata={"round": str(nxt)}))
             self._done("SaveModel")
         previous_sha, self._model = self._model.sha256, GlobalModel.of(model)
@@ -451,7 +455,8 @@ class Coordinator:
     # -- publishing -------------------------------------------------------------------------------
 
     def _announce(self, round: int, deadline: float, quorum: int) -> None:
-        self._publisher.announce(round=round, deadline=deadline, quorum=quorum, tensors=self._model.tensors)
+        self._publisher.announce(round=round, deadline=deadline, quorum=quorum, tensors=self._model.tensors,
+                                 delta=self._downlink.announced(round, self._model))
 
     def _emit(self, record: LogRecord, *, durable: bool = False) -> None:
         """One event on the ``events`` topic and in the log; ``durable`` also appends it to the

@@ -1,6 +1,11 @@
 """What the coordinator tells the world: the signed round announcement, signed receipts, and the
 ``events`` topic with its mirror in the ``logging`` module.
 
+With model deltas on (:mod:`.downlink`), a round is announced twice, both retained: whole on the
+``model`` topic first, then as a delta from the previous model on ``round``. Every site receives
+``round``; only a site that does not hold the delta's base subscribes to ``model``, and by then it
+holds the same round's whole model (or a newer one).
+
 Every message goes out at QoS 1. The handles of those the broker has not yet taken are kept, so
 that :meth:`Publisher.wait_published` can hold a shutdown until they are safe; without it a
 receipt still in the client's memory would die with the process.
@@ -24,6 +29,7 @@ from nacl.signing import SigningKey
 from fednca.config import ModelConfig, TrainConfig
 from fednca.topics import Topics
 from fednca.transport.base import Client, PayloadTooLarge, PublishHandle
+from fednca.quantise import Quantised
 from fednca.wire import make_announcement, make_receipt
 
 from .round_events import SendReceipt
@@ -51,7 +57,8 @@ class Publisher:
 
     def __init__(
         self, *, client: Client, topics: Topics, federation: str, signing_key: SigningKey, train: TrainConfig,
-        model: ModelConfig, clock: Callable[[], float] = time.time,
+        model: ModelConfig, clock: Callable[[], float] = time.time, update_dtype: str | None = None,
+        model_topic: bool = False,
     ) -> None:  # fmt: skip
         self._client = client
         self._clock = clock  # tells each announcement's seconds_left
@@ -60,21 +67,31 @@ class Publisher:
         self._signing = signing_key
         self._train = train
         self._model = model
+        self._update_dtype = update_dtype  # announced: how sites send their updates
+        self._model_topic = model_topic  # also publish the whole model on ``model`` (deltas on)
         self._pending: list[PublishHandle] = []  # not yet answered by the broker
 
-    def announce(self, *, round: int, deadline: float, quorum: int, tensors: Mapping[str, np.ndarray]) -> None:
+    def announce(
+        self, *, round: int, deadline: float, quorum: int, tensors: Mapping[str, np.ndarray],
+        delta: tuple[str, Quantised] | None = None,
+    ) -> None:  # fmt: skip
         """The signed, retained announcement of ``round`` with its global model.
 
         It carries the time left as well as the deadline: sites time the round by the former on
-        their own clock (a site's wall clock may be hours off) and show the latter.
+        their own clock (a site's wall clock may be hours off) and show the latter. ``delta``
+        (base sha256, q8 delta giving ``tensors``) sends the model as that delta on ``round``.
         """
         deadline_s = math.ceil(deadline)
         seconds_left = min(max(deadline_s - math.floor(self._clock()), 0), deadline_s)
-        payload = make_announcement(
+        fields = dict(
             federation=self._federation, round=round, deadline=deadline_s, quorum=quorum,
             train=self._train, model=self._model, tensors=tensors, signing_key=self._signing,
-            seconds_left=seconds_left,
+            seconds_left=seconds_left, update_dtype=self._update_dtype,
         )  # fmt: skip
+        whole = make_announcement(**fields)  # type: ignore[arg-type]
+        if self._model_topic:
+            self._publish(self._topics.model, whole, retain=True)
+        payload = whole if delta is None else make_announcement(**fields, delta=delta)  # type: ignore[arg-type]
         self._publish(self._topics.round, payload, retain=True)
 
     def receipt(self, action: SendReceipt) -> None:

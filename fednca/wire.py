@@ -34,13 +34,13 @@ from .wire_round import (
     open_announcement, open_receipt,
 )
 from .wire_update import (
-    UPDATE_DTYPES, UPDATE_FIELDS, Update, UpdateHeader, VerifiedUpdate, check_update, make_update, max_update_bytes,
+    UPDATE_DTYPES, UPDATE_ENCODINGS, UPDATE_FIELDS, Update, UpdateHeader, VerifiedUpdate, check_update, make_update, max_update_bytes,
     open_update, verify_update,
 )
 
 __all__ = [
     "ANNOUNCEMENT_FIELDS", "Announcement", "AnnouncementHeader", "MAX_MESSAGE_BYTES", "MAX_RECEIPT_BYTES",
-    "RECEIPT_FIELDS", "Receipt", "Reason", "UPDATE_DTYPES", "UPDATE_FIELDS", "Update", "UpdateHeader", "VERSION",
+    "RECEIPT_FIELDS", "Receipt", "Reason", "UPDATE_DTYPES", "UPDATE_ENCODINGS", "UPDATE_FIELDS", "Update", "UpdateHeader", "VERSION",
     "VerifiedUpdate", "WireError", "check_update", "make_announcement", "make_receipt", "make_update",
     "max_update_bytes", "model_sha256", "open_announcement", "open_receipt", "open_update", "verify_update",
 ]
