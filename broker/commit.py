@@ -6,14 +6,17 @@ the whole batch in the one order that keeps the policy's promise (an update is a
 once it, and the state that counts it, are durable):
 
 1. every accepted payload is written durably, several at once: the file system then commits their
-   fsyncs together, several times faster than one after another;
-2. the last state the policy produced is saved, once for the batch;
-3. the acknowledgements, receipts, announcements and events, in the order they were produced;
-4. the batch's round-log lines, with one write and one fsync.
+   fsyncs together, several times faster than one after another; the verified deltas join the
+   round's spool (``spool``, not durable: rebuilt from the payloads after a crash);
+2. the batch's round-log lines and the last state the policy produced are made durable together
+   (:meth:`.store.RoundStore.save_state`): one append and one fsync, the acceptances being those
+   lines; a transition also rewrites the state snapshot;
+3. the acknowledgements, receipts, announcements and events, in the order they were produced.
 
 A crash before step 2 leaves the messages unacknowledged: the broker delivers them again. A crash
-after it and before step 4 leaves lines out of the log, which :mod:`.recovery` writes back on the
-restart. The ``done`` hook hears each action's name as it completes (the crash tests stop there).
+after it leaves them unacknowledged too, but counted: the broker's second delivery is a
+re-delivery, acknowledged again and not counted twice. The ``done`` hook hears each action's name
+as it completes (the crash tests stop there).
 """
 
 from __future__ import annotations
@@ -59,23 +62,23 @@ class GroupCommit:
             self._deferred.append((action, message))
 
     def flush(self) -> None:
-        """Store the batch's updates, save the state that counts them, then ack, receipt and log."""
+        """Store the batch's updates, make its lines and state durable, then ack, receipt, publish."""
         to_store, self._to_store = self._to_store, []
         self._store_updates(to_store)
+        deferred, self._deferred = self._deferred, []
+        records = [action.record for action, _ in deferred if isinstance(action, LogEvent)]
         if self._unsaved is not None:
-            self._store.save_state(self._unsaved)
+            self._store.save_state(self._unsaved, log=records)
             self._unsaved = None
             self._done("SaveState")
-        deferred, self._deferred = self._deferred, []
-        records: list[LogRecord] = []
+        else:
+            self._store.append_logs(records)  # the round log: one write and one fsync for the batch
         for action, message in deferred:
             if isinstance(action, LogEvent):
                 self._event(action.record)
-                records.append(action.record)
             else:
                 self._perform(action, message)
             self._done(type(action).__name__)
-        self._store.append_logs(records)  # the round log: one write and one fsync for the batch
 
     def _store_updates(self, batch: list[tuple[StoreUpdate, bytes]]) -> None:
         def put(item: tuple[StoreUpdate, bytes]) -> None:

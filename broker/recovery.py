@@ -1,4 +1,12 @@
-"""What a restarted coordinator learns from its round log, and the lines it must write again.
+"""What a restarted coordinator learns from its round log: the state it resumes, and the lines
+it must write again.
+
+:func:`replay` is the second half of reading a round state: ``state.json`` is a snapshot written
+at transitions only, and the acceptances of the open round since then are the ``update_accepted``
+lines after it in the log (each batch appends them, in one fsync, before any of its messages is
+acknowledged). Replaying them gives back the state that counted them.
+
+The rest of this page is about the lines themselves.
 
 The coordinator saves the round state before it acknowledges, publishes or logs anything for a
 batch of messages, and appends the batch's round-log lines last (one write, one fsync). A crash
@@ -20,8 +28,25 @@ from typing import Iterable
 
 from fednca.rounds_vocab import RoundStatus
 
-from .round_state import RoundState
+from .round_state import AcceptedUpdate, RoundState
 from .roundlog import LogRecord, RoundClosedRecord, UpdateAcceptedRecord
+
+
+def replay(state: RoundState, records: Iterable[LogRecord]) -> RoundState:
+    """``state`` (a snapshot of an open round) with the acceptances ``records`` hold for its round,
+    in log order, each site once, ``quorum_at`` set by the acceptance that made quorum, as the
+    policy set it. A line for a site already counted or not enrolled in the snapshot is left out:
+    it is one the snapshot already covers, or of an update a later revocation dropped."""
+    for r in records:
+        if not isinstance(r, UpdateAcceptedRecord) or r.round != state.round or state.status != RoundStatus.OPEN:
+            continue
+        if r.site not in state.enrolled or state.accepted_from(r.site) is not None:
+            continue
+        entry = AcceptedUpdate(r.site, r.update_id, r.samples, r.steps, r.partial, r.at)
+        accepted = state.accepted.appended(entry)  # type: ignore[attr-defined]
+        reached = state.quorum_at is None and len(accepted) >= state.quorum
+        state = state.derive(accepted=accepted, quorum_at=r.at if reached else state.quorum_at)
+    return state
 
 
 class RoundLogIndex:

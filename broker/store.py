@@ -3,12 +3,20 @@
 Layout (the folder is 0700 and every file in it 0600: it holds what sites sent)::
 
     <root>/<federation>/
-        state.json                         the round state, rewritten atomically at every transition
+        state.json                         a compact snapshot of the round state, at each transition
         rounds/<r>/<site>-<update_id>.bin  each accepted update's payload, written before its ack
+        rounds/<r>/deltas/                 the verified deltas of round r, for the close (.spool)
         rounds.jsonl                       the round log: one JSON object a line, appended and fsynced
         models/<r>.safetensors             the global model that round r trains from (float32)
 
-``state.json`` is the only authority on which updates a round counts; file names are for people.
+The round state is ``state.json`` plus the round log after it. :meth:`RoundStore.save_state` costs
+O(1) per accepted update however many the round counts: between transitions (a round opened,
+extended, closed, the enrolment changed) the updates a batch accepts become durable as their
+``update_accepted`` lines, appended with the batch's other lines in one write and one fsync; only
+a transition rewrites ``state.json``, whole and compact, naming the length of the log it covers
+(``log_bytes``). :meth:`RoundStore.load_state` reads the snapshot and replays the acceptances the
+log holds after it (:func:`.recovery.replay`). That pair is the only authority on which updates a
+round counts; file names are for people.
 The round log holds typed records (:mod:`.roundlog`): :meth:`RoundStore.append_logs` writes them
 and :meth:`RoundStore.read_log` gives them back, so no reader handles its lines as loose dicts.
 Every write goes through :func:`fednca.atomic.write_bytes` (temporary file, fsync, rename, fsync
@@ -44,9 +52,12 @@ from safetensors import SafetensorError
 from fednca.atomic import fsync_dir, remove_temporaries, write_bytes
 from fednca.topics import TopicError, check_id
 
+from fednca.rounds_vocab import RoundStatus
+
 from .errors import RoundStateError, StoreError
+from .recovery import replay
 from .round_state import AcceptedUpdate, RoundState
-from .roundlog import LogRecord, decode, encode
+from .roundlog import LogRecord, UpdateAcceptedRecord, decode, encode
 
 __all__ = ["Recovery", "RoundStore", "StoreError"]
 
@@ -70,6 +81,8 @@ class RoundStore:
             raise StoreError(str(e)) from None
         self.folder = Path(root) / federation
         self._log_checked = False
+        self._durable: RoundState | None = None  # the state on disk, as this object last wrote or read it
+        self._journaled: set[tuple[int, str, str]] = set()  # acceptance lines written for a bare save_state
         for folder in (self.folder, self.folder / "rounds", self.folder / "models"):
             _make_dir(folder)
 
@@ -86,13 +99,33 @@ class RoundStore:
     def state_path(self) -> Path:
         return self.folder / "state.json"
 
-    def save_state(self, state: RoundState) -> None:
+    def save_state(self, state: RoundState, *, log: Sequence[LogRecord] = ()) -> None:
+        """Make ``state`` durable together with ``log``, the round-log lines of the same batch.
+
+        When ``state`` differs from the state last saved only by accepted updates appended to the
+        same open round, those updates are written as ``update_accepted`` lines (the batch's own,
+        or lines made here when ``log`` lacks them): one append, one fsync. Otherwise the lines are
+        appended, then ``state.json`` is rewritten atomically, naming the log length it covers.
+        """
         if state.federation != self.federation:
             raise StoreError(f"state of federation {state.federation!r} does not belong in {self.folder}")
-        document = {"format": STATE_FORMAT, "state": state.to_dict()}
-        write_bytes(self.state_path, _json(document, indent=1).encode(), mode=0o600)
+        lines = self._not_journaled(log)
+        before, self._durable = self._durable, None  # unknown until the writes below are done
+        if before is not None and _only_accepted_grew(before, state):
+            named = {(r.site, r.update_id) for r in lines if isinstance(r, UpdateAcceptedRecord) and r.round == state.round}
+            made = [_acceptance(state.round, a) for a in state.accepted[len(before.accepted):]
+                    if (a.site, a.update_id) not in named]  # fmt: skip
+            self._append(lines + made)
+            self._journaled.update((r.round, r.site, r.update_id) for r in made)
+        else:
+            self._append(lines)
+            size = self.log_path.stat().st_size if self.log_path.exists() else 0
+            document = {"format": STATE_FORMAT, "state": state.to_dict(), "log_bytes": size}
+            write_bytes(self.state_path, _json(document).encode(), mode=0o600)
+        self._durable = state
 
     def load_state(self) -> RoundState | None:
+        """The snapshot in ``state.json`` with the acceptances the log holds after it."""
         path = self.state_path
         try:
             document = json.loads(path.read_bytes())
@@ -100,7 +133,8 @@ class RoundStore:
             return None
         except (OSError, ValueError) as e:
             raise StoreError(f"{path}: unreadable ({e})") from None
-        if not isinstance(document, dict) or set(document) != {"format", "state"} or document["format"] != STATE_FORMAT:
+        if (not isinstance(document, dict) or set(document) - {"log_bytes"} != {"format", "state"}
+                or document["format"] != STATE_FORMAT):  # fmt: skip
             raise StoreError(f"{path}: not a round state of format {STATE_FORMAT}")
         try:
             state = RoundState.from_dict(document["state"])
@@ -108,6 +142,12 @@ class RoundStore:
             raise StoreError(f"{path}: {e}") from None
         if state.federation != self.federation:
             raise StoreError(f"{path}: holds federation {state.federation!r}, expected {self.federation!r}")
+        offset = document.get("log_bytes")
+        if offset is not None and state.status == RoundStatus.OPEN:
+            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+                raise StoreError(f"{path}: log_bytes must be an integer >= 0, got {offset!r}")
+            state = replay(state, self._records_from(offset))
+        self._durable = state
         return state
 
     # Updates --------------------------------------------------------------------------------------
@@ -153,7 +193,23 @@ class RoundStore:
         self.append_logs([record])
 
     def append_logs(self, records: Sequence[LogRecord]) -> None:
-        """Append one JSON line per record with a single write and a single fsync."""
+        """Append one JSON line per record with a single write and a single fsync (an acceptance
+        line that :meth:`save_state` already wrote for the same update is not written twice)."""
+        self._append(self._not_journaled(records))
+
+    def _not_journaled(self, records: Sequence[LogRecord]) -> list[LogRecord]:
+        if not self._journaled:
+            return list(records)
+        out = []
+        for r in records:
+            key = (r.round, r.site, r.update_id) if isinstance(r, UpdateAcceptedRecord) else None
+            if key is not None and key in self._journaled:
+                self._journaled.discard(key)
+            else:
+                out.append(r)
+        return out
+
+    def _append(self, records: Sequence[LogRecord]) -> None:
         if not records:
             return
         if not self._log_checked:
@@ -172,20 +228,31 @@ class RoundStore:
     def read_log(self) -> list[LogRecord]:
         """Every complete line of the log as its typed record; a torn last line (no newline yet) is
         left out. A line that is not a record of a known kind is an error that names the line."""
+        return self._records_from(0)
+
+    def _records_from(self, offset: int) -> list[LogRecord]:
         try:
-            lines = self.log_path.read_bytes().split(b"\n")[:-1]
+            with open(self.log_path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < offset:
+                    raise StoreError(f"{self.log_path}: {size} bytes, but the round state covers {offset}")
+                f.seek(offset)
+                lines = f.read().split(b"\n")[:-1]
         except FileNotFoundError:
+            if offset:
+                raise StoreError(f"{self.log_path}: missing, but the round state covers {offset} bytes of it") from None
             return []
         records = []
         for number, line in enumerate(lines, 1):
+            where = f"line {number}" if offset == 0 else f"line {number} after byte {offset}"
             try:
                 data = json.loads(line)
             except ValueError:
-                raise StoreError(f"{self.log_path}: line {number} is not JSON") from None
+                raise StoreError(f"{self.log_path}: {where} is not JSON") from None
             try:
                 records.append(decode(data))
             except ValueError as e:
-                raise StoreError(f"{self.log_path}: line {number} is not a round-log record ({e})") from None
+                raise StoreError(f"{self.log_path}: {where} is not a round-log record ({e})") from None
         return records
 
     def _cut_torn_log_line(self) -> int:
@@ -279,6 +346,25 @@ class StoreLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
+
+
+def _only_accepted_grew(before: RoundState, after: RoundState) -> bool:
+    """Whether ``after`` is ``before`` with accepted updates appended to the same open round (O(1)
+    for states derived from one another: the enrolment and the accepted sequence are shared)."""
+    open_ = RoundStatus.OPEN
+    return (
+        before.status == open_ and after.status == open_ and before.round == after.round
+        and before.deadline == after.deadline and before.extensions == after.extensions
+        and before.model_sha256 == after.model_sha256 and before.opened_at == after.opened_at
+        and before.config == after.config
+        and (before.enrolled is after.enrolled or before.enrolled == after.enrolled)
+        and after.accepted.extends(before.accepted)  # type: ignore[attr-defined]
+    )  # fmt: skip
+
+
+def _acceptance(round: int, a: AcceptedUpdate) -> UpdateAcceptedRecord:
+    return UpdateAcceptedRecord(round=round, at=a.accepted_at, site=a.site, update_id=a.update_id,
+                                samples=a.samples, steps=a.steps, partial=a.partial)  # fmt: skip
 
 
 def _make_dir(folder: Path) -> None:

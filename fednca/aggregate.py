@@ -153,15 +153,24 @@ def clip_norm(delta: Delta, max_norm: float) -> dict[str, np.ndarray]:
     A delta already within the bound is returned unscaled. The bound holds after rounding to
     float32: if rounding pushes the norm over, the scale is shrunk by a few float32 ulps.
     """
+    _, out = clip_scale(delta, max_norm)
+    return {name: np.array(value, dtype=np.float32) for name, value in delta.items()} if out is None else out
+
+
+def clip_scale(delta: Delta, max_norm: float, *, norm: float | None = None) -> tuple[float, dict[str, np.ndarray] | None]:
+    """The factor :func:`clip_norm` scales ``delta`` by (1.0 when it is within the bound) and the
+    scaled float32 copy (None when unscaled). ``norm`` is ``global_norm(delta)`` when known."""
     if not isinstance(max_norm, (int, float)) or isinstance(max_norm, bool) or not 0 < max_norm < math.inf:
         raise AggregationError(f"max_norm must be a finite number > 0, got {max_norm!r}")
-    norm = global_norm(delta)
+    norm = global_norm(delta) if norm is None else norm
     if norm <= max_norm:
-        return {name: np.array(value, dtype=np.float32) for name, value in delta.items()}
-    out = _scaled(delta, max_norm / norm)
+        return 1.0, None
+    scale = max_norm / norm
+    out = scaled(delta, scale)
     if global_norm(out) > max_norm:  # float32 rounding (at most 2**-24 relative) went up: shrink
-        out = _scaled(delta, max_norm / norm * (1 - 2.0**-23))
-    return out
+        scale = max_norm / norm * (1 - 2.0**-23)
+        out = scaled(delta, scale)
+    return scale, out
 
 
 def lower_median(values: Iterable[float]) -> float:
@@ -201,7 +210,8 @@ def cap_weights(updates: Iterable[Update], ratio: float) -> list[tuple[Delta, fl
     return [(delta, min(weight, cap)) for delta, weight in listed]
 
 
-def _scaled(delta: Delta, scale: float) -> dict[str, np.ndarray]:
+def scaled(delta: Delta, scale: float) -> dict[str, np.ndarray]:
+    """``delta`` times ``scale`` (in float64), as float32."""
     return {name: (np.asarray(value, dtype=np.float64) * scale).astype(np.float32) for name, value in delta.items()}
 
 
