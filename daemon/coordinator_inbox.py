@@ -18,6 +18,14 @@ An announcement without ``seconds_left`` (an older coordinator) falls back to th
 against this device's wall clock, with a warning. If the announcement cannot be stored (a full
 disk), it is held and stored again later (:meth:`CoordinatorInbox.store_held`); the lifecycle
 hears of it only once it is stored, with the deadline measured at receipt.
+
+Deltas. A round may be announced as a delta from the previous global model (docs/wire.md). It is
+rebuilt from the model this site holds (in memory, and ``model.safetensors``, written before the
+announcement: :mod:`.held_model`) and must give the signed sha256. A site that holds neither the
+base nor the new model (it missed rounds, or lost its files) is refused with ``wrong_base_model``
+and sets :attr:`CoordinatorInbox.need_model`: the service subscribes to the retained ``model``
+topic, whose whole-model announcement then arrives by :meth:`CoordinatorInbox.model_arrived` and
+is taken like any announcement, and unsubscribes once the site holds the model again.
 """
 
 from __future__ import annotations
@@ -27,10 +35,11 @@ import time
 from dataclasses import dataclass
 
 from fednca.keys import CoordinatorPublicKeys
-from fednca.wire import Announcement, AnnouncementHeader, WireError, open_announcement, open_receipt
+from fednca.wire import Announcement, AnnouncementHeader, Reason, WireError, open_announcement, open_receipt
 
 from . import lifecycle as lc
 from .errors import DamagedFile
+from .held_model import held_models, save_held
 from .outbox import StateFolder, Timing
 from .submission import checkpoint_damage, progress_of
 
@@ -70,6 +79,8 @@ class CoordinatorInbox:
         self.clock_offset_s: float | None = None  # this device's wall clock minus the coordinator's
         self._held: _Held | None = None
         self._warned_old = False
+        self.need_model = False  # a delta came whose base this site does not hold: fetch the whole model
+        self._round_bytes: bytes | None = None  # the last payload taken from the round topic
 
     @property
     def holding(self) -> bool:
@@ -125,16 +136,36 @@ class CoordinatorInbox:
         empty (cleared) one, or one refused (older than what ``state`` follows, or not genuine).
         ``live``: forwarded as it was published, not a retained copy. Raises OSError when it
         cannot be stored; it is then held for :meth:`store_held`."""
-        if not payload or payload == self._announcement_bytes:
+        if not payload or payload == self._announcement_bytes or payload == self._round_bytes:
             return None
+        self._round_bytes = payload
+        return self._take(payload, state=state, now=now, wall=wall, live=live)
+
+    def model_arrived(self, payload: bytes, *, state: lc.State, now: float, wall: float,
+                      live: bool) -> lc.Announced | None:
+        """The whole model from the ``model`` topic, taken as an announcement while
+        :attr:`need_model` (ignored otherwise); None as for :meth:`announcement_arrived`."""
+        if not self.need_model or not payload or payload == self._announcement_bytes:
+            return None
+        return self._take(payload, state=state, now=now, wall=wall, live=live)
+
+    def _take(self, payload: bytes, *, state: lc.State, now: float, wall: float, live: bool) -> lc.Announced | None:
         s = state
         min_round = s.round.round if s.round is not None else (s.done_round if s.done_round >= 0 else None)
         try:
             ann = self._open(payload, min_round=min_round)
         except WireError as e:
+            if e.reason == Reason.WRONG_BASE_MODEL:
+                if not self.need_model:
+                    log.info("round announced as a delta from a model this site does not hold: fetching the "
+                             "whole model")
+                self.need_model = True
+                self.error = "waiting for the whole global model (missed rounds)"
+                return None
             self.error = f"round announcement refused: {e.reason}"
             log.warning("round announcement refused (%s): %s", e.reason, e)
             return None
+        self.need_model = False
         h = ann.header
         self.error = None
         if h.published is not None and live:
@@ -153,6 +184,7 @@ class CoordinatorInbox:
         if held is None:
             return None
         h = held.announcement.header
+        save_held(self.folder, held.announcement.tensors)  # first: the announcement may be a delta from it
         self.folder.save_announcement(held.payload)
         self.folder.save_timing(Timing(round=h.round, model_sha256=h.model_sha256, deadline=held.deadline))
         self._held = None
@@ -176,5 +208,7 @@ class CoordinatorInbox:
         return lc.ReceiptArrived(r.round, r.update_id, r.accepted, r.reason)
 
     def _open(self, payload: bytes, *, min_round: int | None) -> Announcement:
+        current = None if self.announcement is None else self.announcement.tensors
         return open_announcement(payload, coordinator_verify_key=self.coordinator.verify,
-                                 federation=self.federation, min_round=min_round)
+                                 federation=self.federation, min_round=min_round,
+                                 held=held_models(self.folder, current))

@@ -179,6 +179,10 @@ class StateFolder:
     def save_announcement(self, payload: bytes) -> None:
         self._write(self.announcement_path, payload, mode=0o600)
 
+    def write_file(self, path: Path, data: bytes) -> None:
+        """Write another state file of this folder atomically (0600), as the files above."""
+        self._write(path, data, mode=0o600)
+
     def load_timing(self) -> Timing | None:
         """The saved timing; None when there is none or it is damaged (the caller falls back)."""
         raw = self.read(self.timing_path, limit=4096)

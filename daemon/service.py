@@ -57,7 +57,8 @@ from .faults import BrokerLink, open_until_usable, storage_problem, why
 from .outbox import Done, StateFolder, Writer
 from .sensors import Sensors
 from .shell_events import Inbound, Queued, StopAsked, Timer, Timers
-from .submission import CheckpointMismatch, build_update, checkpoint_damage
+from .held_model import load_residual, save_residual
+from .submission import CheckpointMismatch, ErrorFeedback, build_update, checkpoint_damage
 from .supervisor import FromTrainer, TrainerSetup, TrainerSupervisor
 from .telemetry import Snapshot, status_json, status_line
 from .trainer_protocol import DataSpec
@@ -457,9 +458,11 @@ class Service:
             blob = self.folder.load_checkpoint()
             if blob is None:
                 raise CheckpointMismatch("no checkpoint to submit")
+            dtype = ann.header.update_dtype or self.cfg.training.delta_dtype  # the federation's choice first
+            feedback = ErrorFeedback(residual=load_residual(self.folder, round=rnd)) if dtype == "q8" else None
             uid, payload, progress = build_update(
                 announcement=ann, checkpoint=blob, site=self.cfg.site, signing_key=self.site_keys.signing,
-                coordinator_box=self.coordinator.box, dtype=self.cfg.training.delta_dtype)
+                coordinator_box=self.coordinator.box, dtype=dtype, feedback=feedback)
         except (CheckpointMismatch, WireError, StateFolderError) as e:
             self._troubles.report("submit", f"cannot make the update of round {rnd}: {e}", self.clock())
             why = None if blob is None else checkpoint_damage(blob)
@@ -476,6 +479,8 @@ class Service:
         except OSError as e:
             self._storage_failed(e)
             return lc.SubmitFailed(f"cannot store the update: {e.strerror or e}")
+        if feedback is not None and feedback.left is not None:
+            save_residual(self.folder, feedback.left, round=rnd)
         self._troubles.clear("submit")
         self._stored()
         log.info("round %d: update %s stored (%d steps of %d%s, %d bytes)", rnd, uid[:8], progress.steps,
@@ -502,6 +507,8 @@ class Service:
             parsed = self.topics.parse(m.topic)
             if parsed.kind == "round":
                 self._on_announcement(m)
+            elif parsed.kind == "model":
+                self._on_announcement(m, whole=True)
             elif parsed.kind == "receipts" and parsed.site == self.cfg.site:
                 self._on_receipt(m.payload)
         except TopicError as e:
@@ -509,15 +516,31 @@ class Service:
         finally:
             self.client.ack(m)
 
-    def _on_announcement(self, m: Message) -> None:
+    def _on_announcement(self, m: Message, *, whole: bool = False) -> None:
+        """A round announcement, or (``whole``) the whole model of the ``model`` topic, which a
+        site follows only while it lacks the base of the round's delta."""
+        arrived = self.inbox.model_arrived if whole else self.inbox.announcement_arrived
         try:
-            event = self.inbox.announcement_arrived(m.payload, state=self.state, now=self.clock(), wall=self.wall(),
-                                                    live=not m.retain)
+            event = arrived(m.payload, state=self.state, now=self.clock(), wall=self.wall(), live=not m.retain)
         except OSError as e:  # held by the inbox, stored again later
             self._storage_failed(e)
             return
+        finally:
+            self._follow_model_topic()
         if event is not None:
             self._announced(event)
+
+    def _follow_model_topic(self) -> None:
+        """Subscribe to ``model`` while the inbox needs the whole model, and only then."""
+        topic = self.topics.model
+        following = topic in self.client.subscriptions
+        try:
+            if self.inbox.need_model and not following:
+                self.client.subscribe(topic, qos=1)
+            elif following and not self.inbox.need_model:
+                self.client.unsubscribe(topic)
+        except TransportError as e:
+            log.warning("the model topic: %s; tried again with the next announcement", e)
 
     def _announced(self, event: lc.Announced) -> None:
         self._feed(event)

@@ -28,6 +28,7 @@ from nacl.signing import SigningKey
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 
+from fednca.quantise import quantise_with_feedback
 from fednca.wire import Announcement, Reason, WireError, make_update
 
 from .errors import CheckpointMismatch
@@ -112,6 +113,15 @@ def checkpoint_damage(blob: bytes) -> str | None:
     return None
 
 
+@dataclass
+class ErrorFeedback:
+    """The residual a q8 update adds to its delta (``residual``, None for none) and, after
+    :func:`build_update`, the one it leaves for the next (``left``); see :mod:`fednca.quantise`."""
+
+    residual: Mapping[str, np.ndarray] | None = None
+    left: dict[str, np.ndarray] | None = None
+
+
 def build_update(
     *,
     announcement: Announcement,
@@ -120,8 +130,12 @@ def build_update(
     signing_key: SigningKey,
     coordinator_box: PublicKey,
     dtype: str = "float16",
+    feedback: ErrorFeedback | None = None,
 ) -> tuple[str, bytes, Progress]:
-    """(update id, sealed update, progress) for the announced round from the trainer's checkpoint."""
+    """(update id, sealed update, progress) for the announced round from the trainer's checkpoint.
+
+    A q8 update quantises the delta plus ``feedback.residual`` and leaves the new residual in
+    ``feedback.left``; without ``feedback`` it is quantised alone."""
     h = announcement.header
     progress = read_progress(checkpoint)
     if progress.round != h.round or progress.base_sha256 != h.model_sha256:
@@ -132,12 +146,17 @@ def build_update(
     if set(progress.weights) != set(announcement.tensors):
         raise CheckpointMismatch("checkpoint weights do not match the announced model's tensors")
     delta = {k: progress.weights[k].astype(np.float32) - announcement.tensors[k] for k in announcement.tensors}
+    sent: Any = delta
+    if dtype == "q8":
+        sent, left = quantise_with_feedback(delta, None if feedback is None else feedback.residual)
+        if feedback is not None:
+            feedback.left = left
     metrics = {k: progress.metrics[k] for k in _METRICS if k in progress.metrics}
     update_id = secrets.token_hex(16)
     fields: dict[str, Any] = dict(
         federation=h.federation, site=site, round=h.round, base_sha256=h.model_sha256, update_id=update_id,
         samples=progress.samples, steps=progress.steps, partial=progress.steps < progress.planned,
-        metrics=metrics, delta=delta, signing_key=signing_key, coordinator_box=coordinator_box,
+        metrics=metrics, delta=sent, signing_key=signing_key, coordinator_box=coordinator_box,
     )
     try:
         payload = make_update(**fields, dtype=dtype)

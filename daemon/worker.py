@@ -40,6 +40,7 @@ from typing import Any, BinaryIO, Callable
 from fednca.atomic import write_bytes
 from fednca.errors import FedNCAError
 
+from .held_model import held_models
 from .outbox import StateFolder
 from .errors import TrainerError, TrainerProtocolError
 from .trainer_protocol import (ChunkCommand, ChunkReport, TrainerEvent, TrainerFailed, TrainerReady, WorkerSpec,
@@ -176,7 +177,7 @@ class Session:
         self.checkpoint_path = folder.checkpoint_path
         ann = open_announcement(folder.announcement_path.read_bytes(),
                                 coordinator_verify_key=VerifyKey(bytes.fromhex(spec.coordinator_verify_key)),
-                                federation=spec.federation)
+                                federation=spec.federation, held=held_models(folder))  # a delta's base
         h = ann.header
         if h.round != spec.round:
             raise TrainerError(f"the saved announcement is for round {h.round}, not {spec.round}")
