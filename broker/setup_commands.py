@@ -145,8 +145,10 @@ def _warn_blocked(blocked: list[Path]) -> None:
 def enroll(args: argparse.Namespace) -> int:
     cfg = load_config(args.folder / CONFIG_NAME)
     site = check_id(args.site, what="site")
-    if site == cfg.broker.username or site in OBSERVERS or site in read_regions(cfg.folder).users:
-        raise FedNCAError(f"site {site!r}: that is the broker user name of the coordinator, its views or a bridge")
+    if site == cfg.broker.username or site in OBSERVERS:
+        raise FedNCAError(f"site {site!r}: that is the broker user name of the coordinator or of its views")
+    if site in read_regions(cfg.folder).users:
+        raise FedNCAError(f"site {site!r}: that is the broker user name of a regional bridge")
     registry = k.read_registry(cfg.registry_path)
     if site in registry.sites and not args.replace:
         raise FedNCAError(f"site {site!r} is already enrolled; pass --replace to give it a new key and password")
