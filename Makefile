@@ -7,15 +7,16 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
 .PHONY: demo test bench mosquitto clean install-daemon install-coordinator
 
-# The demo needs only the runtime (the ONNX exporter, onnx and onnxscript, is part of it); the
-# tests add pytest, pytest-timeout and hypothesis (setup.cfg's [test] extra).
+# The demo needs the runtime with PyTorch (setup.cfg's [torch] extra: the coordinator's model and the
+# exporter; a site's own install leaves it out); the tests add pytest, pytest-timeout and
+# hypothesis (the [test] extra).
 $(RUNTIME): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) -e .
+	$(PIP) -e '.[torch]'
 	touch $@
 
 $(STAMP): $(RUNTIME)
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[torch,test]'
 	touch $@
 
 # mosquitto backs the real-broker tests (faketime, the hostile-clock ones); install them when missing
@@ -36,9 +37,10 @@ test: $(STAMP) mosquitto
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
-# Install the edge daemon on this board (as root): user, venv, /etc/fednca skeleton, systemd unit.
+# Install the edge daemon on this board (as root): user, venv without PyTorch, /etc/fednca skeleton,
+# systemd unit. ARGS=--with-torch adds PyTorch (for training.trainer: torch), ARGS=--dry-run shows the steps.
 install-daemon:
-	systemd/install-daemon.sh --source .
+	systemd/install-daemon.sh --source . $(ARGS)
 
 # Install the coordinator on the hub (as root): user, venv, /etc/fednca/mosquitto and
 # /var/lib/fednca-coordinator, its unit and mosquitto's drop-in. ARGS=--dry-run shows the steps.

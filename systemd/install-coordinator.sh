@@ -7,7 +7,8 @@
 # What it does, each step skipped when already done:
 #   1. checks Python (3.11 or newer) and that mosquitto is installed (apt-get installs it as root);
 #   2. a system user and group "fednca-coordinator" (no login, home /var/lib/fednca-coordinator);
-#   3. a virtual environment in PREFIX/venv with PyTorch 2.13.0 (CPU) and this package;
+#   3. a virtual environment in PREFIX/venv with PyTorch 2.13.0 (CPU) and this package with its
+#      [torch] extra (the coordinator builds the initial model with PyTorch);
 #   4. the layout: /var/lib/fednca-coordinator (the federation folder, fednca-coordinator 0700),
 #      /etc/fednca/mosquitto (the broker's files, root:mosquitto 0750; /etc/fednca may be entered
 #      by mosquitto), /var/lib/fednca-mosquitto (mosquitto's persistence, mosquitto 0700);
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
         --prefix) PREFIX=$2; shift 2 ;;
         --root) ROOT=$2; shift 2 ;;
         --dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "install-coordinator: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -99,7 +100,7 @@ if [ -z "${SKIP_VENV:-}" ]; then
     esac
     # shellcheck disable=SC2086
     do_ "$ROOT$VENV/bin/pip" install --quiet $TORCH_INDEX "torch==2.13.0"
-    do_ "$ROOT$VENV/bin/pip" install --quiet "$SOURCE"
+    do_ "$ROOT$VENV/bin/pip" install --quiet "$SOURCE[torch]"
     say "installed $SOURCE into $VENV"
 fi
 

@@ -2,12 +2,14 @@
 # Install the FedNCA edge daemon on a board (Debian 12, Raspberry Pi OS bookworm, Jetson Linux, a laptop).
 #
 #   sudo systemd/install-daemon.sh [--source DIR|WHEEL] [--prefix /opt/fednca] [--dry-run]
-#                                  [--site ID] [--federation ID] [--broker URL]
+#                                  [--site ID] [--federation ID] [--broker URL] [--with-torch]
 #
 # What it does, each step skipped when already done (--dry-run prints the steps instead):
 #   0. checks that python3 is 3.11 or newer;
 #   1. a system user and group "fednca" (no login, no home);
-#   2. a virtual environment in PREFIX/venv with PyTorch 2.13.0 (CPU) and this package;
+#   2. a virtual environment in PREFIX/venv with this package and the site's dependencies only: no
+#      PyTorch (the daemon trains with numpy); --with-torch adds PyTorch 2.13.0 (CPU) and the
+#      [torch] extra, for a site set to training.trainer: torch;
 #   3. /etc/fednca (root:fednca 0750) with daemon.yaml from systemd/daemon.example.yaml (0640),
 #      an empty coordinator/ folder for the coordinator's public keys; every path in daemon.yaml
 #      is absolute and the password is read from /etc/fednca/mqtt-password (fednca 0600), so
@@ -28,6 +30,7 @@ SITE=""
 FEDERATION=""
 BROKER=""
 DRY=""
+WITH_TORCH=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --source) SOURCE=$2; shift 2 ;;
@@ -36,7 +39,8 @@ while [ $# -gt 0 ]; do
         --federation) FEDERATION=$2; shift 2 ;;
         --broker) BROKER=$2; shift 2 ;;
         --dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --with-torch) WITH_TORCH=1; shift ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "install-daemon: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -80,14 +84,19 @@ if [ -z "${SKIP_VENV:-}" ]; then
     if [ ! -x "$DESTDIR$VENV/bin/python" ]; then
         do_ "$PYTHON" -m venv "$DESTDIR$VENV"
     fi
-    case "$(uname -m)" in
-        x86_64) TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" ;;  # PyPI's x86 wheel is the CUDA one
-        *) TORCH_INDEX="" ;;  # aarch64 wheels on PyPI are CPU builds
-    esac
-    # shellcheck disable=SC2086
-    do_ "$DESTDIR$VENV/bin/pip" install --quiet $TORCH_INDEX "torch==2.13.0"
-    do_ "$DESTDIR$VENV/bin/pip" install --quiet "$SOURCE"
-    say "installed $SOURCE into $VENV"
+    if [ -n "$WITH_TORCH" ]; then
+        case "$(uname -m)" in
+            x86_64) TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" ;;  # PyPI's x86 wheel is the CUDA one
+            *) TORCH_INDEX="" ;;  # aarch64 wheels on PyPI are CPU builds
+        esac
+        # shellcheck disable=SC2086
+        do_ "$DESTDIR$VENV/bin/pip" install --quiet $TORCH_INDEX "torch==2.13.0"
+        do_ "$DESTDIR$VENV/bin/pip" install --quiet "$SOURCE[torch]"
+        say "installed $SOURCE with PyTorch into $VENV"
+    else
+        do_ "$DESTDIR$VENV/bin/pip" install --quiet "$SOURCE"
+        say "installed $SOURCE into $VENV (no PyTorch: training.trainer numpy)"
+    fi
 fi
 
 # 3. configuration

@@ -176,6 +176,21 @@ def test_dry_runs_change_nothing(tmp_path):
     assert "would run:" in out.stdout and not root.exists()
 
 
+def test_a_board_installs_without_pytorch_unless_asked(tmp_path):
+    env = {**os.environ, "DESTDIR": str(tmp_path / "root"), "SKIP_USER": "1", "SKIP_SYSTEMCTL": "1",
+           "FEDNCA": str(FEDNCA)}
+    plain = subprocess.run([str(SYSTEMD / "install-daemon.sh"), "--dry-run"], env=env, capture_output=True, text=True)
+    pips = [line for line in plain.stdout.splitlines() if "/bin/pip install" in line]
+    assert plain.returncode == 0 and len(pips) == 1 and "torch" not in pips[0], plain.stdout
+    torch = subprocess.run([str(SYSTEMD / "install-daemon.sh"), "--dry-run", "--with-torch"], env=env,
+                           capture_output=True, text=True)  # fmt: skip
+    pips = [line for line in torch.stdout.splitlines() if "/bin/pip install" in line]
+    assert torch.returncode == 0 and "torch==2.13.0" in pips[0] and pips[1].endswith("[torch]"), torch.stdout
+    hub = subprocess.run([str(SYSTEMD / "install-coordinator.sh"), "--root", str(tmp_path / "hub"), "--dry-run"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert hub.returncode == 0 and any(line.endswith("[torch]") for line in hub.stdout.splitlines()), hub.stdout
+
+
 @pytest.mark.parametrize("script", ["install-daemon.sh", "install-coordinator.sh"])
 def test_the_install_scripts_refuse_an_old_python(script, tmp_path):
     old = tmp_path / "python3"
