@@ -63,7 +63,9 @@ def unpack(doc: Document, expected: Mapping[str, Sequence[int]], fail: Any) -> Q
         raise fail(Reason.NON_FINITE, "a q8 scale is negative, NaN or infinite")
     if values.size and int(values.min()) < -LEVELS:
         raise fail(Reason.MALFORMED, f"a q8 value is -128; values are -{LEVELS}..{LEVELS}")
-    if values.size and not np.isfinite(np.float32(LEVELS) * scales).all():
+    with np.errstate(over="ignore"):
+        overflows = not np.isfinite(np.float32(LEVELS) * scales).all()
+    if values.size and overflows:
         raise fail(Reason.NON_FINITE, "a q8 scale makes the dequantised values overflow float32")
     out_values: dict[str, np.ndarray] = {}
     out_scales: dict[str, np.float32] = {}
