@@ -48,6 +48,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--broker", metavar="mqtt://127.0.0.1:PORT",
                    help="run each party as its own process on a mosquitto the demo starts on this port")
+    p.add_argument("--update-dtype", choices=["float16", "float32", "q8"], default=None,
+                   help="how sites send updates (default: the federation's, float16)")
+    p.add_argument("--model-delta", choices=["off", "q8"], default=None,
+                   help="q8: each round's model goes down as an 8-bit delta (default: the federation's, off)")
     p.add_argument("--no-baselines", action="store_true", help="skip the local-only and pooled baselines")
     p.add_argument("--json", action="store_true", help="end with one JSON line of results")
 
@@ -61,7 +65,13 @@ def setup(args: argparse.Namespace, work: Path) -> FederationFolder:
     return set_up(work, federation=FEDERATION, sites=args.sites, rounds=args.rounds, quorum=args.quorum, url=url,
                   model=preset(input_size=args.size, steps=tuple(args.nca_steps)),
                   train=train_preset(local_epochs=args.local_epochs, batch_size=args.batch),
-                  grace=args.grace, train_images=args.train_images, seed=args.seed)
+                  grace=args.grace, train_images=args.train_images, seed=args.seed, wire=_wire(args))
+
+
+def _wire(args: argparse.Namespace) -> dict[str, str]:
+    """The wire options given on the command line (coordinator.yaml's update_dtype, model_delta)."""
+    given = {"update_dtype": getattr(args, "update_dtype", None), "model_delta": getattr(args, "model_delta", None)}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _test_sets(args: argparse.Namespace) -> list:

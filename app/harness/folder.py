@@ -81,7 +81,7 @@ def _quiet(argv: list[str]) -> str:
 def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int, url: str, model: Any,
            train: Any, grace: float, train_images: int, seed: int = 0, chunk_s: float = 2.0,
            telemetry_s: float = 2.0, site_urls: Mapping[str, str] | None = None,
-           initial_model: Path | None = None) -> FederationFolder:
+           initial_model: Path | None = None, wire: Mapping[str, str] | None = None) -> FederationFolder:
     """A federation folder under ``root`` (``coordinator/``, ``site0/``...) made as an operator would.
 
     ``model`` and ``train`` (``fednca.config`` objects) replace the preset's; rounds last up to 30
@@ -90,7 +90,8 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
     thread, no gates and no ONNX export. ``site_urls`` gives a site another broker address (a
     relay); the others use ``url``, which the coordinator's configuration and broker files name.
     ``initial_model`` (a model folder of ``fednca.modelfile`` whose configuration is ``model``) is
-    the first global model instead of fresh weights (``coordinator init --model``).
+    the first global model instead of fresh weights (``coordinator init --model``). ``wire``
+    sets the federation's ``update_dtype`` and ``model_delta`` (coordinator.yaml) where given.
     """
     from fednca_broker.config import to_yaml_dict
 
@@ -107,6 +108,7 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
     fed = dataclasses.replace(
         cfg.federation, model=model, train=train,
         rounds=dataclasses.replace(cfg.federation.rounds, grace_s=grace, round_s=1800.0, extension_s=600.0),
+        **dict(wire or {}),
     )
     cfg = dataclasses.replace(cfg, federation=fed)
     write_text(cfg.config_path, yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False), mode=0o640)
