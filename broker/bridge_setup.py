@@ -45,6 +45,7 @@ from .mosquitto import MosquittoSettings, TLSListener, limits_for
 from .regions import Region, RegionError, Regions, password_path, read_regions, write_regions
 
 CENTRAL_CA = "central-ca.pem"  # in a region's folder: the CA the bridge checks the central broker against
+SHOWN = 20  # sites named in the command's summary (regions.json lists them all)
 
 
 def configure(sub: argparse._SubParsersAction) -> None:
@@ -242,8 +243,9 @@ def run(args: argparse.Namespace) -> int:
         print("  the regional mosquitto reads its bridge section only at start: restart it if the bridge changed, "
               "else reload it")
     if done.sites:
+        shown = ", ".join(done.sites[:SHOWN]) + (f" and {len(done.sites) - SHOWN} more" if len(done.sites) > SHOWN else "")
         print(f"  these sites now set broker.url: {done.url} in their daemon.yaml (password and keys unchanged): "
-              f"{', '.join(done.sites)}")
+              f"{shown}")
     for site in args.remove_site:
         print(f"  {site}: back on the central broker, broker.url: {cfg.broker.url}")
     for site in missing:
