@@ -36,16 +36,19 @@ STORE_THREADS = 8  # payloads of one batch written at once
 
 class GroupCommit:
     """Gathers a batch's actions; ``perform`` carries out each deferred one (ack, receipt,
-    announcement) and ``event`` publishes each round-log record before it is appended."""
+    announcement), ``event`` publishes each round-log record once it is durable, and ``kept`` hears
+    of each update stored (round, site, update id), in the order the policy accepted them."""
 
     def __init__(
         self, *, store: RoundStore, perform: Callable[[Action, Message | None], None],
         event: Callable[[LogRecord], None], done: Callable[[str], None],
+        kept: Callable[[int, str, str], None] | None = None,
     ) -> None:  # fmt: skip
         self._store = store
         self._perform = perform
         self._event = event
         self._done = done
+        self._kept = kept
         self._to_store: list[tuple[StoreUpdate, bytes]] = []
         self._unsaved: RoundState | None = None
         self._deferred: list[tuple[Action, Message | None]] = []
@@ -90,5 +93,7 @@ class GroupCommit:
                 list(pool.map(put, batch))  # re-raises the first failure
         elif batch:
             put(batch[0])
-        for _ in batch:
+        for action, _ in batch:
+            if self._kept is not None:
+                self._kept(action.round, action.site, action.update_id)
             self._done("StoreUpdate")

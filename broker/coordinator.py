@@ -8,21 +8,26 @@ order in which a batch reaches disk and broker), :mod:`.recovery` (the round-log
 kept out), :mod:`.publisher` (announcements, receipts, events), :mod:`.telemetry` (the sites'
 last status) and :mod:`.global_model` (the model held and the stored deltas of a closed round).
 
-A message on ``updates/<site>`` is opened by the codec (size limit first, then seal, signature,
-fields, tensors) and becomes ``UpdateVerified`` or ``UpdateRejected`` with the codec's reason
+A message on ``updates/<site>`` is opened once, by the codec (size limit first, then seal,
+signature, fields, tensors), on a pool of threads (:mod:`.verifier`), and becomes
+``UpdateVerified`` (with its delta as a float32 row) or ``UpdateRejected`` with the codec's reason
 code. Its actions are performed in the order the policy gives: the payload is written durably
-(``StoreUpdate``), the state that counts it is saved (``SaveState``), then the message is
+(``StoreUpdate``) and its delta joins the round's spool (:mod:`.spool`), the batch's round-log
+lines and the state that counts it are made durable (``SaveState``), then the message is
 acknowledged to the broker, a signed receipt goes to ``receipts/<site>`` and the verdict to the
-round log, the ``events`` topic and the ``logging`` module.
+``events`` topic and the ``logging`` module.
 
-Group commit: the messages waiting in the inbox (at most ``batch``) are judged one after another,
-then performed together (:mod:`.commit`): payloads, one state save, acks, one log append.
+Batches: the messages waiting in the inbox (at most ``batch``) are taken in arrival order: topic
+and admission first, then every update of the batch is handed to the pool at once; the results
+are judged by the policy one after another in arrival order, then performed together
+(:mod:`.commit`): payloads, one log append (and a state snapshot at a transition), acks.
 
-When the policy closes a round, the accepted updates are read back from the store one at a time,
-opened again, bounded and aggregated by the configured method, applied to the global model in
-float32 and checked (:func:`.global_model.guarded_model`: a refused aggregate keeps the previous
-model, and the round log says why), the new model is saved, the round is logged and the next round is
-announced. After ``max_rounds`` the final model is announced as round ``max_rounds + 1`` with its
+When the policy closes a round, the accepted deltas are aggregated from the spool, in acceptance
+order, by the configured method, without opening any update again (after a restart, the updates
+counted before it are opened again once, from the store, to refill the spool), applied to the
+global model in float32 and checked (:func:`.spool.next_model`: a refused aggregate keeps the
+previous model, and the round log says why), the new model is saved, the round is logged and the
+next round is announced. After ``max_rounds`` the final model is announced as round ``max_rounds + 1`` with its
 deadline at the moment the federation finished, and ``federation_finished`` is published.
 
 Floods: after the topic check, every message on ``updates/<site>`` or ``status/<site>`` is
@@ -47,6 +52,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from typing import Callable, Mapping
 
 import numpy as np
@@ -56,7 +62,8 @@ from fednca.keys import CoordinatorKeys, Registry
 from fednca.rounds_vocab import RoundStatus
 from fednca.topics import Topics, TopicError
 from fednca.transport.base import Client, Message
-from fednca.wire import UpdateHeader, WireError, check_update, verify_update
+from fednca.aggregate_rows import flatten, row_norm
+from fednca.wire import WireError, open_update
 
 from . import rounds
 from .admission import Admission, budgets_for
@@ -64,7 +71,7 @@ from .commit import STORE_THREADS, GroupCommit
 from .config import FederationConfig
 from .errors import CoordinatorError
 from .line_limit import LineKey, LineLimiter
-from .global_model import GlobalModel, float32, guarded_model, stored_deltas
+from .global_model import GlobalModel, float32
 from .downlink import Downlink
 from .publisher import NO_UPDATE_ID, Publisher
 from .recovery import RoundLogIndex
@@ -73,11 +80,14 @@ from .round_events import (
     UpdateRejected, UpdateVerified,
 )
 from .round_state import RoundState
+from .spool import DeltaSpool, Key, next_model
+from .verifier import VERIFY_THREADS, Opened, Verifier, open_update_once
 from .roundlog import (
     CoordinatorResumedRecord, FederationFinishedRecord, LogRecord, MessageDroppedRecord, RoundAggregatedRecord,
     SiteThrottledRecord, UpdateRejectedRecord,
     UpdateAcceptedRecord,
 )
+from .errors import StoreError
 from .store import RoundStore
 from .telemetry import STATUS_MAX_BYTES, SiteStatus, StatusCache
 
@@ -88,6 +98,7 @@ log = logging.getLogger("fednca.coordinator")
 FIRST_ROUND = 1
 
 Hook = Callable[[str], None]
+Finish = Callable[[], None]  # the rest of one message's handling, run in arrival order
 
 
 class Coordinator:
@@ -98,7 +109,8 @@ class Coordinator:
     connected: ``start`` connects it); ``clock`` returns seconds since the epoch;
     ``initial_model`` the weights of round 1 when the store holds none (default: built from
     ``config.model`` and ``config.seed``); ``after_action`` is called with each performed
-    action's name (crash tests); ``batch`` the most messages judged before one state save.
+    action's name (crash tests); ``batch`` the most messages judged before one state save;
+    ``verify_threads`` the threads that open updates.
     """
 
     def __init__(
@@ -114,6 +126,7 @@ class Coordinator:
         after_action: Hook | None = None,
         batch: int = 64,
         connect_timeout: float = 10.0,
+        verify_threads: int = VERIFY_THREADS,
     ) -> None:
         if store.federation != config.name:
             raise ConfigError("federation", f"the store is for {store.federation!r}, the configuration for {config.name!r}")
@@ -136,7 +149,10 @@ class Coordinator:
                                     model_topic=config.model_delta != "off")  # fmt: skip
         self._downlink = Downlink(store=store, encoding=config.model_delta)  # the model as sites receive it
         self._commit = GroupCommit(store=store, perform=self._perform_deferred, event=self._publisher.event,
-                                   done=self._done)  # fmt: skip
+                                   done=self._done, kept=self._keep_delta)  # fmt: skip
+        self._verifier = Verifier(threads=verify_threads)
+        self._spool: DeltaSpool | None = None  # the verified deltas of the round they were accepted in
+        self._opened: dict[Key, Opened] = {}  # verified in this batch, waiting for the policy's word
         self._statuses = StatusCache(clock=clock)
         self._admission: Admission | None = None  # sized from the model on the first message
         self._lines = LineLimiter()
@@ -220,17 +236,23 @@ class Coordinator:
         run; return how many messages were handled."""
         if not self._started:
             raise CoordinatorError("call start() first")
-        handled = 0
+        finishes: list[Finish] = []
         message = self._client.receive(timeout)
         while message is not None:
-            self._take(message)
-            handled += 1
-            if handled >= self._batch or self._finished:
+            finishes.append(self._take(message))
+            if len(finishes) >= self._batch:
                 break
             message = self._client.receive(0.0)
+        handled = 0
+        for finish in finishes:
+            if self._finished:
+                break  # left unacknowledged, as if never received: the broker keeps them
+            finish()
+            handled += 1
         for record in self._lines.due(self._clock()):
             self._commit.add(LogEvent(record), None)
         self._commit.flush()
+        self._opened.clear()  # the rest were refused or re-delivered: nothing keeps them
         if not self._finished:
             self._apply(Tick(), None)
             self._commit.flush()
@@ -254,6 +276,10 @@ class Coordinator:
     def stop(self) -> None:
         """Make ``run_until`` return after the current step (safe from a signal handler)."""
         self._stop.set()
+
+    def close(self) -> None:
+        """Stop the verification threads (the coordinator is not used after this)."""
+        self._verifier.close()
 
     def wait_published(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s until the broker has taken every message published so far (call
@@ -318,26 +344,45 @@ class Coordinator:
 
     # -- messages ---------------------------------------------------------------------------------
 
-    def _take(self, message: Message) -> None:
+    def _take(self, message: Message) -> Finish:
+        """Topic and admission now, in arrival order; an update goes to the verification threads.
+        The returned function completes the message (judge, commit), again in arrival order."""
         try:
             parsed = self._topics.parse(message.topic)
         except TopicError as e:
-            return self._drop(message, str(e))
-        if parsed.kind in ("status", "updates") and not self._admitted(parsed.kind, parsed.site, message):
-            return None
+            why = str(e)
+            return lambda: self._drop(message, why)
+        if parsed.kind in ("status", "updates"):
+            refused = self._admission_refused(parsed.kind, parsed.site, message)
+            if refused is not None:
+                return refused
+        site = parsed.site
         if parsed.kind == "status":
-            assert parsed.site is not None
-            enrolled = self._registry.verify_key(parsed.site) is not None
-            self._statuses.take(site=parsed.site, payload=message.payload, enrolled=enrolled)
-            self._commit.add(Ack(parsed.site, None), message)  # acks go out in the order messages came
-            return None
+            return lambda: self._take_status(site, message)  # type: ignore[arg-type]
         if parsed.kind != "updates":
-            return self._drop(message, f"the coordinator does not take messages on {parsed.kind!r}")
-        self._apply(self._open(parsed.site, message.payload), message)  # type: ignore[arg-type]
+            return lambda: self._drop(message, f"the coordinator does not take messages on {parsed.kind!r}")
+        future = self._verifier.submit(
+            open_update_once, message.payload, site=site, box_keys=[self._keys.box], registry=self._registry,
+            federation=self._cfg.name, shapes=self._model.shapes, max_bytes=self._model.max_update_bytes,
+        )  # fmt: skip
+        return lambda: self._judge(future, message)
 
-    def _admitted(self, kind: str, site: str | None, message: Message) -> bool:
-        """Charge ``message`` to its site's budget; a refused one is acknowledged, counted and
-        logged a few times a minute per site at most, and goes no further."""
+    def _take_status(self, site: str, message: Message) -> None:
+        enrolled = self._registry.verify_key(site) is not None
+        self._statuses.take(site=site, payload=message.payload, enrolled=enrolled)
+        self._commit.add(Ack(site, None), message)  # acks go out in the order messages came
+
+    def _judge(self, future: "Future[Opened]", message: Message) -> None:
+        opened = future.result()
+        event = opened.event
+        if isinstance(event, UpdateVerified):
+            self._metrics[(event.site, event.update_id)] = dict(event.metrics)
+            self._opened[(event.site, event.update_id)] = opened
+        self._apply(event, message)
+
+    def _admission_refused(self, kind: str, site: str | None, message: Message) -> Finish | None:
+        """Charge ``message`` to its site's budget now; None if admitted, else what completes a
+        refused one: acknowledged, counted and logged a few times a minute per site at most."""
         assert site is not None
         now, size = self._clock(), len(message.payload)
         if self._admission is None:
@@ -345,27 +390,64 @@ class Coordinator:
                                                             status_max_bytes=STATUS_MAX_BYTES))  # fmt: skip
         payer = site if site in self._registry.sites else "*"  # one bucket for all names not enrolled
         if self._admission.admit(payer, kind, size, now):
-            return True
+            return None
+        line = None
         if self._lines.offer(LineKey(SiteThrottledRecord.KIND, site, ""), now):
             refused = self._admission.refused(payer).messages
-            self._commit.add(LogEvent(SiteThrottledRecord(at=now, site=site, topic=kind, bytes=size,
-                                                          refused=refused)), None)  # fmt: skip
-        self._commit.add(Ack(site, None), message)
-        return False
+            line = SiteThrottledRecord(at=now, site=site, topic=kind, bytes=size, refused=refused)
 
-    def _open(self, site: str, payload: bytes) -> UpdateVerified | UpdateRejected:
+        def finish() -> None:
+            if line is not None:
+                self._commit.add(LogEvent(line), None)
+            self._commit.add(Ack(site, None), message)
+
+        return finish
+
+    # -- the round's verified deltas --------------------------------------------------------------
+
+    def _keep_delta(self, round: int, site: str, update_id: str) -> None:
+        """An accepted update's payload is stored: its verified delta joins the round's spool."""
+        opened = self._opened.pop((site, update_id), None)
+        if opened is None or opened.row is None:
+            raise CoordinatorError(f"update {update_id} of site {site!r} was stored without being verified")
+        self._spool_of(round).add((site, update_id), opened.row, opened.norm)
+
+    def _spool_of(self, round: int) -> DeltaSpool:
+        if self._spool is None or self._spool.folder != self._store.spool_folder(round):
+            if self._spool is not None:
+                self._spool.remove()
+            self._spool = DeltaSpool(folder=self._store.spool_folder(round), layout=list(self._model.shapes.items()))
+        return self._spool
+
+    def _refill(self, state: RoundState, spool: DeltaSpool, keys: list[Key]) -> None:
+        """Open again, from the store, the counted updates whose deltas the spool lacks (those a
+        restart lost), on the verification threads."""
+        missing = spool.missing(keys)
+        if not missing:
+            return
+        log.info("round %d: opening %d stored updates again after a restart", state.round, len(missing))
+        futures = [(key, self._verifier.submit(self._reopen, state, key)) for key in missing]
+        for key, future in futures:
+            spool.add(key, *future.result())
+
+    def _reopen(self, state: RoundState, key: Key) -> tuple[np.ndarray, float]:
+        site, update_id = key
+        path = self._store.update_path(state.round, site, update_id)
+        if self._registry.verify_key(site) is None:
+            raise StoreError(f"{path}: round {state.round} counts this update, but site {site!r} is no "
+                             "longer enrolled; enrol it again with the same key to finish the round")
         try:
-            verified = verify_update(payload, topic_site=site, coordinator_keys=[self._keys.box],
-                                     registry=self._registry, max_bytes=self._model.max_update_bytes)
-            header = check_update(verified, federation=self._cfg.name, round=None, base_sha256=None,
-                                  shapes=self._model.shapes).header
+            update = open_update(self._store.read_update(state.round, site, update_id), topic_site=site,
+                                 coordinator_keys=[self._keys.box], registry=self._registry,
+                                 federation=state.federation, round=state.round, base_sha256=state.model_sha256,
+                                 shapes=self._model.shapes, max_bytes=self._model.max_update_bytes)  # fmt: skip
         except WireError as e:
-            log.debug("update on %s refused: %s", self._topics.updates(site), e)
-            h = e.header if isinstance(e.header, UpdateHeader) else None
-            return UpdateRejected(site, h.update_id if h else None, e.reason, h.round if h else None)
-        self._metrics[(site, header.update_id)] = dict(header.metrics)
-        return UpdateVerified(site, header.update_id, header.round, header.base_sha256, header.samples,
-                              header.steps, header.partial, dict(header.metrics))
+            raise StoreError(f"{path}: the stored update no longer opens ({e})") from None
+        if update.header.update_id != update_id:
+            raise StoreError(f"{path}: holds update {update.header.update_id}, not {update_id}")
+        layout = list(self._model.shapes.items())
+        row = flatten(update.delta, layout)
+        return row, row_norm(row, layout)
 
     def _drop(self, message: Message, why: str) -> None:
         self._emit(MessageDroppedRecord(at=self._clock(), topic=message.topic[:200], bytes=len(message.payload),
@@ -402,15 +484,21 @@ class Coordinator:
             model = self._store.load_model(nxt)  # done before a crash: the same bytes again
             size = self._store.model_path(nxt).stat().st_size
         else:
-            deltas = stored_deltas(store=self._store, state=state, model=self._model, registry=self._registry,
-                                   box_key=self._keys.box)  # fmt: skip
-            model, kept = guarded_model(self._model.tensors, deltas, self._cfg.aggregation)
+            keys = [(a.site, a.update_id) for a in state.accepted]
+            spool = self._spool_of(state.round)
+            self._refill(state, spool, keys)
+            model, kept = next_model(dict(self._model.tensors), spool.rows(keys), norms=spool.norms(keys),
+                                     weights=[a.samples for a in state.accepted], layout=spool.layout,
+                                     cfg=self._cfg.aggregation)  # fmt: skip
             if kept is not None:
                 log.warning("round %d: the aggregate was refused, the next round keeps the previous model: %s",
                             state.round, kept)
             model = self._downlink.define(round=nxt, previous=self._model, candidate=model)
             size = len(self._store.save_model(nxt, model, metadata={"round": str(nxt)}))
             self._done("SaveModel")
+        if self._spool is not None:
+            self._spool.remove()  # the round is aggregated: its deltas are no longer needed
+            self._spool = None
         previous_sha, self._model = self._model.sha256, GlobalModel.of(model)
         if not logged:
             assert state.close_reason is not None  # a closed state has one

@@ -156,7 +156,7 @@ class Accepted(Sequence[AcceptedUpdate]):
     def __getitem__(self, i: slice) -> tuple[AcceptedUpdate, ...]: ...
     def __getitem__(self, i: int | slice) -> AcceptedUpdate | tuple[AcceptedUpdate, ...]:
         if isinstance(i, slice):
-            return tuple(self._items[: self._n][i])
+            return tuple(self._items[j] for j in range(self._n)[i])
         if not -self._n <= i < self._n:
             raise IndexError("accepted index out of range")
         return self._items[i % self._n]

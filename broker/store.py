@@ -170,6 +170,12 @@ class RoundStore:
         write_bytes(path, bytes(payload), mode=0o600)
         return path
 
+    def spool_folder(self, round: int) -> Path:
+        """Where the verified deltas of ``round`` are kept until it is aggregated (:mod:`.spool`)."""
+        if not isinstance(round, int) or isinstance(round, bool) or round < 0:
+            raise StoreError(f"round {round!r} is not an integer >= 0")
+        return self.folder / "rounds" / str(round) / "deltas"
+
     def read_update(self, round: int, site: str, update_id: str) -> bytes:
         path = self.update_path(round, site, update_id)
         try:

@@ -33,6 +33,7 @@ import numpy as np
 from .aggregate import AggregationConfig, AggregationError, clip_scale, global_norm, lower_median, trim_count
 
 Layout = Sequence[tuple[str, tuple[int, ...]]]  # tensor names and shapes, in row order
+SORT_WIDTH = 128  # columns combined at once: the working copies are n x 128 values
 
 
 class Rows(Protocol):
@@ -96,7 +97,9 @@ def aggregate_rows(
     out = np.empty(rows.size, dtype=np.float32)
     for start, block in rows.blocks():
         block = _scaled_block(block, scales)
-        out[start : start + block.shape[1]] = combine(block, weight, cfg)
+        for j in range(0, block.shape[1], SORT_WIDTH):  # a sort's copies stay small (n x 128)
+            part = block[:, j : j + SORT_WIDTH]
+            out[start + j : start + j + part.shape[1]] = combine(part, weight, cfg)
     if cfg.method == "fedavg" and not sum(weight) > 0:
         raise AggregationError("the sample counts add up to 0: nothing to weight by")
     return {name: np.array(value) for name, value in unflatten(out, layout).items()}
