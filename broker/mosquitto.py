@@ -5,8 +5,9 @@ the disk, and passwords are hashed by mosquitto's own ``mosquitto_passwd`` (read
 stdin, never from the command line).
 
 The ACL file has one ``user`` block per account: the coordinator's, the observers', then one per
-enrolled site, whose user name is its site id. The rules come from :func:`fednca.topics.rules`, the table the
-in-memory broker enforces, so both brokers apply one policy. Enrolling or revoking a site means
+enrolled site, whose user name is its site id, then one per regional bridge (``broker/bridge.py``).
+The rules come from :func:`fednca.topics.rules`, the table the in-memory broker enforces, so both
+brokers apply one policy. Enrolling or revoking a site means
 writing the password and ACL files again and sending mosquitto SIGHUP (it reloads both).
 
 Who may read them: started as root (as Debian's mosquitto.service does), mosquitto drops to its
