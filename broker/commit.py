@@ -5,8 +5,9 @@ actions to :meth:`GroupCommit.add`. Nothing is performed then. :meth:`GroupCommi
 the whole batch in the one order that keeps the policy's promise (an update is acknowledged only
 once it, and the state that counts it, are durable):
 
-1. every accepted payload is written durably, several at once: the file system then commits their
-   fsyncs together, several times faster than one after another; the verified deltas join the
+1. every accepted payload is written durably, several at once (:meth:`.store.RoundStore.put_updates`:
+   the file system commits their fsyncs together, and each folder is fsynced once for the batch,
+   several times faster than one file after another); the verified deltas join the
    round's spool (``spool``, not durable: rebuilt from the payloads after a crash);
 2. the batch's round-log lines and the last state the policy produced are made durable together
    (:meth:`.store.RoundStore.save_state`): one append and one fsync, the acceptances being those
@@ -49,6 +50,7 @@ class GroupCommit:
         self._event = event
         self._done = done
         self._kept = kept
+        self._pool: ThreadPoolExecutor | None = None  # writes a batch's payloads at once
         self._to_store: list[tuple[StoreUpdate, bytes]] = []
         self._unsaved: RoundState | None = None
         self._deferred: list[tuple[Action, Message | None]] = []
@@ -84,15 +86,11 @@ class GroupCommit:
             self._done(type(action).__name__)
 
     def _store_updates(self, batch: list[tuple[StoreUpdate, bytes]]) -> None:
-        def put(item: tuple[StoreUpdate, bytes]) -> None:
-            action, payload = item
-            self._store.put_update(action.round, action.site, action.update_id, payload)
-
-        if len(batch) > 1:
-            with ThreadPoolExecutor(max_workers=min(len(batch), STORE_THREADS), thread_name_prefix="store") as pool:
-                list(pool.map(put, batch))  # re-raises the first failure
-        elif batch:
-            put(batch[0])
+        if len(batch) > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
+        items = [(action.round, action.site, action.update_id, payload) for action, payload in batch]
+        if items:
+            self._store.put_updates(items, pool=self._pool)
         for action, _ in batch:
             if self._kept is not None:
                 self._kept(action.round, action.site, action.update_id)

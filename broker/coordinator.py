@@ -153,6 +153,7 @@ class Coordinator:
         self._verifier = Verifier(threads=verify_threads)
         self._spool: DeltaSpool | None = None  # the verified deltas of the round they were accepted in
         self._opened: dict[Key, Opened] = {}  # verified in this batch, waiting for the policy's word
+        self._prefetched: list[Finish] = []  # the next batch, taken while the last one was stored
         self._statuses = StatusCache(clock=clock)
         self._admission: Admission | None = None  # sized from the model on the first message
         self._lines = LineLimiter()
@@ -236,19 +237,17 @@ class Coordinator:
         run; return how many messages were handled."""
         if not self._started:
             raise CoordinatorError("call start() first")
-        finishes: list[Finish] = []
-        message = self._client.receive(timeout)
-        while message is not None:
-            finishes.append(self._take(message))
-            if len(finishes) >= self._batch:
-                break
-            message = self._client.receive(0.0)
+        finishes, self._prefetched = self._prefetched or self._take_batch(timeout), []
         handled = 0
         for finish in finishes:
             if self._finished:
                 break  # left unacknowledged, as if never received: the broker keeps them
             finish()
             handled += 1
+        if len(finishes) >= self._batch and not self._finished:
+            # A full batch: more are likely waiting. Start opening them now, on the verification
+            # threads, while this batch's payloads are being fsynced; they are judged next step.
+            self._prefetched = self._take_batch(0.0)
         for record in self._lines.due(self._clock()):
             self._commit.add(LogEvent(record), None)
         self._commit.flush()
@@ -344,6 +343,17 @@ class Coordinator:
 
     # -- messages ---------------------------------------------------------------------------------
 
+    def _take_batch(self, timeout: float) -> list[Finish]:
+        """Take up to ``batch`` waiting messages (the first waited for up to ``timeout`` s)."""
+        finishes: list[Finish] = []
+        message = self._client.receive(timeout)
+        while message is not None:
+            finishes.append(self._take(message))
+            if len(finishes) >= self._batch:
+                break
+            message = self._client.receive(0.0)
+        return finishes
+
     def _take(self, message: Message) -> Finish:
         """Topic and admission now, in arrival order; an update goes to the verification threads.
         The returned function completes the message (judge, commit), again in arrival order."""
@@ -361,19 +371,24 @@ class Coordinator:
             return lambda: self._take_status(site, message)  # type: ignore[arg-type]
         if parsed.kind != "updates":
             return lambda: self._drop(message, f"the coordinator does not take messages on {parsed.kind!r}")
-        future = self._verifier.submit(
-            open_update_once, message.payload, site=site, box_keys=[self._keys.box], registry=self._registry,
-            federation=self._cfg.name, shapes=self._model.shapes, max_bytes=self._model.max_update_bytes,
-        )  # fmt: skip
-        return lambda: self._judge(future, message)
+        registry = self._registry
+        future = self._verifier.submit(self._open, site, message.payload, registry)
+        return lambda: self._judge(future, message, registry, site)  # type: ignore[arg-type]
+
+    def _open(self, site: str, payload: bytes, registry: Registry) -> Opened:
+        return open_update_once(payload, site=site, box_keys=[self._keys.box], registry=registry,
+                                federation=self._cfg.name, shapes=self._model.shapes,
+                                max_bytes=self._model.max_update_bytes)  # fmt: skip
 
     def _take_status(self, site: str, message: Message) -> None:
         enrolled = self._registry.verify_key(site) is not None
         self._statuses.take(site=site, payload=message.payload, enrolled=enrolled)
         self._commit.add(Ack(site, None), message)  # acks go out in the order messages came
 
-    def _judge(self, future: "Future[Opened]", message: Message) -> None:
+    def _judge(self, future: "Future[Opened]", message: Message, registry: Registry, site: str) -> None:
         opened = future.result()
+        if registry is not self._registry:  # enrolment changed since it was opened: open it again
+            opened = self._open(site, message.payload, self._registry)
         event = opened.event
         if isinstance(event, UpdateVerified):
             self._metrics[(event.site, event.update_id)] = dict(event.metrics)

@@ -41,6 +41,8 @@ import fcntl
 import json
 import os
 import re
+import tempfile
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -175,6 +177,39 @@ class RoundStore:
         if not isinstance(round, int) or isinstance(round, bool) or round < 0:
             raise StoreError(f"round {round!r} is not an integer >= 0")
         return self.folder / "rounds" / str(round) / "deltas"
+
+    def put_updates(self, items: Sequence[tuple[int, str, str, bytes]], *,
+                    pool: Executor | None = None) -> list[Path]:  # fmt: skip
+        """Write several payloads ((round, site, update id, payload) each) durably, as
+        :meth:`put_update` does one: each to a temporary file, fsynced (on ``pool``'s threads, so
+        the file system commits them together), then all renamed, then each folder fsynced once
+        rather than once per file. On return all of them survive a crash; a crash before leaves
+        temporaries that :meth:`recover` deletes, never a torn update file."""
+        paths = [self.update_path(r, site, uid) for r, site, uid, _ in items]
+        for folder in sorted({p.parent for p in paths}):
+            _make_dir(folder)
+
+        def write(job: tuple[Path, bytes]) -> str:
+            path, payload = job
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                os.fchmod(fd, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(payload)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            return tmp
+
+        jobs = [(path, bytes(item[3])) for path, item in zip(paths, items)]
+        temporaries = list(pool.map(write, jobs)) if pool is not None and len(jobs) > 1 else [write(j) for j in jobs]
+        for tmp, path in zip(temporaries, paths):
+            os.replace(tmp, path)
+        for folder in sorted({p.parent for p in paths}):
+            fsync_dir(folder)
+        return paths
 
     def read_update(self, round: int, site: str, update_id: str) -> bytes:
         path = self.update_path(round, site, update_id)
