@@ -7,6 +7,7 @@ keys name and reports every problem at once, each with the key, the file and the
   password file, or the systemd credential), the site's signing key (0600), the coordinator's
   two public keys, and for an ``mqtts://`` broker its CA file and any client certificate;
 * the state folder: made, or makeable, and writable;
+* the trainer: PyTorch installed when ``training.trainer`` is ``torch``;
 * the dataset (:mod:`.preflight_data`): pairing, sizes, decoding, the test split.
 
 Readability is tried as the user running the check: run it as the daemon's user
@@ -17,9 +18,10 @@ systemd reads as root.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from fednca import keys as k
 from fednca.checks import Finding, Report, open_problem, private_mode_problem, writable_folder_problem
@@ -41,7 +43,7 @@ def check(path: Path, *, images: ImageCheck = ImageCheck(), env: Mapping[str, st
                     f"correct the key in {path} (docs/daemon.md lists every key)")
             for key, why in e.problems))
     findings = credential_findings(cfg, config_mode=mode, config_path=path)
-    findings += state_findings(cfg.state_dir) + unit_findings(cfg)
+    findings += state_findings(cfg.state_dir) + unit_findings(cfg) + trainer_findings(cfg)
     notes: list[str] = []
     facts: dict = {}
     if cfg.data.folder is not None:
@@ -182,6 +184,16 @@ def state_findings(state_dir: Path) -> list[Finding]:
                         severity="warning")]
     return [Finding("state_dir", why, f"make it the daemon's own: mkdir -p -m 700 {state_dir} && "
                     f"chown fednca: {state_dir}", path=str(state_dir))]
+
+
+def trainer_findings(cfg: dc.DaemonConfig, *,
+                     find_spec: Callable[[str], Any] = importlib.util.find_spec) -> list[Finding]:
+    """The PyTorch trainer on a site installed without PyTorch (looked up, not imported)."""
+    if cfg.training.trainer != "torch" or find_spec("torch") is not None:
+        return []
+    return [Finding("training.trainer", "'torch' but PyTorch is not installed in this environment",
+                    "set training.trainer: numpy (the site's trainer), or install PyTorch: "
+                    "systemd/install-daemon.sh --with-torch")]
 
 
 def unit_findings(cfg: dc.DaemonConfig) -> list[Finding]:

@@ -142,6 +142,17 @@ def test_the_trainer_is_numpy_or_torch(tmp_path):
         dc.load(conf, env={})
 
 
+def test_check_config_says_when_the_torch_trainer_has_no_pytorch(tmp_path):
+    from fednca_daemon.preflight import trainer_findings
+
+    fed = Federation(tmp_path)
+    nothing = lambda name: None  # an environment without PyTorch
+    assert trainer_findings(fed.config(), find_spec=nothing) == []  # numpy: nothing to find
+    [finding] = trainer_findings(fed.config(training={"trainer": "torch"}), find_spec=nothing)
+    assert finding.key == "training.trainer" and "not installed" in finding.problem and "--with-torch" in finding.fix
+    assert trainer_findings(fed.config(training={"trainer": "torch"})) == []  # this venv has it
+
+
 def test_check_config_prints_the_effective_configuration(tmp_path, capsys):
     fed = Federation(tmp_path)
     conf = tmp_path / "daemon.yaml"
