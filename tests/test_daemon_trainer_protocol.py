@@ -59,3 +59,11 @@ def test_bad_specs_and_commands_are_refused():
 
 def test_a_long_error_message_is_cut():
     assert len(decode_event(encode_event(TrainerFailed(message="x" * 5000))).message) == 500
+
+
+def test_the_trainer_is_numpy_unless_the_spec_says_torch():
+    assert SPEC.trainer == "numpy" and json.loads(SPEC.to_json())["trainer"] == "numpy"
+    body = {**json.loads(SPEC.to_json()), "trainer": "torch"}
+    assert WorkerSpec.from_json(json.dumps(body)).trainer == "torch"
+    with pytest.raises(TrainerProtocolError, match="trainer must be one of numpy, torch"):
+        WorkerSpec.from_json(json.dumps({**body, "trainer": "jax"}))
