@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from daemon_support import FakeCoordinator, Federation, tiny_weights, wait_for
+from daemon_support import TINY_MODEL, FakeCoordinator, Federation, tiny_weights, wait_for
+from fednca import modelfile
 from fednca.config import train_preset
 from fednca.segment import Segmenter
 from fednca.transport.mqtt import MqttClient
@@ -41,6 +42,15 @@ def test_the_sites_modules_import_without_torch(tmp_path):
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint('ok')\n"
     done = subprocess.run([sys.executable, "-c", code, *SITE_MODULES], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+
+
+def test_fednca_export_without_torch_writes_the_same_graph_from_the_weights(tmp_path):
+    modelfile.save(tmp_path / "model", tiny_weights(), TINY_MODEL)
+    out = tmp_path / "model.onnx"
+    done = subprocess.run([sys.executable, "-m", "fednca_app.cli", "export", str(tmp_path / "model"), "--out", str(out)],
+                          env=without_torch(tmp_path), capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and "matches the numpy model" in done.stdout, done.stderr
+    assert Segmenter.open(out).cfg == TINY_MODEL
 
 
 @pytest.mark.slow
