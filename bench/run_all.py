@@ -23,6 +23,7 @@ BENCHES = {
     "wire": ["bench_wire.py", "--seconds", "3"],
     "segment": ["bench_segment.py", "--images", "20"],
     "coordinator": ["bench_coordinator.py"],
+    "bridge": ["bench_bridge.py", "--sites", "1000", "--receipts"],
     "daemon": ["bench_daemon.py", "--seconds", "20"],
 }
 
