@@ -23,6 +23,7 @@ every regional site finds its receipt queued in its session on the regional brok
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -83,8 +84,9 @@ def set_up_brokers(folder: Path, sites: int, regional: int) -> dict:
     argv = ["coordinator", "bridge", str(folder), REGION, "--broker", f"mqtt://127.0.0.1:{regional_port}"]
     for i in range(regional):
         argv += ["--site", site_id(i)]
-    if main(argv) != 0:
-        raise RuntimeError("fednca coordinator bridge failed")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the bench's JSON alone
+        if main(argv) != 0:
+            raise RuntimeError("fednca coordinator bridge failed")
     files_s = time.perf_counter() - started
     central_settings = deploy.settings_for(cfg, sites=sites, account=mosquitto.broker_account(cfg.mosquitto.user))
     central = harness.Mosquitto(settings=central_settings, log_path=folder / "central.log")
