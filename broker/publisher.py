@@ -67,7 +67,9 @@ class Publisher:
         self._signing = signing_key
         self._train = train
         self._model = model
-        self._update_dtype = update_dtype  # announced: how sites send their updates
+        # Announced when the federation wants other than float16, the dtype every site assumes
+        # unless told: an announcement without the field still opens on daemons that predate it.
+        self._update_dtype = None if update_dtype in (None, "float16") else update_dtype
         self._model_topic = model_topic  # also publish the whole model on ``model`` (deltas on)
         self._pending: list[PublishHandle] = []  # not yet answered by the broker
 
