@@ -147,10 +147,11 @@ def _step_body(weights: dict[str, np.ndarray], cfg: ModelConfig, stage: int) -> 
     )
 
 
-def build(weights: Mapping[str, np.ndarray], cfg: ModelConfig, *, metadata: Mapping[str, str] = {}) -> onnx.ModelProto:
-    """The ``fednca-scan/1`` graph of these weights (named as in a model file), ``metadata`` added
-    to the model configuration and the weights' sha256 that every export carries."""
-    arrays = _check_weights(weights, cfg)
+def assemble(cfg: ModelConfig, body1: onnx.GraphProto, body2: onnx.GraphProto, *,
+             opsets: list[onnx.OperatorSetIdProto], metadata: Mapping[str, str]) -> onnx.ModelProto:
+    """The outer ``fednca-scan/1`` graph around two step bodies (state, fire mask) -> state: pooling,
+    the two Scans, upsampling between them, the logit channel out. Both exporters use it, so the
+    interface :mod:`fednca.segment` checks is written in one place."""
     c, p = cfg.channels, cfg.pool
     consts = [
         numpy_helper.from_array(np.zeros((1, c - 1, 1, 1), np.float32), "zero_hidden"),
@@ -165,12 +166,12 @@ def build(weights: Mapping[str, np.ndarray], cfg: ModelConfig, *, metadata: Mapp
         node("Shape", ["small"], ["small_shape"]),
         node("Expand", ["zero_hidden", "small_shape"], ["small_hidden"]),  # (B, C-1, S/p, S/p) zeros
         node("Concat", ["small", "small_hidden"], ["state1_in"], axis=1),
-        node("Scan", ["state1_in", "fire1"], ["state1_out"], body=_step_body(arrays, cfg, 0), num_scan_inputs=1),
+        node("Scan", ["state1_in", "fire1"], ["state1_out"], body=body1, num_scan_inputs=1),
         node("Slice", ["state1_out", "i1", "i_channels", "i1"], ["hidden1"]),
         node("Resize", ["hidden1", "", "upscale"], ["hidden2"], mode="nearest",
              nearest_mode="floor", coordinate_transformation_mode="asymmetric"),
         node("Concat", ["image", "hidden2"], ["state2_in"], axis=1),  # (B, C, S, S)
-        node("Scan", ["state2_in", "fire2"], ["state2_out"], body=_step_body(arrays, cfg, 1), num_scan_inputs=1),
+        node("Scan", ["state2_in", "fire2"], ["state2_out"], body=body2, num_scan_inputs=1),
         node("Slice", ["state2_out", "i1", "i2", "i1"], [OUTPUT]),
     ]
     image, fire1, fire2 = INPUTS
@@ -186,14 +187,20 @@ def build(weights: Mapping[str, np.ndarray], cfg: ModelConfig, *, metadata: Mapp
         [info(OUTPUT, TensorProto.FLOAT, ["batch", 1, "side", "side"])],
         initializer=consts,
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fednca",
-                              producer_version=__version__)
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="fednca", producer_version=__version__)
     proto.ir_version = min(proto.ir_version, 10)  # readable by onnxruntime 1.18 and later
     proto.doc_string = "FedNCA two-stage NCA segmenter; fire masks are inputs (true = the cell updates)."
-    props = {META_FORMAT: FORMAT, META_VERSION: __version__,
-             META_MODEL: json.dumps(cfg.to_dict(), sort_keys=True), META_SHA256: model_sha256(arrays), **metadata}
-    helper.set_model_props(proto, props)
+    helper.set_model_props(proto, {META_FORMAT: FORMAT, META_VERSION: __version__, **metadata})
     return proto
+
+
+def build(weights: Mapping[str, np.ndarray], cfg: ModelConfig) -> onnx.ModelProto:
+    """The ``fednca-scan/1`` graph of these weights (named as in a model file), carrying the model
+    configuration and the weights' sha256 in its metadata as every export does."""
+    arrays = _check_weights(weights, cfg)
+    metadata = {META_MODEL: json.dumps(cfg.to_dict(), sort_keys=True), META_SHA256: model_sha256(arrays)}
+    return assemble(cfg, _step_body(arrays, cfg, 0), _step_body(arrays, cfg, 1),
+                    opsets=[helper.make_opsetid("", OPSET)], metadata=metadata)
 
 
 def _reference(weights: dict[str, np.ndarray], cfg: ModelConfig):  # -> (name, logits function) or None

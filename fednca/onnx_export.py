@@ -37,13 +37,14 @@ import onnx
 import onnx.inliner
 import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from . import __version__, atomic
+from . import atomic
 from .config import ModelConfig
 from .errors import FedNCAError
 from .model import NCA, SegmentationNCA, build, tensor_shapes, tensors
-from .segment import FORMAT, INPUTS, META_FORMAT, META_MODEL, META_SHA256, META_VERSION, OUTPUT, draw_masks
+from .onnx_build import assemble
+from .segment import INPUTS, META_MODEL, META_SHA256, OUTPUT, draw_masks
 from .tensorcodec import model_sha256
 
 
@@ -106,49 +107,9 @@ def _model(arrays: dict[str, np.ndarray], cfg: ModelConfig) -> SegmentationNCA:
 def to_onnx(model: SegmentationNCA, *, metadata: Mapping[str, str]) -> onnx.ModelProto:
     """The Scan graph of ``model`` (see the module's docstring), with ``metadata`` added."""
     cfg = model.cfg
-    c, p = cfg.channels, cfg.pool
-    small = cfg.input_size // p
-    body1, opsets = _step_body(model.stage1, cfg.kernels[0], small, cfg.channels, "stage1.")
+    body1, opsets = _step_body(model.stage1, cfg.kernels[0], cfg.input_size // cfg.pool, cfg.channels, "stage1.")
     body2, _ = _step_body(model.stage2, cfg.kernels[1], cfg.input_size, cfg.channels, "stage2.")
-    consts = [
-        numpy_helper.from_array(np.zeros((1, c - 1, 1, 1), np.float32), "zero_hidden"),
-        numpy_helper.from_array(np.array([1], np.int64), "i1"),
-        numpy_helper.from_array(np.array([2], np.int64), "i2"),
-        numpy_helper.from_array(np.array([c], np.int64), "i_channels"),
-        numpy_helper.from_array(np.array([1, 1, p, p], np.float32), "upscale"),
-    ]
-    node = helper.make_node
-    nodes = [
-        node("AveragePool", ["image"], ["small"], kernel_shape=[p, p], strides=[p, p]),
-        node("Shape", ["small"], ["small_shape"]),
-        node("Expand", ["zero_hidden", "small_shape"], ["small_hidden"]),  # (B, C-1, S/p, S/p) zeros
-        node("Concat", ["small", "small_hidden"], ["state1_in"], axis=1),
-        node("Scan", ["state1_in", "fire1"], ["state1_out"], body=body1, num_scan_inputs=1),
-        node("Slice", ["state1_out", "i1", "i_channels", "i1"], ["hidden1"]),
-        node("Resize", ["hidden1", "", "upscale"], ["hidden2"], mode="nearest",
-             nearest_mode="floor", coordinate_transformation_mode="asymmetric"),
-        node("Concat", ["image", "hidden2"], ["state2_in"], axis=1),  # (B, C, S, S)
-        node("Scan", ["state2_in", "fire2"], ["state2_out"], body=body2, num_scan_inputs=1),
-        node("Slice", ["state2_out", "i1", "i2", "i1"], [OUTPUT]),
-    ]
-    image, fire1, fire2 = INPUTS
-    info = helper.make_tensor_value_info
-    graph = helper.make_graph(
-        nodes,
-        "fednca_segmentation",
-        [
-            info(image, TensorProto.FLOAT, ["batch", 1, "side", "side"]),
-            info(fire1, TensorProto.BOOL, [cfg.steps[0], "batch", 1, "small", "small"]),
-            info(fire2, TensorProto.BOOL, [cfg.steps[1], "batch", 1, "side", "side"]),
-        ],
-        [info(OUTPUT, TensorProto.FLOAT, ["batch", 1, "side", "side"])],
-        initializer=consts,
-    )
-    proto = helper.make_model(graph, opset_imports=opsets, producer_name="fednca", producer_version=__version__)
-    proto.ir_version = min(proto.ir_version, 10)  # readable by onnxruntime 1.18 and later
-    proto.doc_string = "FedNCA two-stage NCA segmenter; fire masks are inputs (true = the cell updates)."
-    helper.set_model_props(proto, {META_FORMAT: FORMAT, META_VERSION: __version__, **metadata})
-    return proto
+    return assemble(cfg, body1, body2, opsets=opsets, metadata=metadata)
 
 
 def _step_body(
