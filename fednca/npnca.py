@@ -103,15 +103,18 @@ def _col(v: np.ndarray) -> np.ndarray:
 
 
 def _row_mean(x: np.ndarray) -> np.ndarray:
-    """Mean of each row, accumulated in double precision as PyTorch's CPU batch norm does: in
-    float32 the rounding of these sums over thousands of cells, repeated over 40 steps, grows to
-    1e-4 of the gradients."""
-    return (np.einsum("ij->i", x, dtype=np.float64) / x.shape[1]).astype(x.dtype)
+    """Mean of each row of a C-contiguous array. ``sum`` along the contiguous axis adds pairwise,
+    so its rounding grows with log(cells), not with cells: a plain running float32 sum over
+    thousands of cells, repeated over 40 steps, grows to 1e-4 of the gradients, this stays near
+    1e-7 (as close as PyTorch's double accumulation) without a float64 pass over the array."""
+    return x.sum(1) / x.dtype.type(x.shape[1])
 
 
 def _row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Dot product of matching rows, accumulated in double precision (see :func:`_row_mean`)."""
-    return np.einsum("ij,ij->i", a, b, dtype=np.float64).astype(a.dtype)
+    """Dot product of matching rows, one BLAS dot per row (its blocked partial sums keep the
+    rounding near 1e-7 relative, see :func:`_row_mean`). Batch-norm statistics in float64 einsums
+    were about an eighth of a training step."""
+    return (a[:, None, :] @ b[:, :, None]).reshape(a.shape[0])
 
 
 @dataclass
