@@ -75,21 +75,26 @@ def test_every_topic_a_site_uses_crosses_the_bridge_the_way_it_flows():
     assert not any(topics.matches(p, topics.Topics(FED).events) for _, p in crossing)  # no site reads events
 
 
-def test_the_central_acl_lets_a_bridge_speak_for_its_own_sites_only():
+def test_the_central_acl_lets_a_bridge_forward_the_sites_topics_and_read_only_its_own_receipts():
     acl = render_acl(FED, coordinator_user="coordinator", sites=["s1", "s2", "s3"], bridges={"eu": ["s1", "s2"]})
     t = topics.Topics(FED)
     for site in ("s1", "s2"):
         assert grants(acl, "bridge-eu", "write", t.updates(site)) and grants(acl, "bridge-eu", "write", t.status(site))
         assert grants(acl, "bridge-eu", "read", t.receipts(site))
-    assert not grants(acl, "bridge-eu", "write", t.updates("s3")) and not grants(acl, "bridge-eu", "read", t.receipts("s3"))
-    assert grants(acl, "bridge-eu", "read", t.round) and not grants(acl, "bridge-eu", "write", t.round)
+    assert not grants(acl, "bridge-eu", "read", t.receipts("s3"))  # another region's receipts stay away
+    assert grants(acl, "bridge-eu", "read", t.round) and grants(acl, "bridge-eu", "read", t.model)
+    assert not grants(acl, "bridge-eu", "write", t.round) and not grants(acl, "bridge-eu", "write", t.receipts("s1"))
     assert not grants(acl, "bridge-eu", "read", t.events) and not grants(acl, "bridge-eu", "read", t.updates("s1"))
-    assert all("+" not in p and "%" not in p for _, p in block(acl, "bridge-eu"))  # every topic named
+    assert not grants(acl, "bridge-eu", "write", t.events) and not grants(acl, "bridge-eu", "write", t.model)
+    assert all("%" not in p for _, p in block(acl, "bridge-eu"))  # its own lines, no per-user pattern
+    assert len(block(acl, "bridge-eu")) == 5 + 2  # short: mosquitto reads a long block slowly
     assert grants(acl, "bridge-eu", "write", "$SYS/broker/connection/bridge-eu/state")
     assert block(acl, "s1") == [(r.access, r.topic_filter) for r in topics.rules(role=topics.SITE, user="s1",
                                                                                   federation=FED)]
     with pytest.raises(Exception, match="bridge-eu"):
         render_acl(FED, coordinator_user="coordinator", sites=["bridge-eu"], bridges={"eu": []})
+    empty = render_acl(FED, coordinator_user="coordinator", sites=["s1"], bridges={"eu": iter([])})
+    assert grants(empty, "bridge-eu", "read", t.round) and not grants(empty, "bridge-eu", "read", t.receipts("s1"))
 
 
 def test_the_regional_acl_has_the_sites_own_rules_and_no_one_else():
@@ -176,7 +181,7 @@ def test_bridge_command_writes_both_sides_and_enroll_revoke_keep_them_in_step(tm
     assert f"remote_password {(fed / 'secrets' / 'bridge-eu-mqtt-password').read_text().strip()}" in conf
     acl = (broker_dir / "mosquitto" / "acl").read_text()
     t = topics.Topics(FED)
-    assert grants(acl, "bridge-eu", "write", t.updates("s3")) and not grants(acl, "bridge-eu", "write", t.updates("s1"))
+    assert grants(acl, "bridge-eu", "read", t.receipts("s3")) and not grants(acl, "bridge-eu", "read", t.receipts("s1"))
     assert main(["coordinator", "check", str(fed)]) == 0  # the ACL is what broker-config would write
     assert main(["coordinator", "broker-config", str(fed)]) == 0
     assert "bridge-eu" in passwd_lines(broker_dir / "mosquitto" / "passwd")
@@ -185,7 +190,7 @@ def test_bridge_command_writes_both_sides_and_enroll_revoke_keep_them_in_step(tm
 
     assert main(["coordinator", "revoke", str(fed), "s3"]) == 0
     assert set(passwd_lines(folder / "passwd")) == {"s2"} and "user s3" not in (folder / "acl").read_text()
-    assert not grants((broker_dir / "mosquitto" / "acl").read_text(), "bridge-eu", "write", t.updates("s3"))
+    assert not grants((broker_dir / "mosquitto" / "acl").read_text(), "bridge-eu", "read", t.receipts("s3"))
     assert main(["coordinator", "bridge", str(fed), "eu", "--remove-site", "s2"]) == 0
     assert read_regions(fed).regions["eu"].sites == () and passwd_lines(folder / "passwd") == {}
     assert list(read_registry(fed / "registry.json").sites) == ["s1", "s2"]
