@@ -6,7 +6,8 @@
     fednca coordinator revoke DIR SITE
     fednca coordinator broker-config DIR [--new-server-certificate]
     fednca coordinator bridge DIR REGION [--broker URL] [--site SITE ...] [--remove-site SITE ...]
-    fednca coordinator run DIR [--log-level info]
+    fednca coordinator run DIR [--log-level info] [--workers N]
+    fednca coordinator worker DIR --index I               one worker process (run --workers starts them)
     fednca coordinator show DIR [--json]
     fednca coordinator check DIR [--json]                 every problem that would stop run (exit 2)
 
@@ -35,6 +36,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +51,7 @@ from . import bridge_setup, setup_commands as setup
 from .store import RoundStore
 
 KILL_ENV = "FEDNCA_COORDINATOR_KILL_AFTER"
+WORKER_KILL_ENV = "FEDNCA_WORKER_KILL_AFTER"  # the same for workers: Stored, Forwarded, Acked
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -86,6 +89,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     run_p.add_argument("folder", type=Path)
     run_p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run_p.add_argument("--poll", type=float, default=1.0, help="seconds between clock ticks when idle")
+    run_p.add_argument("--workers", type=int, default=0, metavar="N",
+                       help="verify and store updates in N worker processes sharing the subscription "
+                            "(needs mosquitto.workers >= N; docs/coordinator.md)")
+    work = sub.add_parser("worker", help="one coordinator worker process (run --workers starts and restarts them)")
+    work.add_argument("folder", type=Path)
+    work.add_argument("--index", type=int, required=True, metavar="I", help="which worker account, 1 to N")
+    work.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    work.add_argument("--poll", type=float, default=1.0, help="seconds a receive waits when idle")
     conf = sub.add_parser("broker-config", help="write every broker file again from coordinator.yaml")
     conf.add_argument("folder", type=Path)
     conf.add_argument("--new-server-certificate", action="store_true",
@@ -106,7 +117,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     actions = {"init": setup.init, "enroll": setup.enroll, "revoke": setup.revoke,
                "broker-config": setup.broker_config, "run": _run, "rollback": _rollback, "show": _show,
-               "check": _check, "bridge": bridge_setup.run}  # fmt: skip
+               "check": _check, "bridge": bridge_setup.run, "worker": _worker}  # fmt: skip
     return actions[args.action](args)
 
 
@@ -155,18 +166,37 @@ def kill_hook(spec: str | None) -> Callable[[str], None] | None:
     return hook
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from .workers import run_worker
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stopping = [False]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.__setitem__(0, True))
+    return run_worker(args.folder, args.index, poll=args.poll, stop=lambda: stopping[0],
+                      after_action=kill_hook(os.environ.get(WORKER_KILL_ENV)))
+
+
 def _run(args: argparse.Namespace) -> int:
     from .coordinator import Coordinator
+    from .workers import record_key, supervise
 
     cfg = load_config(args.folder / CONFIG_NAME)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 0 <= args.workers <= cfg.mosquitto.workers:
+        print(f"--workers {args.workers}: the broker has accounts for {cfg.mosquitto.workers} workers; set "
+              f"mosquitto.workers in {cfg.config_path}, run  fednca coordinator broker-config {args.folder}  "
+              "and reload mosquitto")
+        return 2
     client = broker_client(cfg)
     coordinator_store = RoundStore(root=cfg.store_root, federation=cfg.federation.name)
     coordinator = Coordinator(
         config=cfg.federation, store=coordinator_store,
         keys=k.read_coordinator_keys(cfg.keys_dir), registry=k.read_registry(cfg.registry_path), client=client,
         clock=time.time, after_action=kill_hook(os.environ.get(KILL_ENV)),
+        worker_key=record_key(cfg.keys_dir) if args.workers else None,
     )  # fmt: skip
+    workers = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: coordinator.stop())
     watcher = RegistryWatcher(cfg.registry_path)
@@ -174,10 +204,17 @@ def _run(args: argparse.Namespace) -> int:
     with coordinator_store.lock():  # one coordinator per store; rollback waits for it to stop
         try:
             coordinator.start()
+            if args.workers:  # after start: the model the workers read the shapes from is stored
+                env = {k_: v for k_, v in os.environ.items() if k_ != KILL_ENV}
+                workers = supervise([[sys.executable, "-m", "fednca_broker.cli", "worker", str(args.folder),
+                                      "--index", str(i), "--log-level", args.log_level, "--poll", str(args.poll)]
+                                     for i in range(1, args.workers + 1)], env=env, once=[WORKER_KILL_ENV])  # fmt: skip
             notifier.ready(f"federation {cfg.federation.name}: running")
             pinged = time.monotonic()
             while not coordinator.finished and not coordinator.stopped:
                 coordinator.step(args.poll)
+                if workers is not None:
+                    workers.check()  # a worker that died starts again on its session
                 registry = watcher.changed()
                 if registry is not None:
                     coordinator.set_registry(registry)
@@ -186,6 +223,9 @@ def _run(args: argparse.Namespace) -> int:
                     pinged = time.monotonic()
         finally:
             notifier.stopping()
+            if workers is not None:
+                workers.stop()
+            coordinator.close()
             if not coordinator.wait_published(10.0):
                 logging.getLogger("fednca.coordinator").warning("the broker did not take every message within 10 s")
             client.disconnect()
@@ -267,3 +307,14 @@ def _show(args: argparse.Namespace) -> int:
         print(f"  error: site {safe(site, 40)}: update of round {e.round} rejected ({safe(e.reason, 40)}), "
               f"{relative(e.at, now)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fednca_broker.cli ACTION ...``: the same commands (how ``run --workers`` starts its workers)."""
+    parser = argparse.ArgumentParser(prog="fednca coordinator")
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,6 +30,7 @@ from fednca.transport.base import Message
 from .round_events import Action, LogEvent, SaveState, StoreUpdate
 from .round_state import RoundState
 from .roundlog import LogRecord
+from .errors import StoreError
 from .store import RoundStore
 
 STORE_THREADS = 8  # payloads of one batch written at once
@@ -43,13 +44,14 @@ class GroupCommit:
     def __init__(
         self, *, store: RoundStore, perform: Callable[[Action, Message | None], None],
         event: Callable[[LogRecord], None], done: Callable[[str], None],
-        kept: Callable[[int, str, str], None] | None = None,
+        kept: Callable[[int, str, str], None] | None = None, stored_elsewhere: bool = False,
     ) -> None:  # fmt: skip
         self._store = store
         self._perform = perform
         self._event = event
         self._done = done
         self._kept = kept
+        self._stored_elsewhere = stored_elsewhere  # workers stored the payloads (workers.py): check, not write
         self._pool: ThreadPoolExecutor | None = None  # writes a batch's payloads at once
         self._to_store: list[tuple[StoreUpdate, bytes]] = []
         self._unsaved: RoundState | None = None
@@ -89,7 +91,11 @@ class GroupCommit:
         if len(batch) > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
         items = [(action.round, action.site, action.update_id, payload) for action, payload in batch]
-        if items:
+        if self._stored_elsewhere:
+            for round, site, update_id, _ in items:
+                if not self._store.update_path(round, site, update_id).is_file():
+                    raise StoreError(f"update {update_id} of site {site!r}: the worker that verified it did not store it")
+        elif items:
             self._store.put_updates(items, pool=self._pool)
         for action, _ in batch:
             if self._kept is not None:

@@ -166,6 +166,7 @@ class MosquittoConfig:
     user: str = "mosquitto"  # the account mosquitto drops to; it must be able to read the files
     max_inflight_messages: int | None = None  # None: sized for the enrolled sites
     bind_client_ids: bool = True  # each client's id is its user name (no session takeover); false: any id
+    workers: int = 0  # broker accounts for coordinator worker processes (coordinator run --workers N)
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_as_root, bool):
@@ -187,6 +188,7 @@ class MosquittoConfig:
             max_inflight_messages=self.max_inflight_messages or inflight, user=self.user,
             data_folder=self.data_folder, persistent_client_expiration=self.persistent_client_expiration,
             run_as_root=self.run_as_root, bind_client_ids=self.bind_client_ids, observer_users=observer_users,
+            workers=self.workers,
         )  # fmt: skip
 
 

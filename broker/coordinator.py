@@ -50,6 +50,7 @@ build a new one on the same store, as after a crash.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -62,7 +63,7 @@ from fednca.keys import CoordinatorKeys, Registry
 from fednca.rounds_vocab import RoundStatus
 from fednca.topics import Topics, TopicError
 from fednca.transport.base import Client, Message
-from fednca.aggregate_rows import flatten, row_norm
+from fednca.aggregate_rows import flatten, layout_of, row_norm
 from fednca.wire import WireError, open_update
 
 from . import rounds
@@ -82,6 +83,7 @@ from .round_events import (
 from .round_state import RoundState
 from .spool import DeltaSpool, Key, next_model
 from .verifier import VERIFY_THREADS, Opened, Verifier, open_update_once
+from .workers import RecordError, VerifiedRecord, verified_filter
 from .roundlog import (
     CoordinatorResumedRecord, FederationFinishedRecord, LogRecord, MessageDroppedRecord, RoundAggregatedRecord,
     SiteThrottledRecord, UpdateRejectedRecord,
@@ -110,7 +112,9 @@ class Coordinator:
     ``initial_model`` the weights of round 1 when the store holds none (default: built from
     ``config.model`` and ``config.seed``); ``after_action`` is called with each performed
     action's name (crash tests); ``batch`` the most messages judged before one state save;
-    ``verify_threads`` the threads that open updates.
+    ``verify_threads`` the threads that open updates. With ``worker_key`` (:mod:`.workers`) the
+    updates come from worker processes as verified records signed with that key, on
+    ``verified/+``, their payloads already stored: this coordinator is then the aggregator.
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class Coordinator:
         batch: int = 64,
         connect_timeout: float = 10.0,
         verify_threads: int = VERIFY_THREADS,
+        worker_key: bytes | None = None,
     ) -> None:
         if store.federation != config.name:
             raise ConfigError("federation", f"the store is for {store.federation!r}, the configuration for {config.name!r}")
@@ -149,7 +154,10 @@ class Coordinator:
                                     model_topic=config.model_delta != "off")  # fmt: skip
         self._downlink = Downlink(store=store, encoding=config.model_delta)  # the model as sites receive it
         self._commit = GroupCommit(store=store, perform=self._perform_deferred, event=self._publisher.event,
-                                   done=self._done, kept=self._keep_delta)  # fmt: skip
+                                   done=self._done, kept=self._keep_delta,
+                                   stored_elsewhere=worker_key is not None)  # fmt: skip
+        self._worker_key = worker_key
+        self._records = verified_filter(config.name).removesuffix("+")  # the workers' topics begin so
         self._verifier = Verifier(threads=verify_threads)
         self._spool: DeltaSpool | None = None  # the verified deltas of the round they were accepted in
         self._opened: dict[Key, Opened] = {}  # verified in this batch, waiting for the policy's word
@@ -206,7 +214,10 @@ class Coordinator:
             raise CoordinatorError("the coordinator has already started")
         self._started = True
         self._client.connect(self._connect_timeout)  # False: it keeps trying; subscriptions follow
-        self._client.subscribe(self._topics.all_updates, 1)
+        if self._worker_key is None:
+            self._client.subscribe(self._topics.all_updates, 1)
+        else:
+            self._client.subscribe(verified_filter(self._cfg.name), 1)
         self._client.subscribe(self._topics.all_status, 1)
         recovery = self._store.recover()
         for path in recovery.removed:
@@ -357,6 +368,8 @@ class Coordinator:
     def _take(self, message: Message) -> Finish:
         """Topic and admission now, in arrival order; an update goes to the verification threads.
         The returned function completes the message (judge, commit), again in arrival order."""
+        if self._worker_key is not None and message.topic.startswith(self._records):
+            return self._take_record(message)
         try:
             parsed = self._topics.parse(message.topic)
         except TopicError as e:
@@ -379,6 +392,24 @@ class Coordinator:
         return open_update_once(payload, site=site, box_keys=[self._keys.box], registry=registry,
                                 federation=self._cfg.name, shapes=self._model.shapes,
                                 max_bytes=self._model.max_update_bytes)  # fmt: skip
+
+    def _take_record(self, message: Message) -> Finish:
+        """A worker's verified record (:mod:`.workers`): judged as the update it tells of."""
+        try:
+            record = VerifiedRecord.decode(message.payload, self._worker_key,  # type: ignore[arg-type]
+                                           size=sum(math.prod(s) for s in self._model.shapes.values()))
+        except RecordError as e:
+            why = f"not a record of this coordinator's workers: {e}"
+            return lambda: self._drop(message, why)
+
+        def finish() -> None:
+            event = record.opened.event
+            if isinstance(event, UpdateVerified):
+                self._metrics[(event.site, event.update_id)] = dict(event.metrics)
+                self._opened[(event.site, event.update_id)] = record.opened
+            self._apply(event, message)
+
+        return finish
 
     def _take_status(self, site: str, message: Message) -> None:
         enrolled = self._registry.verify_key(site) is not None
@@ -431,7 +462,7 @@ class Coordinator:
         if self._spool is None or self._spool.folder != self._store.spool_folder(round):
             if self._spool is not None:
                 self._spool.remove()
-            self._spool = DeltaSpool(folder=self._store.spool_folder(round), layout=list(self._model.shapes.items()))
+            self._spool = DeltaSpool(folder=self._store.spool_folder(round), layout=layout_of(self._model.shapes))
         return self._spool
 
     def _refill(self, state: RoundState, spool: DeltaSpool, keys: list[Key]) -> None:
@@ -460,7 +491,7 @@ class Coordinator:
             raise StoreError(f"{path}: the stored update no longer opens ({e})") from None
         if update.header.update_id != update_id:
             raise StoreError(f"{path}: holds update {update.header.update_id}, not {update_id}")
-        layout = list(self._model.shapes.items())
+        layout = layout_of(self._model.shapes)
         row = flatten(update.delta, layout)
         return row, row_norm(row, layout)
 

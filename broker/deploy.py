@@ -32,6 +32,7 @@ from . import mosquitto, regions, tls
 from .bridge import bridge_user
 from .config import CoordinatorConfig
 from .mosquitto import BrokerAccount, MosquittoSettings
+from .workers import worker_passwords
 
 log = logging.getLogger("fednca.broker")
 Clock = Callable[[], dt.datetime]
@@ -90,7 +91,8 @@ def write_broker_files(cfg: CoordinatorConfig, *, registry: k.Registry, coordina
     Path(settings.folder).mkdir(parents=True, exist_ok=True)
     if cfg.mosquitto.tls_names:
         ensure_server_certificate(cfg, renew=renew_certificate, now=now)
-    observers = {**(observer_passwords or {}), **bridge_passwords(cfg)}  # service accounts, passwords in secrets/
+    observers = {**(observer_passwords or {}), **bridge_passwords(cfg),
+                 **worker_passwords(cfg)}  # service accounts, passwords in secrets/
     if site_passwords is not None or not settings.password_path.exists():
         mosquitto.write_password_file(settings.password_path, {settings.coordinator_user: coordinator_password,
                                                                **observers, **(site_passwords or {})})

@@ -51,6 +51,7 @@ from fednca.atomic import fsync_dir, write_bytes, write_text
 from fednca.errors import ConfigError, FedNCAError
 
 from . import bridge
+from . import workers as workers_module
 
 DEFAULT_MAX_PACKET_SIZE = 1_048_576
 CONF_NAME, PASSWORD_NAME, ACL_NAME, DATA_NAME = "mosquitto.conf", "passwd", "acl", "data"
@@ -111,6 +112,7 @@ class MosquittoSettings:
     # broker made by hand from these settings gets it only when asked.
     bind_client_ids: bool = False
     observer_users: tuple[str, ...] = ()  # read-only accounts of the operator's views
+    workers: int = 0  # accounts <coordinator_user>-w1 .. -wN of the coordinator's workers (workers.py)
 
 
     def __post_init__(self) -> None:
@@ -127,6 +129,8 @@ class MosquittoSettings:
         if self.data_folder is not None:
             _check_word("data_folder", self.data_folder)
         _check_port("port", self.port)
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or not 0 <= self.workers <= 64:
+            raise ConfigError("workers", f"must be a whole number from 0 to 64, got {self.workers!r}")
         if not self.plain_listener and self.tls is None:
             raise ConfigError("plain_listener", "false needs a tls listener, or nothing listens")
         for name in ("max_packet_size", "max_queued_messages", "max_inflight_messages", "autosave_interval"):
@@ -214,13 +218,16 @@ def render_conf(settings: MosquittoSettings) -> str:
 
 
 def render_acl(federation: str, *, coordinator_user: str, sites: Iterable[str],
-               observers: Iterable[str] = (), bridges: Mapping[str, Iterable[str]] | None = None) -> str:
+               observers: Iterable[str] = (), bridges: Mapping[str, Iterable[str]] | None = None,
+               workers: Iterable[str] = ()) -> str:
     """The ACL file: the coordinator's block, the observers', one block per site (sorted), then one
-    per regional bridge (``bridges``: region -> its sites; rules in :func:`bridge.bridge_rules`)."""
+    per regional bridge (``bridges``: region -> its sites; rules in :func:`bridge.bridge_rules`),
+    then one per coordinator worker (``workers``: their users; rules in :mod:`.workers`)."""
     site_ids = sorted(set(sites))
     observer_ids = list(dict.fromkeys(observers))
+    worker_ids = list(dict.fromkeys(workers))
     regions = dict(sorted((bridges or {}).items()))
-    for taken in (coordinator_user, *observer_ids, *map(bridge.bridge_user, regions)):
+    for taken in (coordinator_user, *observer_ids, *map(bridge.bridge_user, regions), *worker_ids):
         if taken in site_ids:
             raise ConfigError("sites", f"no site may be named {taken!r}, a broker account of the coordinator's")
     lines = [
@@ -234,6 +241,11 @@ def render_acl(federation: str, *, coordinator_user: str, sites: Iterable[str],
         lines += ["", f"user {user}"]
         for rule in topics.rules(role=role, user=user, federation=federation):
             lines.append(f"topic {rule.access} {rule.topic_filter}")
+        if role == topics.COORDINATOR and worker_ids:
+            lines += [f"topic {r.access} {r.topic_filter}" for r in workers_module.aggregator_rules(federation)]
+    for worker in worker_ids:
+        lines += ["", f"user {worker}"]
+        lines += [f"topic {r.access} {r.topic_filter}" for r in workers_module.worker_rules(federation)]
     for region, members in regions.items():
         lines += ["", f"user {bridge.bridge_user(region)}"]
         lines += [f"topic {r.access} {r.topic_filter}"
@@ -410,6 +422,7 @@ def write_files(
     site_passwords: Mapping[str, str],
     observer_passwords: Mapping[str, str] | None = None,
     account: BrokerAccount | None = None,
+    worker_passwords: Mapping[str, str] | None = None,
 ) -> BrokerFiles:
     """Write the three files (and make the persistence folder) for one federation.
 
@@ -427,7 +440,8 @@ def write_files(
     unknown = sorted(set(observers) - set(settings.observer_users))
     if unknown:
         raise ConfigError("observer_passwords", f"{unknown} are not among the observer users {settings.observer_users}")
-    users = {settings.coordinator_user: coordinator_password, **observers, **site_passwords}
+    users = {settings.coordinator_user: coordinator_password, **observers, **(worker_passwords or {}),
+             **site_passwords}
     write_password_file(settings.password_path, users)
     write_acl_and_conf(settings, sites=site_passwords, account=account)
     return BrokerFiles(settings.conf_path, settings.password_path, settings.acl_path)
@@ -437,7 +451,8 @@ def write_acl_and_conf(settings: MosquittoSettings, *, sites: Iterable[str], acc
                        bridges: Mapping[str, Iterable[str]] | None = None) -> None:
     """Write the ACL and mosquitto.conf again (enrolment, revocation, a new configuration, a region)."""
     acl = render_acl(settings.federation, coordinator_user=settings.coordinator_user, sites=sites,
-                     observers=settings.observer_users, bridges=bridges)
+                     observers=settings.observer_users, bridges=bridges,
+                     workers=workers_module.worker_users(settings.coordinator_user, settings.workers))
     write_text(settings.acl_path, acl, mode=0o640)
     write_text(settings.conf_path, render_conf(settings), mode=0o640)
     if account is not None:

@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence, TypeVar
 import numpy as np
 from nacl.public import PrivateKey
 
-from fednca.aggregate_rows import Layout, flatten, row_norm
+from fednca.aggregate_rows import Layout, flatten, layout_of, row_norm
 from fednca.keys import Registry
 from fednca.wire import UpdateHeader, WireError, check_update, verify_update
 
@@ -62,7 +62,7 @@ def open_update_once(
         h = e.header if isinstance(e.header, UpdateHeader) else None
         return Opened(UpdateRejected(site, h.update_id if h else None, e.reason, h.round if h else None))
     h = update.header
-    layout: Layout = list(shapes.items())
+    layout: Layout = layout_of(shapes)
     row = flatten(update.delta, layout)
     event = UpdateVerified(site, h.update_id, h.round, h.base_sha256, h.samples, h.steps, h.partial, dict(h.metrics))
     return Opened(event, row, row_norm(row, layout))

@@ -49,6 +49,12 @@ class Rows(Protocol):
         """(first column, ``n x width`` float32 block) covering the columns in order."""
 
 
+def layout_of(shapes: "dict[str, tuple[int, ...]] | object") -> list[tuple[str, tuple[int, ...]]]:
+    """The row layout of a model's tensor shapes: sorted by name, so that every process (a
+    coordinator's workers, its aggregator) lays a delta out alike whatever order it read them in."""
+    return sorted((name, tuple(shape)) for name, shape in shapes.items())  # type: ignore[attr-defined]
+
+
 def flatten(delta: dict[str, np.ndarray] | object, layout: Layout) -> np.ndarray:
     """A delta's tensors, in ``layout`` order, as one float32 row."""
     return np.concatenate([np.asarray(delta[name], dtype=np.float32).reshape(-1) for name, _ in layout])  # type: ignore[index]

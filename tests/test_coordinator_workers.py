@@ -1,0 +1,164 @@
+"""Coordinator workers on a real mosquitto: two worker processes share the update subscription
+(``$share/...``), one aggregator owns the round; a worker SIGKILLed mid-round loses no update.
+
+``fednca coordinator run DIR --workers 2`` starts the aggregator and two ``coordinator worker``
+processes. With ``FEDNCA_WORKER_KILL_AFTER=Stored`` each worker kills itself right after its first
+batch is stored and before it is forwarded or acknowledged (the supervisor restarts it without the
+hook); the updates it held come back to it from its persistent session. The round must close with
+every update counted once and the model an uninterrupted single-process run gives.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from fednca import aggregate, wire
+from fednca.aggregate import AggregationConfig
+from fednca.keys import SiteKeys, read_coordinator_public
+from fednca.transport.mqtt import MqttClient
+from fednca_app.cli import main
+from fednca_broker.cli import WORKER_KILL_ENV
+from fednca_broker.config import CONFIG_NAME
+from fednca_broker.mosquitto import MosquittoSettings, render_acl, write_files
+from fednca_broker.store import RoundStore
+from fednca_broker.workers import VerifiedRecord, RecordError, shared_updates, worker_password_path, worker_users
+from fednca_broker.verifier import Opened
+from fednca_broker.round_events import UpdateRejected, UpdateVerified
+from mosquitto_fixture import MOSQUITTO, RunningMosquitto, free_port
+
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow,
+              pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")]  # fmt: skip
+
+SITES = tuple(f"s{i}" for i in range(1, 9))
+FED = "shared"
+WAIT = 60.0
+
+
+def test_records_are_authenticated_and_round_trip():
+    key, other = b"k" * 32, b"o" * 32
+    row = np.arange(6, dtype=np.float32)
+    verified = VerifiedRecord("w1", Opened(UpdateVerified("a", "ab", 2, "c" * 64, 5, 7, True, {"dice": 0.5}), row, 3.5))
+    back = VerifiedRecord.decode(verified.encode(key), key, size=6)
+    assert back.worker == "w1" and back.opened.event == verified.opened.event and back.opened.norm == 3.5
+    np.testing.assert_array_equal(back.opened.row, row)
+    rejected = VerifiedRecord("w2", Opened(UpdateRejected("b", None, "bad_signature", None)))
+    assert VerifiedRecord.decode(rejected.encode(key), key, size=6).opened.event == rejected.opened.event
+    data = bytearray(verified.encode(key))
+    with pytest.raises(RecordError, match="HMAC"):
+        VerifiedRecord.decode(verified.encode(other), key, size=6)
+    data[20] ^= 1
+    with pytest.raises(RecordError):
+        VerifiedRecord.decode(bytes(data), key, size=6)
+    with pytest.raises(RecordError, match="values"):
+        VerifiedRecord.decode(verified.encode(key), key, size=7)
+
+
+def test_the_acl_gives_the_internal_topic_to_coordinator_accounts_only():
+    acl = render_acl(FED, coordinator_user="coordinator", sites=["s1"], workers=worker_users("coordinator", 2))
+    blocks = {b.split("\n")[0]: b for b in acl.split("\n\n")[1:]}
+    assert blocks["user coordinator-w1"].splitlines()[1:] == [
+        f"topic read fednca/{FED}/updates/+", f"topic write fednca/{FED}/verified/+"]
+    assert f"topic read fednca/{FED}/verified/+" in blocks["user coordinator"]
+    assert "verified" not in blocks["user s1"]
+    assert "verified" not in render_acl(FED, coordinator_user="coordinator", sites=["s1"])
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """A federation folder (``coordinator init``) with two worker accounts, and mosquitto on files
+    written with them (the sites', the coordinator's and the workers' accounts and ACL)."""
+    folder = tmp_path / "fed"
+    settings = MosquittoSettings(federation=FED, folder=str(tmp_path / "mosquitto"), port=free_port(),
+                                 run_as_root=os.geteuid() == 0, workers=2, max_queued_messages=1000)  # fmt: skip
+    url = f"mqtt://127.0.0.1:{settings.port}"
+    assert main(["coordinator", "init", str(folder), "--federation", FED, "--broker", url,
+                 "--quorum", str(len(SITES)), "--max-rounds", "1"]) == 0  # fmt: skip
+    config = yaml.safe_load((folder / CONFIG_NAME).read_text())
+    config.setdefault("mosquitto", {})["workers"] = 2
+    (folder / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
+    keys = {s: SiteKeys.generate() for s in SITES}
+    for site, k in keys.items():
+        assert main(["coordinator", "enroll", str(folder), site, bytes(k.verify_key).hex()]) == 0
+    passwords = {"coordinator": "coordinator-secret", **{s: f"{s}-secret" for s in SITES},
+                 **{w: f"{w}-secret" for w in worker_users("coordinator", 2)}}  # fmt: skip
+    write_files(settings, coordinator_password=passwords["coordinator"],
+                site_passwords={s: passwords[s] for s in SITES},
+                worker_passwords={w: passwords[w] for w in worker_users("coordinator", 2)})  # fmt: skip
+    (folder / "secrets" / "mqtt-password").write_text(passwords["coordinator"] + "\n")
+    for w in worker_users("coordinator", 2):
+        worker_password_path(folder, w).write_text(passwords[w] + "\n")
+        os.chmod(worker_password_path(folder, w), 0o600)
+    broker = RunningMosquitto(settings=settings, passwords=passwords)
+    broker.start()
+    yield folder, broker, keys
+    broker.stop()
+
+
+def wait_for(condition, what, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_two_workers_share_the_updates_and_a_killed_one_loses_none(federation):
+    folder, broker, keys = federation
+    store = RoundStore(root=folder / "store", federation=FED)
+    initial = store.load_model(1)
+    box = read_coordinator_public(folder / "keys").box
+    rng = np.random.default_rng(5)
+    samples = {s: int(rng.integers(1, 9)) for s in SITES}
+    deltas = {s: {n: rng.normal(0, 1e-2, a.shape).astype(np.float32) for n, a in sorted(initial.items())}
+              for s in SITES}  # fmt: skip
+    updates = {s: wire.make_update(federation=FED, site=s, round=1, base_sha256=wire.model_sha256(initial),
+                                   samples=samples[s], steps=3, partial=False, metrics={}, delta=deltas[s],
+                                   signing_key=keys[s].signing, coordinator_box=box) for s in SITES}  # fmt: skip
+    log_path = folder / "coordinator.log"
+    env = {**os.environ, WORKER_KILL_ENV: "Stored"}
+    with open(log_path, "ab") as out:
+        child = subprocess.Popen([sys.executable, "-m", "fednca_app.cli", "coordinator", "run", str(folder),
+                                  "--workers", "2", "--poll", "0.1", "--log-level", "debug"],
+                                 stdout=out, stderr=out, env=env)  # fmt: skip
+    try:
+        wait_for(lambda: "sharing $share" in log_path.read_text() and log_path.read_text().count("sharing $share") >= 2,
+                 "both workers to subscribe")  # fmt: skip
+        for site in SITES:
+            client = MqttClient(url=broker.url, client_id=f"site-{site}", username=site, password=f"{site}-secret")
+            try:
+                assert client.connect(5)
+                client.publish(f"fednca/{FED}/updates/{site}", updates[site]).result(5)
+            finally:
+                client.disconnect()
+        try:
+            assert child.wait(timeout=WAIT) == 0, log_path.read_text()[-4000:]
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the round did not close:\n{log_path.read_text()[-4000:]}") from None
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+    text = log_path.read_text()
+    assert "worker 1 exited" in text or "worker 2 exited" in text, "no worker was killed mid-round"
+    forwarded = {w for w in worker_users("coordinator", 2) if re.search(rf"worker {w}: [1-9][0-9]* forwarded", text)}
+    assert forwarded == set(worker_users("coordinator", 2)), "the subscription was not shared"
+    state = store.load_state()
+    assert (state.round, str(state.status)) == (1, "closed")
+    assert sorted(a.site for a in state.accepted) == sorted(SITES)
+    accepted = [r for r in store.read_log() if r["kind"] == "update_accepted"]
+    assert sorted(r["site"] for r in accepted) == sorted(SITES)  # each counted once
+    travelled = [({n: a.astype(np.float16).astype(np.float32) for n, a in deltas[s].items()}, samples[s])
+                 for s in SITES]  # fmt: skip
+    expected = wire.model_sha256(aggregate.apply(initial, aggregate.aggregate(travelled, AggregationConfig())))
+    assert wire.model_sha256(store.load_model(2)) == expected
+    assert shared_updates(FED) == f"$share/fednca-coordinator/fednca/{FED}/updates/+"
