@@ -80,30 +80,39 @@ def build_federation(folder: Path, sites: int) -> None:
     write_registry(folder / "registry.json", Registry(sites=registry))
 
 
-def start_mosquitto(folder: Path, sites: int) -> Any:
-    """The federation's mosquitto files (ACL and one account per site) and mosquitto running on them
-    (``fednca_app.harness.Mosquitto``, on a free port)."""
+def start_mosquitto(folder: Path, sites: int, workers: int = 0) -> Any:
+    """The federation's mosquitto files (ACL and one account per site, and per worker) and mosquitto
+    running on them (``fednca_app.harness.Mosquitto``, on a free port)."""
     from fednca_app.harness import Mosquitto, free_port
     from fednca_broker.mosquitto import MosquittoSettings, write_files
+    from fednca_broker.workers import worker_users
 
-    settings = MosquittoSettings(federation=FEDERATION, folder=str(folder), port=free_port(),
+    settings = MosquittoSettings(federation=FEDERATION, folder=str(folder), port=free_port(), workers=workers,
                                  max_queued_messages=sites + 100, run_as_root=os.geteuid() == 0)
-    write_files(settings, coordinator_password=PASSWORD, site_passwords={site_id(i): PASSWORD for i in range(sites)})
+    write_files(settings, coordinator_password=PASSWORD, site_passwords={site_id(i): PASSWORD for i in range(sites)},
+                worker_passwords={w: PASSWORD for w in worker_users("coordinator", workers)})
     broker = Mosquitto(settings=settings)
     broker.start()
     return broker
 
 
-def publish_to_mosquitto(url: str, data: Path, sites: int, client_id: str) -> None:
-    """Make the coordinator's session, then publish every site's update over its own connection."""
+def publish_to_mosquitto(url: str, data: Path, sites: int, client_id: str, workers: int = 0) -> None:
+    """Make the coordinator's session (or the workers' shared ones and the aggregator's), then
+    publish every site's update over its own connection."""
     from fednca.topics import Topics
     from fednca.transport.mqtt import MqttClient
+    from fednca_broker.workers import shared_updates, verified_filter, worker_users
 
     topics = Topics(FEDERATION)
     session = MqttClient(url=url, client_id=client_id, username="coordinator", password=PASSWORD)
     session.connect(10)
-    session.subscribe(topics.all_updates)
+    session.subscribe(verified_filter(FEDERATION) if workers else topics.all_updates)
     session.disconnect()
+    for user in worker_users("coordinator", workers):
+        worker = MqttClient(url=url, client_id=user, username=user, password=PASSWORD)
+        worker.connect(10)
+        worker.subscribe(shared_updates(FEDERATION))
+        worker.disconnect()
     for i in range(sites):
         site = MqttClient(url=url, client_id=site_id(i), username=site_id(i), password=PASSWORD, clean_start=True)
         site.connect(10)
@@ -111,19 +120,20 @@ def publish_to_mosquitto(url: str, data: Path, sites: int, client_id: str) -> No
         site.disconnect()
 
 
-def measure(kind: str, sites: int, data: Path, work: Path) -> dict:
+def measure(kind: str, sites: int, data: Path, work: Path, workers: int = 0) -> dict:
     url, broker = "memory://", None
-    client_id = f"coordinator-{kind}-{sites}"
+    client_id = f"coordinator-{kind}-{sites}-{workers}"
     if kind == "mosquitto":
-        broker = start_mosquitto(work / f"mosquitto-{sites}", sites)
+        broker = start_mosquitto(work / f"mosquitto-{sites}-{workers}", sites, workers)
         url = broker.url
     try:
         if broker is not None:
             started = time.perf_counter()
-            publish_to_mosquitto(url, data, sites, client_id)
+            publish_to_mosquitto(url, data, sites, client_id, workers)
             print(f"published {sites} updates to mosquitto in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         command = [sys.executable, __file__, "--child", kind, "--sites", str(sites), "--data", str(data),
-                   "--work", str(work / f"{kind}-{sites}"), "--url", url, "--client-id", client_id]
+                   "--work", str(work / f"{kind}-{sites}-{workers}"), "--url", url, "--client-id", client_id,
+                   "--workers", str(workers)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"child {kind} {sites} failed:\n{done.stderr[-3000:]}")
@@ -134,6 +144,16 @@ def measure(kind: str, sites: int, data: Path, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- child
+
+
+def _vm_hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def peak_rss() -> int:
@@ -175,7 +195,28 @@ class Feeding:
         return getattr(self._client, name)
 
 
-def child(kind: str, sites: int, data: Path, work: Path, url: str, client_id: str) -> dict:
+def worker_child(index: int, data: Path, work: Path, url: str) -> int:
+    """One worker process of a ``--workers`` run: until killed, take shared updates."""
+    import safetensors.numpy
+
+    from fednca.keys import read_coordinator_keys, read_registry
+    from fednca.transport.mqtt import MqttClient
+    from fednca.wire import max_update_bytes
+    from fednca_broker.store import RoundStore
+    from fednca_broker.workers import Worker, record_key, worker_user
+
+    user = worker_user("coordinator", index)
+    shapes = {n: tuple(a.shape) for n, a in safetensors.numpy.load((data / "model.safetensors").read_bytes()).items()}
+    client = MqttClient(url=url, client_id=user, username=user, password=PASSWORD)
+    worker = Worker(name=user, federation=FEDERATION, client=client, store=RoundStore(root=work, federation=FEDERATION),
+                    keys=read_coordinator_keys(data / "keys"), registry=read_registry(data / "registry.json"),
+                    key=record_key(data / "keys"), shapes=shapes, max_update_bytes=max_update_bytes(shapes))
+    worker.start()
+    while True:
+        worker.step(1.0)
+
+
+def child(kind: str, sites: int, data: Path, work: Path, url: str, client_id: str, workers: int = 0) -> dict:
     import psutil
 
     from fednca.config import preset
@@ -197,18 +238,30 @@ def child(kind: str, sites: int, data: Path, work: Path, url: str, client_id: st
 
         client = MqttClient(url=url, client_id=client_id, username="coordinator", password=PASSWORD)
     store = RoundStore(root=work, federation=FEDERATION)
+    key = None
+    if workers:
+        from fednca_broker.workers import record_key
+
+        key = record_key(data / "keys")
     coordinator = Coordinator(
         config=FederationConfig(name=FEDERATION, model=preset("fednca"), max_rounds=None),
         store=store, keys=read_coordinator_keys(data / "keys"),
         registry=registry, client=client, clock=time.time,
-        initial_model=safetensors.numpy.load((data / "model.safetensors").read_bytes()),
+        initial_model=safetensors.numpy.load((data / "model.safetensors").read_bytes()), worker_key=key,
     )  # fmt: skip
     rss_before = psutil.Process().memory_info().rss
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     coordinator.start()
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(i), "--data", str(data), "--work", str(work),
+                               "--url", url]) for i in range(1, workers + 1)]  # fmt: skip
     closed = coordinator.run_until(lambda c: c.round == 2, poll=1.0, max_steps=100_000)
     elapsed = time.perf_counter() - started
+    worker_rss = []
+    for p in procs:
+        worker_rss.append(round(_vm_hwm(p.pid) / 2**20, 1))
+        p.kill()
+        p.wait()
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     coordinator.wait_published(30)
@@ -225,6 +278,8 @@ def child(kind: str, sites: int, data: Path, work: Path, url: str, client_id: st
         "cpu_s": round(cpu, 3),  # user + system time of all the coordinator's threads
         "per_update_ms": round(1000 * (elapsed - aggregate_s) / sites, 3),
         "verified_per_s": round(sites / max(elapsed - aggregate_s, 1e-9), 1),
+        "workers": workers,
+        "worker_peak_rss_mb": worker_rss,
         "rss_before_start_mb": round(rss_before / 2**20, 1),
         "peak_rss_mb": round(peak_rss() / 2**20, 1),
     }
@@ -240,11 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--client-id", help=argparse.SUPPRESS)
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--workers", default="0", help="mosquitto runs: comma-separated worker counts (0: one process)")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sites.split(",")]
+    if args.worker:
+        return worker_child(args.worker, args.data, args.work, args.url)
     if args.child:
-        print(json.dumps(child(args.child, sizes[0], args.data, args.work, args.url, args.client_id)))
+        print(json.dumps(child(args.child, sizes[0], args.data, args.work, args.url, args.client_id,
+                               int(args.workers))))
         return 0
+    counts = [int(w) for w in args.workers.split(",")]
     kinds = ["memory", "mosquitto"] if args.broker == "both" else [args.broker]
     if "mosquitto" in kinds and mosquitto_binary() is None:
         print("mosquitto is not installed: measuring the in-memory broker only", file=sys.stderr)
@@ -254,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         data = work / "federation"
         data.mkdir()
         build_federation(data, max(sizes))
-        runs = [measure(kind, n, data, work) for kind in kinds for n in sizes]
+        runs = [measure(kind, n, data, work, w) for kind in kinds for n in sizes
+                for w in (counts if kind == "mosquitto" else [0])]
     result: dict = {"bench": "coordinator", "runs": runs}
     for kind in kinds:
         peaks = {r["sites"]: r["peak_rss_mb"] for r in runs if r["broker"] == kind}
