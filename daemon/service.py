@@ -526,14 +526,16 @@ class Service:
             self._storage_failed(e)
             return
         finally:
-            self._follow_model_topic()
+            self._follow_model_topic(stray=whole)
         if event is not None:
             self._announced(event)
 
-    def _follow_model_topic(self) -> None:
-        """Subscribe to ``model`` while the inbox needs the whole model, and only then."""
+    def _follow_model_topic(self, *, stray: bool = False) -> None:
+        """Subscribe to ``model`` while the inbox needs the whole model, and only then. ``stray``:
+        a message came on it, so the broker holds the subscription even if this process did not
+        make it (a persistent session that outlived a restart)."""
         topic = self.topics.model
-        following = topic in self.client.subscriptions
+        following = topic in self.client.subscriptions or stray
         try:
             if self.inbox.need_model and not following:
                 self.client.subscribe(topic, qos=1)
