@@ -21,8 +21,10 @@ base model, tensors); :func:`open_update` does both.
 
 The code follows the same lines: :mod:`fednca.wire_envelope` (prefix, size, keys, signature,
 tensor checks), :mod:`fednca.wire_update` (the site's sealed update) and
-:mod:`fednca.wire_round` (the coordinator's announcement and receipt). This module is the one
-place the rest of the project imports them from.
+:mod:`fednca.wire_round` (the coordinator's announcement and receipt). An update, and an
+announced model (as a delta from the previous one), may also travel as 8-bit values with a scale
+per tensor: :mod:`fednca.quantise` and the ``q8`` layout of :mod:`fednca.wire_q8`. This module is
+the one place the rest of the project imports them from.
 """
 
 from __future__ import annotations
