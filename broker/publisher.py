@@ -113,6 +113,8 @@ class Publisher:
         except PayloadTooLarge:  # a very large federation's site lists: send their lengths instead
             self._publish(self._topics.events, _json(_shortened(message, 0)))
         level = logging.WARNING if record.kind in _WARNING_KINDS else logging.INFO
+        if not log.isEnabledFor(level):
+            return
         # The log line has its own time, and names the kind first.
         shown = _shortened({k: v for k, v in fields.items() if k not in ("kind", "at")}, 8)
         log.log(level, "%s %s", record.kind, " ".join(f"{k}={_shown(k, v)}" for k, v in shown.items()))

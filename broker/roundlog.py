@@ -247,16 +247,25 @@ KINDS: dict[str, type[LogRecord]] = {
 _OMITTED_WHEN: dict[str, Any] = {"recovered": False, "model_kept": None, "metrics": {}, "metrics_mean": {}}
 
 
+_NAMES: dict[type, tuple[str, ...]] = {}  # each record class's field names, looked up once
+_PLAIN = (str, int, float, bool, type(None))
+
+
 def encode(record: LogRecord) -> dict[str, Any]:
     """The record as the JSON object of its log line (plain strings, lists, numbers)."""
+    names = _NAMES.get(type(record))
+    if names is None:
+        names = _NAMES[type(record)] = tuple(f.name for f in dataclasses.fields(record))
     data: dict[str, Any] = {"kind": record.KIND}
-    for f in dataclasses.fields(record):
-        value = getattr(record, f.name)
-        if f.name in _OMITTED_WHEN and value == _OMITTED_WHEN[f.name]:
+    for name in names:
+        value = getattr(record, name)
+        if name in _OMITTED_WHEN and value == _OMITTED_WHEN[name]:
             continue
-        if isinstance(value, Mapping):
+        if isinstance(value, tuple):
+            value = list(value)
+        elif not isinstance(value, _PLAIN) and isinstance(value, Mapping):
             value = dict(value)
-        data[f.name] = list(value) if isinstance(value, tuple) else value
+        data[name] = value
     return data
 
 
