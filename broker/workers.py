@@ -42,6 +42,7 @@ import secrets
 import struct
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -54,6 +55,7 @@ from fednca.rounds_vocab import reject_reason
 from fednca.topics import Rule, Topics, TopicError
 
 from .admission import Admission, budgets_for
+from .commit import STORE_THREADS
 from .errors import BrokerError
 from .round_events import UpdateRejected, UpdateVerified
 from .store import RoundStore
@@ -209,6 +211,7 @@ class Worker:
         self._clock = clock
         self._batch = batch
         self._verifier = Verifier(threads=verify_threads)
+        self._store_pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
         self._timeout = publish_timeout
         self._topics = Topics(federation)
         self._admission = Admission(budgets=budgets_for(max_update_bytes=max_update_bytes,
@@ -252,7 +255,7 @@ class Worker:
         stored = [(o.event.round, o.event.site, o.event.update_id, m.payload) for o, m in zip(opened, messages)
                   if o is not None and isinstance(o.event, UpdateVerified)]  # fmt: skip
         if stored:
-            self._store.put_updates(stored)
+            self._store.put_updates(stored, pool=self._store_pool)
             self._after("Stored")
         handles = [self._client.publish(verified_topic(self._federation, self.name),
                                         VerifiedRecord(self.name, o).encode(self._key), qos=1)
@@ -269,6 +272,7 @@ class Worker:
 
     def close(self) -> None:
         self._verifier.close()
+        self._store_pool.shutdown(wait=True)
 
 
 # -- running workers beside the aggregator --------------------------------------------------------
