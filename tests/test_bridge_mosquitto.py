@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from e2e_support import Listener, Relay, wait_until
+from e2e_support import MODEL, TRAIN, Listener, Relay, wait_until
 from fednca import wire
 from fednca.atomic import write_text
 from fednca.keys import SiteKeys, read_coordinator_public
@@ -198,3 +198,38 @@ def test_the_regional_broker_forwards_what_it_holds_after_the_central_broker_res
     wait_until(lambda: 1 in b.aggregated(), timeout=90, what="round 1 to close after the restart")
     assert b.aggregated()[1] == {"c1", "r1", "r2"}
     wait_until(lambda: b.accepted("r2", 1), timeout=60, what="r2's receipt after the restart")
+
+
+def test_real_daemons_on_both_brokers_finish_the_federation_through_the_bridge(tmp_path):
+    """Two site daemons, ``site0`` on the central broker and ``site1`` on the regional one (its
+    daemon.yaml names the regional broker, as ``bridge`` tells the operator), train two rounds."""
+    central_port, regional_port = harness.free_port(), harness.free_port()
+    regional_url = f"mqtt://127.0.0.1:{regional_port}"
+    made = harness.set_up(tmp_path / "work", federation=FED, sites=2, rounds=2, quorum=2,
+                          url=f"mqtt://127.0.0.1:{central_port}", model=MODEL, train=TRAIN, grace=0.0,
+                          train_images=8, chunk_s=0.2, telemetry_s=1.0, site_urls={"site1": regional_url})  # fmt: skip
+    cfg = made.config()
+    if os.geteuid() == 0:
+        cfg = dataclasses.replace(cfg, mosquitto=dataclasses.replace(cfg.mosquitto, run_as_root=True))
+        write_text(cfg.config_path, yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False), mode=0o640)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["coordinator", "bridge", str(made.folder), "eu", "--broker", regional_url, "--site", "site1"]) == 0
+    parties = harness.ProcessParties(federation=made, log_dir=tmp_path / "logs")
+    region = read_regions(made.folder).regions["eu"]
+    regional = harness.Mosquitto(settings=bridge_setup.regional_settings(cfg, region, account=mosquitto.broker_account(
+        cfg.mosquitto.user)), log_path=tmp_path / "logs" / "regional.log")  # fmt: skip
+    try:
+        parties.start_broker()
+        regional.start()
+        parties.start()
+        wait_until(parties.finished, timeout=300, what="the federation to finish")
+        store = RoundStore(root=cfg.store_root, federation=FED)
+        rounds = {r["round"]: set(r["sites"]) for r in store.read_log() if r["kind"] == "round_aggregated"}
+        assert rounds == {1: {"site0", "site1"}, 2: {"site0", "site1"}}
+        assert "New client connected" in regional.process.log() and "as site1" in regional.process.log()
+        telemetry = wait_until(lambda: "site1" in (t := parties.telemetry()) and t, timeout=60,
+                               what="site1's telemetry on the central broker")  # fmt: skip
+        assert telemetry["site1"]  # its status crossed the bridge to where the operator's views read it
+    finally:
+        regional.stop()
+        assert parties.close() == []
