@@ -235,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
     missing = apply(cfg, after, registry=registry, touched={name, *left})
     deploy.hand_over(cfg)
     done = after.regions[name]
-    print(f"region {name!r} of federation {cfg.federation.name!r}: {len(done.sites)} site(s), bridged to {done.central}")
+    print(f"region {name!r} of federation {cfg.federation.name!r}: {len(done.sites)} site(s), "
+          f"bridged to {done.central}")
     print(f"  regional broker files in {done.folder}: copy that folder to the same path on the regional host "
           f"(keeping owners and modes, e.g. rsync -a) and run  mosquitto -c {Path(done.folder) / mosquitto.CONF_NAME}")
     print(f"  central broker: account {user} added with its ACL; reload it: kill -HUP $(pidof mosquitto)")
@@ -243,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
         print("  the regional mosquitto reads its bridge section only at start: restart it if the bridge changed, "
               "else reload it")
     if done.sites:
-        shown = ", ".join(done.sites[:SHOWN]) + (f" and {len(done.sites) - SHOWN} more" if len(done.sites) > SHOWN else "")
+        more = len(done.sites) - SHOWN
+        shown = ", ".join(done.sites[:SHOWN]) + (f" and {more} more" if more > 0 else "")
         print(f"  these sites now set broker.url: {done.url} in their daemon.yaml (password and keys unchanged): "
               f"{shown}")
     for site in args.remove_site:

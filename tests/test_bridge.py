@@ -175,7 +175,8 @@ def test_bridge_command_writes_both_sides_and_enroll_revoke_keep_them_in_step(tm
     folder = fed / "regions" / "eu"
     central, regional = passwd_lines(broker_dir / "mosquitto" / "passwd"), passwd_lines(folder / "passwd")
     assert regional == {"s2": central["s2"], "s3": central["s3"]}  # the same hashes: the same passwords
-    assert "bridge-eu" in central and stat.S_IMODE((fed / "secrets" / "bridge-eu-mqtt-password").stat().st_mode) == 0o600
+    assert "bridge-eu" in central
+    assert stat.S_IMODE((fed / "secrets" / "bridge-eu-mqtt-password").stat().st_mode) == 0o600
     conf = (folder / "mosquitto.conf").read_text()
     assert "listener 18831 127.0.0.1" in conf and "address 127.0.0.1:18830" in conf
     assert f"remote_password {(fed / 'secrets' / 'bridge-eu-mqtt-password').read_text().strip()}" in conf
