@@ -203,8 +203,13 @@ def _region_from_args(args: argparse.Namespace, cfg: CoordinatorConfig, old: Reg
         assert old is not None
         url, address, port, names = old.url, old.address, old.port, old.tls_names
     central = args.central or (old.central if old is not None else cfg.broker.url)
-    if parse_url(central).tls and not cfg.broker_ca_cert.is_file():
+    hub = parse_url(central)
+    if hub.tls and not cfg.broker_ca_cert.is_file():
         raise FedNCAError(f"the central broker speaks mqtts but {cfg.broker_ca_cert} (its CA) is missing")
+    if hub.tls and not tls.covers(tuple(cfg.mosquitto.tls_names), hub.host):
+        raise FedNCAError(f"the central broker's certificate does not name {hub.host}, so the bridge would refuse "
+                          f"it: add {hub.host} to mosquitto.tls_names in coordinator.yaml and run fednca coordinator "
+                          f"broker-config {cfg.folder} --new-server-certificate, or give --central with a name it has")
     if args.broker_dir is not None:
         folder = str(args.broker_dir.resolve())
     else:

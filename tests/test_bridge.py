@@ -203,6 +203,9 @@ def test_an_mqtts_federation_gives_the_region_the_central_ca_and_a_certificate_i
     assert main(["coordinator", "init", str(fed), "--federation", FED, "--broker", "mqtts://hub.example:8883",
                  "--tls-name", "hub.example"]) == 0  # fmt: skip
     assert enroll(fed, "s1") == 0
+    assert main(["coordinator", "bridge", str(fed), "eu", "--broker", "mqtts://eu.example:8883", "--tls-name",
+                 "eu.example", "--site", "s1", "--central", "mqtts://10.0.0.1:8883"]) == 2  # fmt: skip
+    assert "does not name 10.0.0.1" in capsys.readouterr().err  # the bridge would refuse the hub's certificate
     assert main(["coordinator", "bridge", str(fed), "eu", "--broker", "mqtts://eu.example:8883",
                  "--tls-name", "eu.example", "--site", "s1"]) == 0  # fmt: skip
     folder = fed / "regions" / "eu"
