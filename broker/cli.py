@@ -2,7 +2,7 @@
 
     fednca coordinator init DIR --federation NAME [--broker mqtt://127.0.0.1:1883] [--quorum 0.6]
                                 [--listen ADDRESS:PORT] [--tls-name NAME ...] [--broker-dir DIR]
-    fednca coordinator enroll DIR SITE KEYFILE|HEX [--out FOLDER] [--replace]
+    fednca coordinator enroll DIR SITE KEYFILE|HEX [--out FOLDER] [--replace] [--region REGION]
     fednca coordinator revoke DIR SITE
     fednca coordinator broker-config DIR [--new-server-certificate]
     fednca coordinator bridge DIR REGION [--broker URL] [--site SITE ...] [--remove-site SITE ...]
