@@ -162,3 +162,19 @@ def test_two_workers_share_the_updates_and_a_killed_one_loses_none(federation):
     expected = wire.model_sha256(aggregate.apply(initial, aggregate.aggregate(travelled, AggregationConfig())))
     assert wire.model_sha256(store.load_model(2)) == expected
     assert shared_updates(FED) == f"$share/fednca-coordinator/fednca/{FED}/updates/+"
+
+
+def test_broker_config_makes_the_worker_accounts_the_configuration_asks_for(tmp_path):
+    folder = tmp_path / "fed"
+    assert main(["coordinator", "init", str(folder), "--federation", FED, "--broker", "mqtt://127.0.0.1:18831"]) == 0
+    config = yaml.safe_load((folder / CONFIG_NAME).read_text())
+    config.setdefault("mosquitto", {})["workers"] = 2
+    (folder / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
+    assert main(["coordinator", "broker-config", str(folder)]) in (0, 2)  # 2: mosquitto's user cannot enter tmp
+    users = [line.split(":")[0] for line in (folder / "mosquitto" / "passwd").read_text().splitlines()]
+    assert {"coordinator-w1", "coordinator-w2"} <= set(users)
+    acl = (folder / "mosquitto" / "acl").read_text()
+    assert f"user coordinator-w2\ntopic read fednca/{FED}/updates/+\ntopic write fednca/{FED}/verified/+" in acl
+    for w in worker_users("coordinator", 2):
+        assert os.stat(worker_password_path(folder, w)).st_mode & 0o077 == 0
+    assert main(["coordinator", "run", str(folder), "--workers", "3"]) == 2  # more workers than accounts
