@@ -69,6 +69,11 @@ def test_only_rows_over_a_bound_are_read_again():
     assert source.rows_read == 1  # the one delta over twice the median norm
 
 
+def test_a_row_norm_is_the_global_norm_to_the_bit():
+    for i, d in enumerate(deltas(20, seed=3, big=(2,))):
+        assert row_norm(flatten(d, LAYOUT), LAYOUT) == aggregate.global_norm(d), i
+
+
 def test_flatten_and_unflatten_round_trip():
     d = deltas(1)[0]
     back = unflatten(flatten(d, LAYOUT), LAYOUT)
