@@ -157,25 +157,25 @@ def rules(*, role: str, user: str, federation: str) -> tuple[Rule, ...]:
             Rule("write", t.updates(site)),
             Rule("write", t.status(site)),
             Rule("read", t.round),
-            Rule("read", t.model),
             Rule("read", t.receipts(site)),
+            Rule("read", t.model),  # last: the lines before it read as they did before the topic came
         )
     if role == COORDINATOR:
         return (
             Rule("read", t.all_updates),
             Rule("read", t.all_status),
             Rule("write", t.round),
-            Rule("write", t.model),
             Rule("write", t.prefix + "receipts/+"),
             Rule("write", t.events),
+            Rule("write", t.model),
         )
     if role == OBSERVER:
         return (
             Rule("read", t.round),
-            Rule("read", t.model),
             Rule("read", t.all_status),
             Rule("read", t.events),
             Rule("read", t.prefix + "receipts/+"),
+            Rule("read", t.model),
         )
     raise TopicError(f"role {role!r} is not one of {ROLES}")
 
