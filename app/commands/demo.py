@@ -52,6 +52,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="how sites send updates (default: the federation's, float16)")
     p.add_argument("--model-delta", choices=["off", "q8"], default=None,
                    help="q8: each round's model goes down as an 8-bit delta (default: the federation's, off)")
+    p.add_argument("--trainer", choices=["numpy", "torch"], default=None,
+                   help="the sites' trainer (default: the daemon's, numpy)")
     p.add_argument("--no-baselines", action="store_true", help="skip the local-only and pooled baselines")
     p.add_argument("--json", action="store_true", help="end with one JSON line of results")
 
@@ -65,7 +67,8 @@ def setup(args: argparse.Namespace, work: Path) -> FederationFolder:
     return set_up(work, federation=FEDERATION, sites=args.sites, rounds=args.rounds, quorum=args.quorum, url=url,
                   model=preset(input_size=args.size, steps=tuple(args.nca_steps)),
                   train=train_preset(local_epochs=args.local_epochs, batch_size=args.batch),
-                  grace=args.grace, train_images=args.train_images, seed=args.seed, wire=_wire(args))
+                  grace=args.grace, train_images=args.train_images, seed=args.seed, wire=_wire(args),
+                  trainer=getattr(args, "trainer", None))
 
 
 def _wire(args: argparse.Namespace) -> dict[str, str]:

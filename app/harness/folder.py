@@ -81,7 +81,8 @@ def _quiet(argv: list[str]) -> str:
 def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int, url: str, model: Any,
            train: Any, grace: float, train_images: int, seed: int = 0, chunk_s: float = 2.0,
            telemetry_s: float = 2.0, site_urls: Mapping[str, str] | None = None,
-           initial_model: Path | None = None, wire: Mapping[str, str] | None = None) -> FederationFolder:
+           initial_model: Path | None = None, wire: Mapping[str, str] | None = None,
+           trainer: str | None = None) -> FederationFolder:
     """A federation folder under ``root`` (``coordinator/``, ``site0/``...) made as an operator would.
 
     ``model`` and ``train`` (``fednca.config`` objects) replace the preset's; rounds last up to 30
@@ -91,7 +92,8 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
     relay); the others use ``url``, which the coordinator's configuration and broker files name.
     ``initial_model`` (a model folder of ``fednca.modelfile`` whose configuration is ``model``) is
     the first global model instead of fresh weights (``coordinator init --model``). ``wire``
-    sets the federation's ``update_dtype`` and ``model_delta`` (coordinator.yaml) where given.
+    sets the federation's ``update_dtype`` and ``model_delta`` (coordinator.yaml) where given;
+    ``trainer`` the sites' ``training.trainer`` (the daemon's default, numpy, when not given).
     """
     from fednca_broker.config import to_yaml_dict
 
@@ -130,7 +132,7 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
             "cpu": {"threads": 1, "duty_cycle": 1.0},
             "gates": {"max_temperature_c": None, "min_battery_percent": None},
             "training": {"chunk_s": chunk_s, "min_steps": 1, "deadline_margin_s": 5.0, "low_memory": False,
-                         "seed": seed + i},
+                         "seed": seed + i, **({"trainer": trainer} if trainer else {})},
             "telemetry": {"interval_s": telemetry_s},
             "inference": {"export": False},  # whoever runs the harness evaluates the models itself
         }  # fmt: skip
