@@ -157,8 +157,8 @@ def rules(*, role: str, user: str, federation: str) -> tuple[Rule, ...]:
             Rule("write", t.updates(site)),
             Rule("write", t.status(site)),
             Rule("read", t.round),
+            Rule("read", t.model),
             Rule("read", t.receipts(site)),
-            Rule("read", t.model),  # last: the lines before it read as they did before the topic came
         )
     if role == COORDINATOR:
         return (
@@ -175,7 +175,7 @@ def rules(*, role: str, user: str, federation: str) -> tuple[Rule, ...]:
             Rule("read", t.all_status),
             Rule("read", t.events),
             Rule("read", t.prefix + "receipts/+"),
-            Rule("read", t.model),
+            Rule("read", t.model),  # last: the observer's first lines read as before the topic came
         )
     raise TopicError(f"role {role!r} is not one of {ROLES}")
 
