@@ -5,10 +5,10 @@ actions to :meth:`GroupCommit.add`. Nothing is performed then. :meth:`GroupCommi
 the whole batch in the one order that keeps the policy's promise (an update is acknowledged only
 once it, and the state that counts it, are durable):
 
-1. every accepted payload is written durably, several at once (:meth:`.store.RoundStore.put_updates`:
+1. every accepted payload is written durably, several at once (:class:`.intake.PayloadWriter`:
    the file system commits their fsyncs together, and each folder is fsynced once for the batch,
    several times faster than one file after another); the verified deltas join the
-   round's spool (``spool``, not durable: rebuilt from the payloads after a crash);
+   round's spool (``kept``, not durable: rebuilt from the payloads after a crash);
 2. the batch's round-log lines and the last state the policy produced are made durable together
    (:meth:`.store.RoundStore.save_state`): one append and one fsync, the acceptances being those
    lines; a transition also rewrites the state snapshot;
@@ -22,7 +22,6 @@ as it completes (the crash tests stop there).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from fednca.transport.base import Message
@@ -31,9 +30,8 @@ from .round_events import Action, LogEvent, SaveState, StoreUpdate
 from .round_state import RoundState
 from .roundlog import LogRecord
 from .errors import StoreError
+from .intake import PayloadWriter
 from .store import RoundStore
-
-STORE_THREADS = 8  # payloads of one batch written at once
 
 
 class GroupCommit:
@@ -52,7 +50,7 @@ class GroupCommit:
         self._done = done
         self._kept = kept
         self._stored_elsewhere = stored_elsewhere  # workers stored the payloads (workers.py): check, not write
-        self._pool: ThreadPoolExecutor | None = None  # writes a batch's payloads at once
+        self._writer = PayloadWriter(store=store)  # writes a batch's payloads at once
         self._to_store: list[tuple[StoreUpdate, bytes]] = []
         self._unsaved: RoundState | None = None
         self._deferred: list[tuple[Action, Message | None]] = []
@@ -88,15 +86,13 @@ class GroupCommit:
             self._done(type(action).__name__)
 
     def _store_updates(self, batch: list[tuple[StoreUpdate, bytes]]) -> None:
-        if len(batch) > 1 and self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
         items = [(action.round, action.site, action.update_id, payload) for action, payload in batch]
         if self._stored_elsewhere:
             for round, site, update_id, _ in items:
                 if not self._store.update_path(round, site, update_id).is_file():
                     raise StoreError(f"update {update_id} of site {site!r}: the worker that verified it did not store it")
-        elif items:
-            self._store.put_updates(items, pool=self._pool)
+        else:
+            self._writer.write(items)
         for action, _ in batch:
             if self._kept is not None:
                 self._kept(action.round, action.site, action.update_id)

@@ -67,8 +67,7 @@ from fednca.aggregate_rows import flatten, layout_of, row_norm
 from fednca.wire import WireError, open_update
 
 from . import rounds
-from .admission import Admission, budgets_for
-from .commit import STORE_THREADS, GroupCommit
+from .commit import GroupCommit
 from .config import FederationConfig
 from .errors import CoordinatorError
 from .line_limit import LineKey, LineLimiter
@@ -80,9 +79,10 @@ from .round_events import (
     Ack, Action, Announce, CloseRound, Event, LogEvent, OpenRound, SendReceipt, SiteEnrolled, SiteRevoked, Tick,
     UpdateRejected, UpdateVerified,
 )
+from .intake import STORE_THREADS, Intake, take_batch
 from .round_state import RoundState
 from .spool import DeltaSpool, Key, next_model
-from .verifier import VERIFY_THREADS, Opened, Verifier, open_update_once
+from .verifier import VERIFY_THREADS, Opened, Verifier
 from .workers import RecordError, VerifiedRecord, verified_filter
 from .roundlog import (
     CoordinatorResumedRecord, FederationFinishedRecord, LogRecord, MessageDroppedRecord, RoundAggregatedRecord,
@@ -163,7 +163,7 @@ class Coordinator:
         self._opened: dict[Key, Opened] = {}  # verified in this batch, waiting for the policy's word
         self._prefetched: list[Finish] = []  # the next batch, taken while the last one was stored
         self._statuses = StatusCache(clock=clock)
-        self._admission: Admission | None = None  # sized from the model on the first message
+        self._intake: Intake | None = None  # sized from the model on the first message
         self._lines = LineLimiter()
         self._state: RoundState | None = None
         self._model = GlobalModel.empty()
@@ -356,14 +356,7 @@ class Coordinator:
 
     def _take_batch(self, timeout: float) -> list[Finish]:
         """Take up to ``batch`` waiting messages (the first waited for up to ``timeout`` s)."""
-        finishes: list[Finish] = []
-        message = self._client.receive(timeout)
-        while message is not None:
-            finishes.append(self._take(message))
-            if len(finishes) >= self._batch:
-                break
-            message = self._client.receive(0.0)
-        return finishes
+        return take_batch(self._client, batch=self._batch, timeout=timeout, take=self._take)
 
     def _take(self, message: Message) -> Finish:
         """Topic and admission now, in arrival order; an update goes to the verification threads.
@@ -385,13 +378,14 @@ class Coordinator:
         if parsed.kind != "updates":
             return lambda: self._drop(message, f"the coordinator does not take messages on {parsed.kind!r}")
         registry = self._registry
-        future = self._verifier.submit(self._open, site, message.payload, registry)
+        future = self._intake_of().submit(site, message.payload, registry)  # type: ignore[arg-type]
         return lambda: self._judge(future, message, registry, site)  # type: ignore[arg-type]
 
-    def _open(self, site: str, payload: bytes, registry: Registry) -> Opened:
-        return open_update_once(payload, site=site, box_keys=[self._keys.box], registry=registry,
-                                federation=self._cfg.name, shapes=self._model.shapes,
-                                max_bytes=self._model.max_update_bytes)  # fmt: skip
+    def _intake_of(self) -> Intake:
+        if self._intake is None:
+            self._intake = Intake(federation=self._cfg.name, box_keys=[self._keys.box], shapes=self._model.shapes,
+                                  max_update_bytes=self._model.max_update_bytes, verifier=self._verifier)  # fmt: skip
+        return self._intake
 
     def _take_record(self, message: Message) -> Finish:
         """A worker's verified record (:mod:`.workers`): judged as the update it tells of."""
@@ -419,7 +413,7 @@ class Coordinator:
     def _judge(self, future: "Future[Opened]", message: Message, registry: Registry, site: str) -> None:
         opened = future.result()
         if registry is not self._registry:  # enrolment changed since it was opened: open it again
-            opened = self._open(site, message.payload, self._registry)
+            opened = self._intake_of().open(site, message.payload, self._registry)
         event = opened.event
         if isinstance(event, UpdateVerified):
             self._metrics[(event.site, event.update_id)] = dict(event.metrics)
@@ -430,16 +424,12 @@ class Coordinator:
         """Charge ``message`` to its site's budget now; None if admitted, else what completes a
         refused one: acknowledged, counted and logged a few times a minute per site at most."""
         assert site is not None
-        now, size = self._clock(), len(message.payload)
-        if self._admission is None:
-            self._admission = Admission(budgets=budgets_for(max_update_bytes=self._model.max_update_bytes,
-                                                            status_max_bytes=STATUS_MAX_BYTES))  # fmt: skip
-        payer = site if site in self._registry.sites else "*"  # one bucket for all names not enrolled
-        if self._admission.admit(payer, kind, size, now):
+        now, size, intake = self._clock(), len(message.payload), self._intake_of()
+        if intake.admit(site, kind, size, now, self._registry):
             return None
         line = None
         if self._lines.offer(LineKey(SiteThrottledRecord.KIND, site, ""), now):
-            refused = self._admission.refused(payer).messages
+            refused = intake.refused(site, self._registry)
             line = SiteThrottledRecord(at=now, site=site, topic=kind, bytes=size, refused=refused)
 
         def finish() -> None:
@@ -581,8 +571,8 @@ class Coordinator:
             self._apply(SiteEnrolled(site), None)
         for site in sorted(enrolled - wanted):
             self._statuses.forget(site)
-            if self._admission is not None:
-                self._admission.forget(site)
+            if self._intake is not None:
+                self._intake.admission.forget(site)
             self._apply(SiteRevoked(site), None)
         self._commit.flush()
 

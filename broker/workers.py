@@ -14,6 +14,8 @@ Past what one process verifies, the broker spreads the work: N worker processes 
    ``fednca/<federation>/verified/<worker>`` at QoS 1, and waits for the broker's PUBACK;
 5. only then acknowledges the update to the broker.
 
+Steps 1 to 3 are those of a coordinator on its own (:mod:`.intake`), a batch of updates at a time.
+
 The aggregator is the :class:`.coordinator.Coordinator` of the federation, subscribed to
 ``verified/+`` instead of ``updates/+``: it judges each record with the round policy, counts,
 receipts and logs exactly as for an update it opened itself, and takes the payload the worker
@@ -42,7 +44,6 @@ import secrets
 import struct
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -54,13 +55,11 @@ from fednca.keys import CoordinatorKeys, Registry
 from fednca.rounds_vocab import reject_reason
 from fednca.topics import Rule, Topics, TopicError
 
-from .admission import Admission, budgets_for
-from .commit import STORE_THREADS
 from .errors import BrokerError
+from .intake import Intake, PayloadWriter, take_batch
 from .round_events import UpdateRejected, UpdateVerified
 from .store import RoundStore
-from .telemetry import STATUS_MAX_BYTES
-from .verifier import VERIFY_THREADS, Opened, Verifier, open_update_once
+from .verifier import VERIFY_THREADS, Opened, Verifier
 
 log = logging.getLogger("fednca.coordinator.worker")
 
@@ -191,7 +190,9 @@ class VerifiedRecord:
 
 
 class Worker:
-    """One worker process's loop: take shared updates, verify, store, forward, acknowledge."""
+    """One worker process's loop: take shared updates, verify, store, forward, acknowledge.
+
+    ``registry`` is public: the process replaces it when the registry file changes."""
 
     def __init__(
         self, *, name: str, federation: str, client: Any, store: RoundStore, keys: CoordinatorKeys,
@@ -200,23 +201,19 @@ class Worker:
         publish_timeout: float = 30.0, after_action: Callable[[str], None] | None = None,
     ) -> None:  # fmt: skip
         self.name = name
+        self.registry = registry
+        self.forwarded = 0
         self._federation = federation
         self._client = client
-        self._store = store
-        self._keys = keys
-        self.registry = registry
         self._key = key
-        self._shapes = dict(shapes)
-        self._max = max_update_bytes
         self._clock = clock
         self._batch = batch
-        self._verifier = Verifier(threads=verify_threads)
-        self._store_pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
         self._timeout = publish_timeout
         self._topics = Topics(federation)
-        self._admission = Admission(budgets=budgets_for(max_update_bytes=max_update_bytes,
-                                                        status_max_bytes=STATUS_MAX_BYTES))  # fmt: skip
-        self.forwarded = 0
+        self._verifier = Verifier(threads=verify_threads)
+        self._intake = Intake(federation=federation, box_keys=[keys.box], shapes=shapes,
+                              max_update_bytes=max_update_bytes, verifier=self._verifier)  # fmt: skip
+        self._writer = PayloadWriter(store=store)
         self._after = after_action or (lambda name: None)  # hears "Stored", "Forwarded", "Acked" (crash tests)
 
     def start(self, timeout: float = 10.0) -> None:
@@ -225,13 +222,7 @@ class Worker:
 
     def step(self, timeout: float = 0.0) -> int:
         """Handle up to ``batch`` waiting updates (the first waited for up to ``timeout`` s)."""
-        messages = []
-        message = self._client.receive(timeout)
-        while message is not None:
-            messages.append(message)
-            if len(messages) >= self._batch:
-                break
-            message = self._client.receive(0.0)
+        messages = take_batch(self._client, batch=self._batch, timeout=timeout, take=lambda m: m)
         if not messages:
             return 0
         jobs = []
@@ -243,19 +234,15 @@ class Worker:
             if parsed is None or parsed.kind != "updates" or parsed.site is None:
                 jobs.append(None)  # not an update topic (the ACL allows none): acknowledged, dropped
                 continue
-            payer = parsed.site if parsed.site in self.registry.sites else "*"
-            if not self._admission.admit(payer, "updates", len(m.payload), self._clock()):
+            if not self._intake.admit(parsed.site, "updates", len(m.payload), self._clock(), self.registry):
                 jobs.append(None)  # over its site's budget: acknowledged, nothing else
                 continue
-            jobs.append(self._verifier.submit(open_update_once, m.payload, site=parsed.site,
-                                              box_keys=[self._keys.box], registry=self.registry,
-                                              federation=self._federation, shapes=self._shapes,
-                                              max_bytes=self._max))  # fmt: skip
+            jobs.append(self._intake.submit(parsed.site, m.payload, self.registry))
         opened: list[Opened | None] = [None if j is None else j.result() for j in jobs]
         stored = [(o.event.round, o.event.site, o.event.update_id, m.payload) for o, m in zip(opened, messages)
                   if o is not None and isinstance(o.event, UpdateVerified)]  # fmt: skip
         if stored:
-            self._store.put_updates(stored, pool=self._store_pool)
+            self._writer.write(stored)
             self._after("Stored")
         handles = [self._client.publish(verified_topic(self._federation, self.name),
                                         VerifiedRecord(self.name, o).encode(self._key), qos=1)
@@ -272,7 +259,7 @@ class Worker:
 
     def close(self) -> None:
         self._verifier.close()
-        self._store_pool.shutdown(wait=True)
+        self._writer.close()
 
 
 # -- running workers beside the aggregator --------------------------------------------------------
