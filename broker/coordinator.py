@@ -63,8 +63,6 @@ from fednca.keys import CoordinatorKeys, Registry
 from fednca.rounds_vocab import RoundStatus
 from fednca.topics import Topics, TopicError
 from fednca.transport.base import Client, Message
-from fednca.aggregate_rows import flatten, layout_of, row_norm
-from fednca.wire import WireError, open_update
 
 from . import rounds
 from .commit import GroupCommit
@@ -77,19 +75,16 @@ from .publisher import NO_UPDATE_ID, Publisher
 from .recovery import RoundLogIndex
 from .round_events import (
     Ack, Action, Announce, CloseRound, Event, LogEvent, OpenRound, SendReceipt, SiteEnrolled, SiteRevoked, Tick,
-    UpdateRejected, UpdateVerified,
 )
 from .intake import STORE_THREADS, Intake, take_batch
+from .round_deltas import RoundDeltas
 from .round_state import RoundState
-from .spool import DeltaSpool, Key, next_model
 from .verifier import VERIFY_THREADS, Opened, Verifier
 from .workers import RecordError, VerifiedRecord, verified_filter
 from .roundlog import (
     CoordinatorResumedRecord, FederationFinishedRecord, LogRecord, MessageDroppedRecord, RoundAggregatedRecord,
     SiteThrottledRecord, UpdateRejectedRecord,
-    UpdateAcceptedRecord,
 )
-from .errors import StoreError
 from .store import RoundStore
 from .telemetry import STATUS_MAX_BYTES, SiteStatus, StatusCache
 
@@ -159,8 +154,7 @@ class Coordinator:
         self._worker_key = worker_key
         self._records = verified_filter(config.name).removesuffix("+")  # the workers' topics begin so
         self._verifier = Verifier(threads=verify_threads)
-        self._spool: DeltaSpool | None = None  # the verified deltas of the round they were accepted in
-        self._opened: dict[Key, Opened] = {}  # verified in this batch, waiting for the policy's word
+        self._deltas = RoundDeltas(store=store, verifier=self._verifier, box_keys=[keys.box])
         self._prefetched: list[Finish] = []  # the next batch, taken while the last one was stored
         self._statuses = StatusCache(clock=clock)
         self._intake: Intake | None = None  # sized from the model on the first message
@@ -168,7 +162,6 @@ class Coordinator:
         self._state: RoundState | None = None
         self._model = GlobalModel.empty()
         self._logged = RoundLogIndex()  # what the round log held at a restart
-        self._metrics: dict[tuple[str, str], dict[str, float]] = {}  # (site, update id) -> what the site measured
         self._finished = False
         self._started = False
         self._stop = threading.Event()
@@ -230,8 +223,7 @@ class Coordinator:
             self._model = GlobalModel.of(self._store.load_model(state.round), expect=state.model_sha256)
             records = self._store.read_log()
             self._logged = RoundLogIndex(records)
-            self._metrics = {(r.site, r.update_id): dict(r.metrics) for r in records
-                             if isinstance(r, UpdateAcceptedRecord) and r.round == state.round}  # fmt: skip
+            self._deltas.resume(records, state.round)
             self._emit(CoordinatorResumedRecord(round=state.round, at=self._clock(), status=state.status,
                                                 accepted=len(state.accepted), uncounted=len(recovery.orphans)))
             for record in self._logged.missing(state):  # lines a crash kept out of the log
@@ -262,7 +254,7 @@ class Coordinator:
         for record in self._lines.due(self._clock()):
             self._commit.add(LogEvent(record), None)
         self._commit.flush()
-        self._opened.clear()  # the rest were refused or re-delivered: nothing keeps them
+        self._deltas.forget_pending()
         if not self._finished:
             self._apply(Tick(), None)
             self._commit.flush()
@@ -397,11 +389,8 @@ class Coordinator:
             return lambda: self._drop(message, why)
 
         def finish() -> None:
-            event = record.opened.event
-            if isinstance(event, UpdateVerified):
-                self._metrics[(event.site, event.update_id)] = dict(event.metrics)
-                self._opened[(event.site, event.update_id)] = record.opened
-            self._apply(event, message)
+            self._deltas.verified(record.opened)
+            self._apply(record.opened.event, message)
 
         return finish
 
@@ -414,11 +403,8 @@ class Coordinator:
         opened = future.result()
         if registry is not self._registry:  # enrolment changed since it was opened: open it again
             opened = self._intake_of().open(site, message.payload, self._registry)
-        event = opened.event
-        if isinstance(event, UpdateVerified):
-            self._metrics[(event.site, event.update_id)] = dict(event.metrics)
-            self._opened[(event.site, event.update_id)] = opened
-        self._apply(event, message)
+        self._deltas.verified(opened)
+        self._apply(opened.event, message)
 
     def _admission_refused(self, kind: str, site: str | None, message: Message) -> Finish | None:
         """Charge ``message`` to its site's budget now; None if admitted, else what completes a
@@ -439,51 +425,8 @@ class Coordinator:
 
         return finish
 
-    # -- the round's verified deltas --------------------------------------------------------------
-
     def _keep_delta(self, round: int, site: str, update_id: str) -> None:
-        """An accepted update's payload is stored: its verified delta joins the round's spool."""
-        opened = self._opened.pop((site, update_id), None)
-        if opened is None or opened.row is None:
-            raise CoordinatorError(f"update {update_id} of site {site!r} was stored without being verified")
-        self._spool_of(round).add((site, update_id), opened.row, opened.norm)
-
-    def _spool_of(self, round: int) -> DeltaSpool:
-        if self._spool is None or self._spool.folder != self._store.spool_folder(round):
-            if self._spool is not None:
-                self._spool.remove()
-            self._spool = DeltaSpool(folder=self._store.spool_folder(round), layout=layout_of(self._model.shapes))
-        return self._spool
-
-    def _refill(self, state: RoundState, spool: DeltaSpool, keys: list[Key]) -> None:
-        """Open again, from the store, the counted updates whose deltas the spool lacks (those a
-        restart lost), on the verification threads."""
-        missing = spool.missing(keys)
-        if not missing:
-            return
-        log.info("round %d: opening %d stored updates again after a restart", state.round, len(missing))
-        futures = [(key, self._verifier.submit(self._reopen, state, key)) for key in missing]
-        for key, future in futures:
-            spool.add(key, *future.result())
-
-    def _reopen(self, state: RoundState, key: Key) -> tuple[np.ndarray, float]:
-        site, update_id = key
-        path = self._store.update_path(state.round, site, update_id)
-        if self._registry.verify_key(site) is None:
-            raise StoreError(f"{path}: round {state.round} counts this update, but site {site!r} is no "
-                             "longer enrolled; enrol it again with the same key to finish the round")
-        try:
-            update = open_update(self._store.read_update(state.round, site, update_id), topic_site=site,
-                                 coordinator_keys=[self._keys.box], registry=self._registry,
-                                 federation=state.federation, round=state.round, base_sha256=state.model_sha256,
-                                 shapes=self._model.shapes, max_bytes=self._model.max_update_bytes)  # fmt: skip
-        except WireError as e:
-            raise StoreError(f"{path}: the stored update no longer opens ({e})") from None
-        if update.header.update_id != update_id:
-            raise StoreError(f"{path}: holds update {update.header.update_id}, not {update_id}")
-        layout = layout_of(self._model.shapes)
-        row = flatten(update.delta, layout)
-        return row, row_norm(row, layout)
+        self._deltas.keep(round, site, update_id, shapes=self._model.shapes)
 
     def _drop(self, message: Message, why: str) -> None:
         self._emit(MessageDroppedRecord(at=self._clock(), topic=message.topic[:200], bytes=len(message.payload),
@@ -520,21 +463,12 @@ class Coordinator:
             model = self._store.load_model(nxt)  # done before a crash: the same bytes again
             size = self._store.model_path(nxt).stat().st_size
         else:
-            keys = [(a.site, a.update_id) for a in state.accepted]
-            spool = self._spool_of(state.round)
-            self._refill(state, spool, keys)
-            model, kept = next_model(dict(self._model.tensors), spool.rows(keys), norms=spool.norms(keys),
-                                     weights=[a.samples for a in state.accepted], layout=spool.layout,
-                                     cfg=self._cfg.aggregation)  # fmt: skip
-            if kept is not None:
-                log.warning("round %d: the aggregate was refused, the next round keeps the previous model: %s",
-                            state.round, kept)
+            model, kept = self._deltas.next_model(state, model=self._model, registry=self._registry,
+                                                  cfg=self._cfg.aggregation)  # fmt: skip
             model = self._downlink.define(round=nxt, previous=self._model, candidate=model)
             size = len(self._store.save_model(nxt, model, metadata={"round": str(nxt)}))
             self._done("SaveModel")
-        if self._spool is not None:
-            self._spool.remove()  # the round is aggregated: its deltas are no longer needed
-            self._spool = None
+        self._deltas.remove_spool()
         previous_sha, self._model = self._model.sha256, GlobalModel.of(model)
         if not logged:
             assert state.close_reason is not None  # a closed state has one
@@ -545,10 +479,10 @@ class Coordinator:
                 method=self._cfg.aggregation.method, clip_norm=self._cfg.aggregation.clip_norm,
                 model_sha256=self._model.sha256, model_bytes=size, seconds=round(time.perf_counter() - started, 3),
                 model_kept=(kept or "the aggregate left the model unchanged") if kept_previous else None,
-                metrics_mean=mean_metrics([self._metrics.get((a.site, a.update_id), {}) for a in state.accepted]),
+                metrics_mean=self._deltas.mean_metrics(state),
             ), durable=True)  # fmt: skip
             self._done("LogRound")
-        self._metrics.clear()  # the next round's updates bring their own
+        self._deltas.clear_metrics()
         if self._cfg.max_rounds is not None and state.round >= self._cfg.max_rounds:
             self._finish_federation(state)
             return
@@ -588,9 +522,3 @@ class Coordinator:
         if durable:
             self._store.append_log(record)
         self._publisher.event(record)
-
-
-def mean_metrics(reported: list[Mapping[str, float]]) -> dict[str, float]:
-    """Per metric name, the mean over the sites that reported it (rounded to 4 decimals)."""
-    names = sorted({name for m in reported for name in m})
-    return {name: round(float(np.mean([m[name] for m in reported if name in m])), 4) for name in names}
