@@ -52,7 +52,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from concurrent.futures import Future
 from typing import Callable, Mapping
 
@@ -69,7 +68,7 @@ from .commit import GroupCommit
 from .config import FederationConfig
 from .errors import CoordinatorError
 from .line_limit import LineKey, LineLimiter
-from .global_model import GlobalModel, float32
+from .global_model import GlobalModel
 from .downlink import Downlink
 from .publisher import NO_UPDATE_ID, Publisher
 from .recovery import RoundLogIndex
@@ -78,6 +77,7 @@ from .round_events import (
 )
 from .intake import STORE_THREADS, Intake, take_batch
 from .round_deltas import RoundDeltas
+from .round_models import FIRST_ROUND, RoundModels
 from .round_state import RoundState
 from .verifier import VERIFY_THREADS, Opened, Verifier
 from .workers import RecordError, VerifiedRecord, verified_filter
@@ -91,8 +91,6 @@ from .telemetry import STATUS_MAX_BYTES, SiteStatus, StatusCache
 __all__ = ["Coordinator", "CoordinatorError", "NO_UPDATE_ID", "SiteStatus", "STATUS_MAX_BYTES", "STORE_THREADS"]
 
 log = logging.getLogger("fednca.coordinator")
-
-FIRST_ROUND = 1
 
 Hook = Callable[[str], None]
 Finish = Callable[[], None]  # the rest of one message's handling, run in arrival order
@@ -155,6 +153,9 @@ class Coordinator:
         self._records = verified_filter(config.name).removesuffix("+")  # the workers' topics begin so
         self._verifier = Verifier(threads=verify_threads)
         self._deltas = RoundDeltas(store=store, verifier=self._verifier, box_keys=[keys.box])
+        self._models = RoundModels(config=config, store=store, deltas=self._deltas, downlink=self._downlink,
+                                   clock=clock, log=lambda record: self._emit(record, durable=True),
+                                   done=self._done)  # fmt: skip
         self._prefetched: list[Finish] = []  # the next batch, taken while the last one was stored
         self._statuses = StatusCache(clock=clock)
         self._intake: Intake | None = None  # sized from the model on the first message
@@ -436,13 +437,7 @@ class Coordinator:
     # -- rounds -----------------------------------------------------------------------------------
 
     def _open_first(self) -> None:
-        if FIRST_ROUND in self._store.model_rounds():
-            model = self._store.load_model(FIRST_ROUND)  # saved before a crash, perhaps announced
-        else:
-            model = dict(self._initial) if self._initial is not None else self._build_model()
-            self._store.save_model(FIRST_ROUND, float32(model))
-            self._done("SaveModel")
-        self._model = GlobalModel.of(model)
+        self._model = self._models.first(self._initial)
         self._state, actions = rounds.open_round(
             federation=self._cfg.name, round=FIRST_ROUND, model_sha256=self._model.sha256,
             enrolled=frozenset(self._registry.sites), config=self._cfg.rounds, now=self._clock(),
@@ -450,43 +445,14 @@ class Coordinator:
         self._perform(actions, None)
         self._commit.flush()
 
-    def _build_model(self) -> dict[str, np.ndarray]:
-        from fednca.model import build, tensors  # torch: only for a federation that starts from scratch
-
-        return {name: t.numpy() for name, t in tensors(build(self._cfg.model, seed=self._cfg.seed)).items()}
-
     def _finish_round(self, state: RoundState) -> None:
         """Aggregate a closed round, save and log the new model, then open the next round (or finish)."""
-        nxt, started = state.round + 1, time.perf_counter()
-        logged = self._logged.has(RoundAggregatedRecord.KIND, state.round)
-        if nxt in self._store.model_rounds() and logged:
-            model = self._store.load_model(nxt)  # done before a crash: the same bytes again
-            size = self._store.model_path(nxt).stat().st_size
-        else:
-            model, kept = self._deltas.next_model(state, model=self._model, registry=self._registry,
-                                                  cfg=self._cfg.aggregation)  # fmt: skip
-            model = self._downlink.define(round=nxt, previous=self._model, candidate=model)
-            size = len(self._store.save_model(nxt, model, metadata={"round": str(nxt)}))
-            self._done("SaveModel")
-        self._deltas.remove_spool()
-        previous_sha, self._model = self._model.sha256, GlobalModel.of(model)
-        if not logged:
-            assert state.close_reason is not None  # a closed state has one
-            kept_previous = self._model.sha256 == previous_sha
-            self._emit(RoundAggregatedRecord(
-                round=state.round, at=self._clock(), reason=state.close_reason,
-                sites=tuple(a.site for a in state.accepted), samples=sum(a.samples for a in state.accepted),
-                method=self._cfg.aggregation.method, clip_norm=self._cfg.aggregation.clip_norm,
-                model_sha256=self._model.sha256, model_bytes=size, seconds=round(time.perf_counter() - started, 3),
-                model_kept=(kept or "the aggregate left the model unchanged") if kept_previous else None,
-                metrics_mean=self._deltas.mean_metrics(state),
-            ), durable=True)  # fmt: skip
-            self._done("LogRound")
-        self._deltas.clear_metrics()
+        self._model = self._models.after(state, model=self._model, registry=self._registry,
+                                         logged=self._logged.has(RoundAggregatedRecord.KIND, state.round))
         if self._cfg.max_rounds is not None and state.round >= self._cfg.max_rounds:
             self._finish_federation(state)
             return
-        self._apply(OpenRound(nxt, self._model.sha256), None)
+        self._apply(OpenRound(state.round + 1, self._model.sha256), None)
         self._commit.flush()
 
     def _finish_federation(self, state: RoundState) -> None:
