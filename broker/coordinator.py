@@ -1,45 +1,23 @@
 """The coordinator service: the I/O shell around the round policy, the wire codec and the store.
 
 One :class:`Coordinator` runs one federation. The rules are in :mod:`.rounds` (pure), the message
-format in :mod:`fednca.wire`, the arithmetic in :mod:`fednca.aggregate`, the files in
-:mod:`.store`; this class only turns messages and clock readings into events and performs the
-actions the policy returns, in order. It wires the rooms that do the work: :mod:`.commit` (the
-order in which a batch reaches disk and broker), :mod:`.recovery` (the round-log lines a crash
-kept out), :mod:`.publisher` (announcements, receipts, events), :mod:`.telemetry` (the sites'
-last status) and :mod:`.global_model` (the model held and the stored deltas of a closed round).
+format in :mod:`fednca.wire`, the files in :mod:`.store`; this class only turns messages and clock
+readings into events and performs the actions the policy returns, in order. It wires the rooms
+that do the work: :mod:`.intake` (a batch of messages from the inbox, each charged to its site's
+budget and opened once on the verification threads), :mod:`.commit` (the order in which a batch
+reaches disk and broker: payloads, one log append, acks), :mod:`.round_deltas` (the verified
+deltas and metrics the open round keeps), :mod:`.round_models` (each round's model, aggregated at
+the close), :mod:`.recovery` (the round-log lines a crash kept out), :mod:`.publisher`
+(announcements, receipts, events) and :mod:`.telemetry` (the sites' last status).
 
-A message on ``updates/<site>`` is opened once, by the codec (size limit first, then seal,
-signature, fields, tensors), on a pool of threads (:mod:`.verifier`), and becomes
-``UpdateVerified`` (with its delta as a float32 row) or ``UpdateRejected`` with the codec's reason
-code. Its actions are performed in the order the policy gives: the payload is written durably
-(``StoreUpdate``) and its delta joins the round's spool (:mod:`.spool`), the batch's round-log
-lines and the state that counts it are made durable (``SaveState``), then the message is
-acknowledged to the broker, a signed receipt goes to ``receipts/<site>`` and the verdict to the
-``events`` topic and the ``logging`` module.
-
-Batches: the messages waiting in the inbox (at most ``batch``) are taken in arrival order: topic
-and admission first, then every update of the batch is handed to the pool at once; the results
-are judged by the policy one after another in arrival order, then performed together
-(:mod:`.commit`): payloads, one log append (and a state snapshot at a transition), acks.
-
-When the policy closes a round, the accepted deltas are aggregated from the spool, in acceptance
-order, by the configured method, without opening any update again (after a restart, the updates
-counted before it are opened again once, from the store, to refill the spool), applied to the
-global model in float32 and checked (:func:`.spool.next_model`: a refused aggregate keeps the
-previous model, and the round log says why), the new model is saved, the round is logged and the
-next round is announced. After ``max_rounds`` the final model is announced as round ``max_rounds + 1`` with its
-deadline at the moment the federation finished, and ``federation_finished`` is published.
-
-Floods: after the topic check, every message on ``updates/<site>`` or ``status/<site>`` is
-charged to its site's budget (:mod:`.admission`); one beyond it is acknowledged and counted, and
-nothing else is done: no unsealing, no receipt, no durable write, so the queue drains fast and
-the other sites' messages are handled as usual. The verdict lines a peer can repeat at will
-(``update_rejected``, ``site_throttled``) pass through :mod:`.line_limit`: one per site, kind and
-reason a minute, then one ``lines_suppressed`` line with the count left out.
-
-Messages that cannot be attributed to a site (a topic outside the federation's) are logged on
-``events`` and acknowledged; status telemetry of enrolled sites is kept in memory, the last
-message per site. Nothing a peer sends raises out of :meth:`Coordinator.step`.
+An update becomes ``UpdateVerified`` or ``UpdateRejected`` with the codec's reason code; the policy
+judges the batch's results one after another in arrival order, so receipts, acknowledgements and
+the round log come out as with one thread. A message beyond its site's budget (:mod:`.admission`)
+is acknowledged and counted, and nothing else is done; the verdict lines a peer can repeat at
+will pass through :mod:`.line_limit`. A message that cannot be attributed to a site is logged on
+``events`` and acknowledged. Nothing a peer sends raises out of :meth:`Coordinator.step`. After
+``max_rounds`` the final model is announced as round ``max_rounds + 1`` with its deadline at the
+moment the federation finished, and ``federation_finished`` is published.
 
 The clock is injected (seconds since the epoch); nothing here sleeps. Use one thread for
 ``start``, ``step``, ``run_until`` and ``set_registry``; ``stop`` may be called from any thread
