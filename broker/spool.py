@@ -130,7 +130,7 @@ def next_model(
     layout: Layout, cfg: AggregationConfig,
 ) -> tuple[dict[str, np.ndarray], str | None]:  # fmt: skip
     """The next global model and None, or the previous model and why the aggregate was refused
-    (as :func:`.global_model.guarded_model`, over spooled rows): nothing a site sends stops the
+    (over spooled rows): nothing a site sends stops the
     coordinator; a refused aggregate keeps the model the federation had."""
     try:
         candidate = apply_delta(previous, aggregate_rows(rows, weights=weights, norms=norms, layout=layout, cfg=cfg))
