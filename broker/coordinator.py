@@ -36,7 +36,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from fednca.errors import ConfigError
-from fednca.keys import CoordinatorKeys, Registry
+from fednca.keys import CoordinatorKeys, Registry, key_id
 from fednca.rounds_vocab import RoundStatus
 from fednca.topics import Topics, TopicError
 from fednca.transport.base import Client, Message
@@ -52,6 +52,7 @@ from .publisher import NO_UPDATE_ID, Publisher
 from .recovery import RoundLogIndex
 from .round_events import (
     Ack, Action, Announce, CloseRound, Event, LogEvent, OpenRound, SendReceipt, SiteEnrolled, SiteRevoked, Tick,
+    UpdateVerified,
 )
 from .intake import STORE_THREADS, Intake, take_batch
 from .round_deltas import RoundDeltas
@@ -283,10 +284,11 @@ class Coordinator:
 
     # -- events and actions -----------------------------------------------------------------------
 
-    def _apply(self, event: Event, message: Message | None) -> None:
+    def _apply(self, event: Event, message: Message | None) -> list[Action]:
         assert self._state is not None
         self._state, actions = rounds.handle(self._state, event, self._clock())
         self._perform(actions, message)
+        return actions
 
     def _perform(self, actions: list[Action], message: Message | None) -> None:
         """Hand the actions of one event to the batch; a closed round is aggregated at once, after
@@ -368,8 +370,23 @@ class Coordinator:
             return lambda: self._drop(message, why)
 
         def finish() -> None:
-            self._deltas.verified(record.opened)
-            self._apply(record.opened.event, message)
+            opened, e = record.opened, record.opened.event
+            if isinstance(e, UpdateVerified):
+                path = self._store.update_path(e.round, e.site, e.update_id)
+                if not path.is_file():
+                    self._drop(message, f"update {e.update_id} of site {e.site!r}: its payload is not stored")
+                    return
+                key = self._registry.verify_key(e.site)
+                if key is None or key_id(key) != record.key_id:  # enrolment changed: open the payload again
+                    opened = self._intake_of().open(e.site, path.read_bytes(), self._registry)
+            before = self.state.round
+            self._deltas.verified(opened)
+            actions = self._apply(opened.event, message)
+            if isinstance(e, UpdateVerified) and e.round >= before and not any(
+                    isinstance(a, SendReceipt) and a.accepted and a.update_id == e.update_id for a in actions):
+                # Not counted, so nothing will read it; a payload of an earlier round is left alone
+                # (it may be the one that round counted).
+                path.unlink(missing_ok=True)
 
         return finish
 

@@ -7,10 +7,13 @@ Past what one process verifies, the broker spreads the work: N worker processes 
 
 1. charges it to its site's budget (:mod:`.admission`, per worker);
 2. unseals, verifies and checks it (:func:`.verifier.open_update_once`, once);
-3. if it verified, writes the sealed payload durably into the store
-   (``rounds/<r>/<site>-<update id>.bin``, where ``r`` is the round the update names);
+3. if it verified and names the current round (that of the newest model stored) or the next,
+   writes the sealed payload durably into the store (``rounds/<r>/<site>-<update id>.bin``,
+   where ``r`` is the round the update names); any other round is refused unstored, so that
+   valid updates for rounds that will never count cannot fill the disk;
 4. publishes a compact :class:`VerifiedRecord` (the header fields the round policy needs, the
-   codec's verdict, the delta as float32 values and its norm) on the internal topic
+   codec's verdict, the fingerprint of the site key it verified under, the delta as float32
+   values and its norm) on the internal topic
    ``fednca/<federation>/verified/<worker>`` at QoS 1, and waits for the broker's PUBACK;
 5. only then acknowledges the update to the broker.
 
@@ -19,7 +22,10 @@ Steps 1 to 3 are those of a coordinator on its own (:mod:`.intake`), a batch of 
 The aggregator is the :class:`.coordinator.Coordinator` of the federation, subscribed to
 ``verified/+`` instead of ``updates/+``: it judges each record with the round policy, counts,
 receipts and logs exactly as for an update it opened itself, and takes the payload the worker
-stored as its ``StoreUpdate`` (it checks the file is there). Nothing is opened twice and no
+stored as its ``StoreUpdate`` (it checks the file is there). A record whose key is no longer the
+site's (``enroll --replace`` since) is judged by opening the stored payload again with the
+current registry, and the payload of a record the policy does not count is deleted. Nothing is
+opened twice (but after a re-enrolment) and no
 update is lost to a crash: a worker killed before step 5 leaves the update unacknowledged in its
 persistent session, and mosquitto delivers it again when the worker is back (the supervisor,
 :func:`supervise`, restarts it at once with the same client id); one killed after step 4 leaves a
@@ -51,8 +57,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from fednca.atomic import fsync_dir, write_text
-from fednca.keys import CoordinatorKeys, Registry
-from fednca.rounds_vocab import reject_reason
+from fednca.keys import CoordinatorKeys, Registry, key_id
+from fednca.rounds_vocab import Reason, RoundReason, reject_reason
 from fednca.topics import Rule, Topics, TopicError
 
 from .errors import BrokerError
@@ -139,6 +145,7 @@ class VerifiedRecord:
 
     worker: str
     opened: Opened
+    key_id: str = ""  # the fingerprint of the site key the update verified under ("" when rejected)
 
     def encode(self, key: bytes) -> bytes:
         e = self.opened.event
@@ -146,7 +153,8 @@ class VerifiedRecord:
             head: dict[str, Any] = {"worker": self.worker, "verdict": "verified", "site": e.site,
                                     "update_id": e.update_id, "round": e.round, "base_sha256": e.base_sha256,
                                     "samples": e.samples, "steps": e.steps, "partial": e.partial,
-                                    "metrics": dict(e.metrics), "norm": self.opened.norm}  # fmt: skip
+                                    "metrics": dict(e.metrics), "norm": self.opened.norm,
+                                    "key_id": self.key_id}  # fmt: skip
             row = b"" if self.opened.row is None else self.opened.row.astype("<f4").tobytes()
         else:
             head = {"worker": self.worker, "verdict": "rejected", "site": e.site, "update_id": e.update_id,
@@ -179,7 +187,7 @@ class VerifiedRecord:
                 norm = float(head["norm"])
                 if not math.isfinite(norm):
                     raise RecordError("the norm is not finite")
-                return cls(worker=str(head["worker"]), opened=Opened(event, row, norm))
+                return cls(worker=str(head["worker"]), opened=Opened(event, row, norm), key_id=str(head["key_id"]))
             event_r = UpdateRejected(head["site"], head["update_id"], reject_reason(head["reason"]), head["round"])
             return cls(worker=str(head["worker"]), opened=Opened(event_r))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -213,6 +221,7 @@ class Worker:
         self._verifier = Verifier(threads=verify_threads)
         self._intake = Intake(federation=federation, box_keys=[keys.box], shapes=shapes,
                               max_update_bytes=max_update_bytes, verifier=self._verifier)  # fmt: skip
+        self._store = store
         self._writer = PayloadWriter(store=store)
         self._after = after_action or (lambda name: None)  # hears "Stored", "Forwarded", "Acked" (crash tests)
 
@@ -225,6 +234,7 @@ class Worker:
         messages = take_batch(self._client, batch=self._batch, timeout=timeout, take=lambda m: m)
         if not messages:
             return 0
+        registry, window = self.registry, self._rounds()
         jobs = []
         for m in messages:
             try:
@@ -237,15 +247,15 @@ class Worker:
             if not self._intake.admit(parsed.site, "updates", len(m.payload), self._clock(), self.registry):
                 jobs.append(None)  # over its site's budget: acknowledged, nothing else
                 continue
-            jobs.append(self._intake.submit(parsed.site, m.payload, self.registry))
-        opened: list[Opened | None] = [None if j is None else j.result() for j in jobs]
+            jobs.append(self._intake.submit(parsed.site, m.payload, registry))
+        opened = [None if j is None else refuse_round(j.result(), window) for j in jobs]
         stored = [(o.event.round, o.event.site, o.event.update_id, m.payload) for o, m in zip(opened, messages)
                   if o is not None and isinstance(o.event, UpdateVerified)]  # fmt: skip
         if stored:
             self._writer.write(stored)
             self._after("Stored")
         handles = [self._client.publish(verified_topic(self._federation, self.name),
-                                        VerifiedRecord(self.name, o).encode(self._key), qos=1)
+                                        VerifiedRecord(self.name, o, signed_by(o, registry)).encode(self._key), qos=1)
                    for o in opened if o is not None]  # fmt: skip
         for h in handles:
             h.result(self._timeout)  # the broker holds the record: the update may be acknowledged
@@ -257,9 +267,34 @@ class Worker:
         log.debug("worker %s: %d forwarded (%d in all)", self.name, len(handles), self.forwarded)
         return len(messages)
 
+    def _rounds(self) -> tuple[int, int]:
+        """The rounds an update may name: the current one (that of the newest model stored) and the
+        next (its model may be saved before this worker looks again)."""
+        stored = self._store.model_rounds()
+        current = stored[-1] if stored else 1
+        return current, current + 1
+
     def close(self) -> None:
         self._verifier.close()
         self._writer.close()
+
+
+def refuse_round(opened: Opened, window: tuple[int, int]) -> Opened:
+    """``opened``, or its refusal when it verified but names a round outside ``window``: such a
+    payload is never stored, so no site can fill the disk with updates for rounds long past or
+    far ahead (the round policy would refuse them for the same reasons)."""
+    e = opened.event
+    if not isinstance(e, UpdateVerified) or window[0] <= e.round <= window[1]:
+        return opened
+    reason = Reason.STALE_ROUND if e.round < window[0] else RoundReason.UNKNOWN_ROUND
+    return Opened(UpdateRejected(e.site, e.update_id, reason, e.round))
+
+
+def signed_by(opened: Opened, registry: Registry) -> str:
+    """The fingerprint of the key ``registry`` holds for the site of a verified update (the key
+    it verified under); the aggregator counts the record only while that is still the site's key."""
+    key = registry.verify_key(opened.event.site) if isinstance(opened.event, UpdateVerified) else None
+    return "" if key is None else key_id(key)
 
 
 # -- running workers beside the aggregator --------------------------------------------------------

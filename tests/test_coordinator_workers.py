@@ -1,5 +1,7 @@
-"""Coordinator workers on a real mosquitto: two worker processes share the update subscription
-(``$share/...``), one aggregator owns the round; a worker SIGKILLed mid-round loses no update.
+"""Coordinator workers: the records they forward and what the aggregator makes of them (in
+process, on the in-memory broker), and on a real mosquitto: two worker processes share the update
+subscription (``$share/...``), one aggregator owns the round; a worker SIGKILLed mid-round loses no
+update.
 
 ``fednca coordinator run DIR --workers 2`` starts the aggregator and two ``coordinator worker``
 processes. With ``FEDNCA_WORKER_KILL_AFTER=Stored`` each worker kills itself right after its first
@@ -23,20 +25,26 @@ import yaml
 
 from fednca import aggregate, wire
 from fednca.aggregate import AggregationConfig
-from fednca.keys import SiteKeys, read_coordinator_public
+from fednca.config import preset
+from fednca.keys import CoordinatorKeys, Registry, SiteKeys, read_coordinator_public
+from fednca.model import build, tensors
+from fednca.topics import Topics
+from fednca.transport.memory import MemoryBroker
 from fednca.transport.mqtt import MqttClient
 from fednca_app.cli import main
 from fednca_broker.cli import WORKER_KILL_ENV
-from fednca_broker.config import CONFIG_NAME
+from fednca_broker.config import CONFIG_NAME, FederationConfig
+from fednca_broker.coordinator import Coordinator
 from fednca_broker.mosquitto import MosquittoSettings, render_acl, write_files
 from fednca_broker.store import RoundStore
-from fednca_broker.workers import VerifiedRecord, RecordError, shared_updates, worker_password_path, worker_users
+from fednca_broker.workers import (
+    VerifiedRecord, RecordError, Worker, shared_updates, worker_password_path, worker_users,
+)
 from fednca_broker.verifier import Opened
 from fednca_broker.round_events import UpdateRejected, UpdateVerified
 from mosquitto_fixture import MOSQUITTO, RunningMosquitto, free_port
 
-pytestmark = [pytest.mark.mosquitto, pytest.mark.slow,
-              pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")]  # fmt: skip
+needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
 SITES = tuple(f"s{i}" for i in range(1, 9))
 FED = "shared"
@@ -46,9 +54,11 @@ WAIT = 60.0
 def test_records_are_authenticated_and_round_trip():
     key, other = b"k" * 32, b"o" * 32
     row = np.arange(6, dtype=np.float32)
-    verified = VerifiedRecord("w1", Opened(UpdateVerified("a", "ab", 2, "c" * 64, 5, 7, True, {"dice": 0.5}), row, 3.5))
+    verified = VerifiedRecord("w1", Opened(UpdateVerified("a", "ab", 2, "c" * 64, 5, 7, True, {"dice": 0.5}), row, 3.5),
+                              "0123456789abcdef")  # fmt: skip
     back = VerifiedRecord.decode(verified.encode(key), key, size=6)
     assert back.worker == "w1" and back.opened.event == verified.opened.event and back.opened.norm == 3.5
+    assert back.key_id == "0123456789abcdef"
     np.testing.assert_array_equal(back.opened.row, row)
     rejected = VerifiedRecord("w2", Opened(UpdateRejected("b", None, "bad_signature", None)))
     assert VerifiedRecord.decode(rejected.encode(key), key, size=6).opened.event == rejected.opened.event
@@ -60,6 +70,118 @@ def test_records_are_authenticated_and_round_trip():
         VerifiedRecord.decode(bytes(data), key, size=6)
     with pytest.raises(RecordError, match="values"):
         VerifiedRecord.decode(verified.encode(key), key, size=7)
+
+
+# -- the aggregator and a worker in one process -----------------------------------------------------
+
+KEY = b"r" * 32
+T = Topics(FED)
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture(scope="module")
+def world():
+    cfg = preset("fednca")
+    model = {n: t.numpy() for n, t in tensors(build(cfg, seed=0)).items()}
+    return dict(cfg=cfg, model=model, keys=CoordinatorKeys.generate(), sites={s: SiteKeys.generate() for s in "abc"})
+
+
+class InProcess:
+    """An aggregator (a Coordinator taking records) and one worker on the in-memory broker. The
+    broker has no shared subscriptions: the worker subscribes to every site's updates itself."""
+
+    def __init__(self, world, root):
+        self.world = world
+        self.broker = MemoryBroker(federation=FED)
+        self.store = RoundStore(root=root, federation=FED)
+        self.registry = Registry(sites={s: k.verify_key for s, k in world["sites"].items()})
+        config = FederationConfig(name=FED, model=world["cfg"], max_rounds=None)
+        self.coordinator = Coordinator(config=config, store=self.store, keys=world["keys"], registry=self.registry,
+                                       client=self.broker.client(client_id="coordinator"), clock=lambda: T0,
+                                       initial_model=world["model"], worker_key=KEY)  # fmt: skip
+        self.coordinator.start()
+        shapes = {n: tuple(a.shape) for n, a in world["model"].items()}
+        client = self.broker.client(client_id="w1")
+        self.worker = Worker(name="w1", federation=FED, client=client, store=self.store, keys=world["keys"],
+                             registry=self.registry, key=KEY, shapes=shapes,
+                             max_update_bytes=wire.max_update_bytes(shapes), clock=lambda: T0)  # fmt: skip
+        client.connect()
+        client.subscribe(T.all_updates, 1)
+
+    def update(self, site, *, round=1, signer=None):
+        model = self.world["model"]
+        delta = {n: np.full(a.shape, 1e-3, np.float32) for n, a in model.items()}
+        return wire.make_update(federation=FED, site=site, round=round, base_sha256=wire.model_sha256(model),
+                                samples=1, steps=1, partial=False, metrics={}, delta=delta,
+                                signing_key=(signer or self.world["sites"][site]).signing,
+                                coordinator_box=self.world["keys"].box.public_key)  # fmt: skip
+
+    def send(self, site, payload):
+        sender = self.broker.client(client_id=f"site-{site}")
+        sender.connect()
+        sender.publish(T.updates(site), payload).result(1)
+        sender.disconnect()
+
+    def rejections(self):
+        return [(r["site"], r["reason"]) for r in self.store.read_log() if r["kind"] == "update_rejected"]
+
+    def stored(self, round):
+        return sorted(p.name.split("-")[0] for p in (self.store.folder / "rounds" / str(round)).glob("*.bin"))
+
+
+def test_a_record_made_under_a_replaced_key_is_not_counted(world, tmp_path):
+    fed = InProcess(world, tmp_path)
+    for site in "ac":
+        fed.send(site, fed.update(site))
+    assert fed.worker.step() == 2  # verified under c's first key, stored, forwarded
+    assert fed.stored(1) == ["a", "c"]
+    rekeyed = {**fed.registry.sites, "c": SiteKeys.generate().verify_key}
+    fed.coordinator.set_registry(Registry(sites=rekeyed))  # enroll --replace before the records are judged
+    fed.coordinator.step()
+    assert [a.site for a in fed.coordinator.state.accepted] == ["a"]
+    assert fed.rejections() == [("c", "wrong_key")]
+    assert fed.stored(1) == ["a"]  # the payload it will never count is gone
+
+
+def test_a_record_under_the_current_key_is_counted(world, tmp_path):
+    fed = InProcess(world, tmp_path)
+    fed.send("b", fed.update("b"))
+    fed.worker.step()
+    fed.coordinator.step()
+    assert [a.site for a in fed.coordinator.state.accepted] == ["b"]
+    assert fed.stored(1) == ["b"]
+
+
+def test_workers_store_only_the_current_and_next_round(world, tmp_path):
+    fed = InProcess(world, tmp_path)
+    fed.send("a", fed.update("a", round=7))
+    fed.send("b", fed.update("b", round=2))
+    fed.send("c", fed.update("c", round=2**31 - 1))
+    assert fed.worker.step() == 3
+    assert fed.stored(7) == [] and fed.stored(2**31 - 1) == []  # refused before any write
+    assert fed.stored(2) == ["b"]  # the next round's model may be saved before the worker looks again
+    fed.coordinator.step()
+    assert fed.coordinator.state.accepted == ()
+    assert sorted(fed.rejections()) == [("a", "unknown_round"), ("b", "unknown_round"), ("c", "unknown_round")]
+    assert fed.stored(2) == []  # the aggregator refused it, and deleted what the worker stored
+
+
+def test_a_record_whose_payload_is_not_stored_is_dropped_not_fatal(world, tmp_path):
+    fed = InProcess(world, tmp_path)
+    fed.send("a", fed.update("a"))
+    fed.worker.step()
+    for p in (fed.store.folder / "rounds" / "1").glob("*.bin"):
+        p.unlink()
+    fed.coordinator.step()
+    assert fed.coordinator.state.accepted == ()
+    assert fed.broker.queued("coordinator") == 0  # acknowledged: not handed back at every restart
+    fed.send("a", fed.update("a"))  # the site sends it again: this time it is stored and counted
+    fed.worker.step()
+    fed.coordinator.step()
+    assert [a.site for a in fed.coordinator.state.accepted] == ["a"]
+
+
+# -- on a real mosquitto ---------------------------------------------------------------------------
 
 
 def test_the_acl_gives_the_internal_topic_to_coordinator_accounts_only():
@@ -112,6 +234,9 @@ def wait_for(condition, what, timeout=WAIT):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+@pytest.mark.mosquitto
+@pytest.mark.slow
+@needs_mosquitto
 def test_two_workers_share_the_updates_and_a_killed_one_loses_none(federation):
     folder, broker, keys = federation
     store = RoundStore(root=folder / "store", federation=FED)
@@ -164,6 +289,9 @@ def test_two_workers_share_the_updates_and_a_killed_one_loses_none(federation):
     assert shared_updates(FED) == f"$share/fednca-coordinator/fednca/{FED}/updates/+"
 
 
+@pytest.mark.mosquitto
+@pytest.mark.slow
+@needs_mosquitto
 def test_broker_config_makes_the_worker_accounts_the_configuration_asks_for(tmp_path):
     folder = tmp_path / "fed"
     assert main(["coordinator", "init", str(folder), "--federation", FED, "--broker", "mqtt://127.0.0.1:18831"]) == 0
