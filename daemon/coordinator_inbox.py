@@ -22,8 +22,9 @@ hears of it only once it is stored, with the deadline measured at receipt.
 Deltas. A round may be announced as a delta from the previous global model (docs/wire.md). It is
 rebuilt from the model this site holds (in memory, and ``model.safetensors``, written before the
 announcement: :mod:`.held_model`) and must give the signed sha256. A site that holds neither the
-base nor the new model (it missed rounds, or lost its files) is refused with ``wrong_base_model``
-and sets :attr:`CoordinatorInbox.need_model`: the service subscribes to the retained ``model``
+base nor the new model (it missed rounds, or lost its files), or whose base plus the delta does
+not give the signed sha256 (a damaged held model, float32 arithmetic that differs), is refused
+with ``wrong_base_model`` and sets :attr:`CoordinatorInbox.need_model`: the service subscribes to the retained ``model``
 topic, whose whole-model announcement then arrives by :meth:`CoordinatorInbox.model_arrived` and
 is taken like any announcement, and unsubscribes once the site holds the model again.
 """
@@ -157,8 +158,8 @@ class CoordinatorInbox:
         except WireError as e:
             if e.reason == Reason.WRONG_BASE_MODEL:
                 if not self.need_model:
-                    log.info("round announced as a delta from a model this site does not hold: fetching the "
-                             "whole model")
+                    log.info("round announced as a delta this site cannot rebuild (%s): fetching the whole "
+                             "model", e)
                 self.need_model = True
                 self.error = "waiting for the whole global model (missed rounds)"
                 return None

@@ -10,7 +10,10 @@ An announcement carries the global model whole (float32), or as a delta: the opt
 the base gets the delta added (:func:`fednca.quantise.apply`), and the result must have the signed
 ``model_sha256``, so a delta can only ever give the coordinator's own model. A receiver holding
 neither the base nor the new model is refused with ``wrong_base_model`` and fetches the whole
-model (the retained ``model`` topic).
+model (the retained ``model`` topic). So is one whose base plus the delta does not give the signed
+sha256: its base is not the coordinator's in effect (float32 arithmetic that differs, such as
+flushing subnormals to zero), and refusing it as ``malformed`` would leave it unable to take any
+round announced as a delta; the whole model is then opened with every check, as any announcement.
 """
 
 from __future__ import annotations
@@ -206,7 +209,8 @@ def _from_delta(doc: Any, header: AnnouncementHeader, shapes: Mapping[str, Seque
     with np.errstate(over="ignore", invalid="ignore"):
         tensors = apply(base, delta.dequantised())
     if model_sha256(tensors) != header.model_sha256:
-        raise fail(Reason.MALFORMED, "the delta applied to its base does not give the announced model_sha256")
+        raise fail(Reason.WRONG_BASE_MODEL, "the delta applied to the held base does not give the announced "
+                   "model_sha256 (this receiver's float32 arithmetic differs): the whole model is needed")
     return _frozen(tensors)
 
 

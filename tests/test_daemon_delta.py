@@ -115,3 +115,63 @@ def test_the_site_sends_q8_updates_when_the_round_says_so(fed, broker, coordinat
     params = sum(v.size for v in tiny_weights().values())
     assert len(payload) < params + 1024  # a byte per value, and a small header
     d.stop()
+
+
+def stored_base(folder) -> str | None:
+    """The stored announcement's ``base_sha256``: None when the round came whole."""
+    return read_document(folder.announcement_path.read_bytes()[80:]).metadata.get("base_sha256")
+
+
+def test_a_site_whose_held_model_is_damaged_fetches_the_whole_model_and_trains(fed, broker, coordinator):
+    m1 = announce(coordinator, round=1, weights=tiny_weights())
+    d = Running(fed, broker, data=ALL_IMAGES)
+    wait_for(lambda: coordinator.accepted.get(("site-a", 1)), what="round 1 update")
+    wait_for(lambda: d.state.phase == "idle" and d.service.worker_pid is None, what="idle after round 1")
+    m2 = announce(coordinator, round=2, weights=nudged(m1, 1), base=m1)
+    wait_for(lambda: coordinator.accepted.get(("site-a", 2)), what="round 2 update")
+    wait_for(lambda: d.state.phase == "idle" and d.service.worker_pid is None, what="idle after round 2")
+    folder = d.service.folder
+    assert stored_base(folder) == model_sha256(m1), "round 2 was rebuilt from the delta"
+    assert d.stop() == 0
+
+    # one bit of the held model flips while the site is stopped; round 3 is a delta from m2
+    raw = bytearray(folder.path.joinpath("model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    folder.path.joinpath("model.safetensors").write_bytes(bytes(raw))
+    assert model_sha256(load_held(folder)) != model_sha256(m2)
+    m3 = announce(coordinator, round=3, weights=nudged(m2, 2), base=m2)
+    d = Running(fed, broker, data=ALL_IMAGES)
+    got3 = wait_for(lambda: coordinator.accepted.get(("site-a", 3)), what="round 3 update from the whole model")
+    assert got3.steps == 40 and coordinator.rejected == []
+    folder = d.service.folder
+    assert stored_base(folder) is None, "round 3 came whole, from the model topic"
+    assert model_sha256(load_held(folder)) == model_sha256(m3)
+    wait_for(lambda: T.model not in d.service.client.subscriptions, what="the model topic left")
+    assert d.stop() == 0
+
+
+def test_a_site_whose_float32_arithmetic_differs_takes_the_whole_model(fed, broker, coordinator, monkeypatch):
+    """The site holds the base, but base plus delta does not give the signed sha256 here (as on a
+    device that flushes subnormals to zero): it must not be stuck, it fetches the whole model."""
+    import fednca.wire_round as wire_round
+
+    def off_by_one_ulp(base, delta):
+        out = apply(base, delta)
+        first = sorted(out)[0]
+        out[first].flat[0] = np.nextafter(out[first].flat[0], np.float32(np.inf))
+        return out
+
+    m1 = announce(coordinator, round=1, weights=tiny_weights())
+    d = Running(fed, broker, data=ALL_IMAGES)
+    wait_for(lambda: coordinator.accepted.get(("site-a", 1)), what="round 1 update")
+    wait_for(lambda: d.state.phase == "idle" and d.service.worker_pid is None, what="idle after round 1")
+    monkeypatch.setattr(wire_round, "apply", off_by_one_ulp)
+    m2 = announce(coordinator, round=2, weights=nudged(m1, 1), base=m1)
+    got2 = wait_for(lambda: coordinator.accepted.get(("site-a", 2)), what="round 2 update from the whole model")
+    assert got2.steps == 40 and coordinator.rejected == []
+    folder = d.service.folder
+    assert stored_base(folder) is None, "round 2 came whole, from the model topic"
+    assert model_sha256(d.service.announcement.tensors) == model_sha256(m2)
+    assert model_sha256(load_held(folder)) == model_sha256(m2)
+    wait_for(lambda: T.model not in d.service.client.subscriptions, what="the model topic left")
+    assert d.stop() == 0

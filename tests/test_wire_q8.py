@@ -222,14 +222,18 @@ def test_a_receiver_without_the_base_is_told_wrong_base_model():
         assert e.value.reason == Reason.WRONG_BASE_MODEL and e.value.header.round == 2
 
 
-def test_a_delta_that_does_not_give_the_signed_model_is_refused():
+def test_a_delta_that_does_not_give_the_signed_model_is_refused_and_the_whole_model_is_needed():
     base, sent, new = delta_round()
     other = qz.apply(base, {k: v * 2 for k, v in sent.dequantised().items()})
-    # signed by the coordinator, but the announced sha256 is not what base + delta gives
+    # signed by the coordinator, but the announced sha256 is not what base + delta gives here:
+    # refused, and told as wrong_base_model so that the receiver fetches the whole model
     payload = announce(other, base=base, delta=sent)
     with pytest.raises(WireError) as e:
         read(payload, held=[base])
-    assert e.value.reason == Reason.MALFORMED and "model_sha256" in str(e.value)
+    assert e.value.reason == Reason.WRONG_BASE_MODEL and "model_sha256" in str(e.value)
+    assert e.value.header.round == 2
+    # the whole model is still opened with every check: it must give its signed sha256
+    assert model_sha256(read(announce(other)).tensors) == model_sha256(other)
 
 
 def test_a_delta_announcement_must_carry_q8_tensors():
