@@ -7,8 +7,9 @@ A q8 document holds exactly two tensors instead of one per model tensor:
 
 N is the model's parameter count and T its number of tensors, both known to the receiver from
 the model's shapes, so nothing else needs describing. One flat tensor instead of one per model
-tensor saves the safetensors table (about 80 bytes per tensor), which at 8 bits per value is a
-tenth of the message.
+tensor saves most of the safetensors table (80 bytes per tensor): for the default model's 14
+tensors the table is 1,120 bytes, against 152 for these two, and the 968 bytes saved are about an
+eighth of its 7,918-byte q8 update.
 
 Reading is as strict as for float tensors: exactly these two names, these dtypes and lengths;
 every scale finite and at least 0; every value in -127..127 (int8's -128 never travels); the

@@ -13,7 +13,7 @@ from nacl.signing import SigningKey
 
 from fednca import quantise as qz
 from fednca import wire_q8
-from fednca.config import preset, tensor_shapes, train_preset
+from fednca.config import ModelConfig, preset, tensor_shapes, train_preset
 from fednca.keys import Registry
 from fednca.tensorcodec import read_document, write_document
 from fednca.wire import (
@@ -98,6 +98,24 @@ def update(delta, **kw) -> bytes:
 def opened(payload: bytes):
     return open_update(payload, topic_site="site-a", coordinator_keys=COORD_BOX, registry=REGISTRY,
                        federation="fed", round=1, base_sha256="a" * 64, shapes=SHAPES)
+
+
+def test_the_flat_layout_saves_about_an_eighth_of_a_q8_update_of_the_default_model():
+    """The figure docs/wire.md and fednca/wire_q8.py quote, from real lengths."""
+    shapes = tensor_shapes(ModelConfig())
+    delta = {k: np.full(s, 0.01, np.float32) for k, s in shapes.items()}
+    sent, _ = qz.quantise_with_feedback(delta, None)
+    flat = write_document(wire_q8.pack(sent), {})
+    one_each = write_document({k: sent.values[k] for k in shapes}, {})  # scales not even counted
+
+    def table(doc: bytes) -> int:
+        return struct.unpack("<Q", doc[:8])[0]
+
+    assert len(shapes) == 14 and table(one_each) == 1120 and table(flat) == 152
+    message = len(update(delta))  # docs/wire.md measures 7,918 with bench/bench_wire.py's fields
+    assert 7800 < message < 8000
+    assert round(message / (table(one_each) - table(flat))) == 8
+
 
 
 def test_a_q8_update_opens_as_float32_within_half_a_step_and_is_about_a_quarter_of_float32():
