@@ -77,12 +77,24 @@ def test_a_residual_of_another_model_is_dropped():
     np.testing.assert_allclose(sent.dequantised()["a"], 1.0)
 
 
+def bits(values) -> list[int]:
+    return np.asarray(values, np.float32).view(np.uint32).tolist()
+
+
 def test_apply_is_one_float32_definition():
-    base, delta = weights(3), weights(4, scale=0.01)
-    got = qz.apply(base, delta)
-    for k in base:
-        assert got[k].dtype == np.float32
-        np.testing.assert_array_equal(got[k], base[k] + delta[k])
+    """``base + q * s``, each step rounded to float32, checked bit for bit against values worked
+    out by hand (what both sides must agree on to rebuild the coordinator's model)."""
+    # exact: q * s = [1.0, -2.0], so [1.0, 2.0] + that = [2.0, 0.0]
+    got = qz.apply({"w": [1.0, 2.0]}, {"w": qz.dequantise(np.array([2, -4], np.int8), 0.5)})
+    assert got["w"].dtype == np.float32 and bits(got["w"]) == [0x40000000, 0x00000000]
+    # rounded: 1 + 2**-24 is half a float32 step above 1, a tie that goes to the even 1.0; 1 + 3 * 2**-24
+    # is one and a half steps, a tie that goes to the even 1 + 2**-22 (0x3F800002); below 1 the steps
+    # are half as large, so 1 - 2**-24 is exact (0x3F7FFFFF).
+    step = np.float32(2.0**-24)
+    delta = qz.dequantise(np.array([1, 3, -1], np.int8), step)
+    assert bits(delta) == [0x33800000, 0x34400000, 0xB3800000]
+    got = qz.apply({"w": np.ones(3, np.float32)}, {"w": delta})
+    assert got["w"].dtype == np.float32 and bits(got["w"]) == [0x3F800000, 0x3F800002, 0x3F7FFFFF]
 
 
 # ----------------------------------------------------------------------------------- q8 updates
