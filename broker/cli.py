@@ -179,7 +179,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .coordinator import Coordinator
-    from .workers import record_key, supervise
+    from .workers import record_key, retire_workers, supervise
 
     cfg = load_config(args.folder / CONFIG_NAME)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -194,7 +194,7 @@ def _run(args: argparse.Namespace) -> int:
         config=cfg.federation, store=coordinator_store,
         keys=k.read_coordinator_keys(cfg.keys_dir), registry=k.read_registry(cfg.registry_path), client=client,
         clock=time.time, after_action=kill_hook(os.environ.get(KILL_ENV)),
-        worker_key=record_key(cfg.keys_dir) if args.workers else None,
+        worker_key=record_key(cfg.keys_dir) if cfg.mosquitto.workers else None, take_updates=not args.workers,
     )  # fmt: skip
     workers = None
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -204,6 +204,8 @@ def _run(args: argparse.Namespace) -> int:
     with coordinator_store.lock():  # one coordinator per store; rollback waits for it to stop
         try:
             coordinator.start()
+            if cfg.mosquitto.workers > args.workers and coordinator.takes_records:
+                retire_workers(args.folder, args.workers + 1)  # their sessions would keep a share of the updates
             if args.workers:  # after start: the model the workers read the shapes from is stored
                 env = {k_: v for k_, v in os.environ.items() if k_ != KILL_ENV}
                 workers = supervise([[sys.executable, "-m", "fednca_broker.cli", "worker", str(args.folder),

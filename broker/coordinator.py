@@ -27,6 +27,7 @@ build a new one on the same store, as after a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -39,7 +40,7 @@ from fednca.errors import ConfigError
 from fednca.keys import CoordinatorKeys, Registry, key_id
 from fednca.rounds_vocab import RoundStatus
 from fednca.topics import Topics, TopicError
-from fednca.transport.base import Client, Message
+from fednca.transport.base import Client, Message, SubscribeRefused
 
 from . import rounds
 from .commit import GroupCommit
@@ -87,6 +88,8 @@ class Coordinator:
     ``verify_threads`` the threads that open updates. With ``worker_key`` (:mod:`.workers`) the
     updates come from worker processes as verified records signed with that key, on
     ``verified/+``, their payloads already stored: this coordinator is then the aggregator.
+    ``take_updates`` (default: without ``worker_key``) has it open the sites' updates itself as
+    well: ``run`` without workers takes the records of the worker sessions it retires so.
     """
 
     def __init__(
@@ -104,12 +107,15 @@ class Coordinator:
         connect_timeout: float = 10.0,
         verify_threads: int = VERIFY_THREADS,
         worker_key: bytes | None = None,
+        take_updates: bool | None = None,
     ) -> None:
         if store.federation != config.name:
             raise ConfigError("federation", f"the store is for {store.federation!r}, the configuration for {config.name!r}")
         if batch < 1:
             raise ConfigError("batch", f"must be at least 1, got {batch!r}")
         self._cfg = config
+        self._takes_updates = worker_key is None if take_updates is None else take_updates
+        self._takes_records = False  # subscribed to the workers' records
         self._store = store
         self._keys = keys
         self._registry = registry
@@ -127,7 +133,7 @@ class Coordinator:
         self._downlink = Downlink(store=store, encoding=config.model_delta)  # the model as sites receive it
         self._commit = GroupCommit(store=store, perform=self._perform_deferred, event=self._publisher.event,
                                    done=self._done, kept=self._keep_delta,
-                                   stored_elsewhere=worker_key is not None)  # fmt: skip
+                                   stored_elsewhere=not self._takes_updates)  # fmt: skip
         self._worker_key = worker_key
         self._records = verified_filter(config.name).removesuffix("+")  # the workers' topics begin so
         self._verifier = Verifier(threads=verify_threads)
@@ -168,6 +174,11 @@ class Coordinator:
         return self._model.sha256
 
     @property
+    def takes_records(self) -> bool:
+        """Whether the broker let this coordinator subscribe to its workers' records."""
+        return self._takes_records
+
+    @property
     def finished(self) -> bool:
         return self._finished
 
@@ -187,10 +198,17 @@ class Coordinator:
             raise CoordinatorError("the coordinator has already started")
         self._started = True
         self._client.connect(self._connect_timeout)  # False: it keeps trying; subscriptions follow
-        if self._worker_key is None:
+        if self._takes_updates:
             self._client.subscribe(self._topics.all_updates, 1)
-        else:
-            self._client.subscribe(verified_filter(self._cfg.name), 1)
+        if self._worker_key is not None:
+            try:
+                self._client.subscribe(verified_filter(self._cfg.name), 1)
+                self._takes_records = True
+            except SubscribeRefused:
+                if not self._takes_updates:
+                    raise
+                log.warning("the broker refuses %s to this account (run broker-config): records of retired "
+                            "workers cannot be taken", verified_filter(self._cfg.name))
         self._client.subscribe(self._topics.all_status, 1)
         recovery = self._store.recover()
         for path in recovery.removed:
@@ -379,9 +397,12 @@ class Coordinator:
                 key = self._registry.verify_key(e.site)
                 if key is None or key_id(key) != record.key_id:  # enrolment changed: open the payload again
                     opened = self._intake_of().open(e.site, path.read_bytes(), self._registry)
+            judged = message
+            if isinstance(e, UpdateVerified) and self._takes_updates:  # the commit writes what it stores
+                judged = dataclasses.replace(message, payload=path.read_bytes())
             before = self.state.round
             self._deltas.verified(opened)
-            actions = self._apply(opened.event, message)
+            actions = self._apply(opened.event, judged)
             if isinstance(e, UpdateVerified) and e.round >= before and not any(
                     isinstance(a, SendReceipt) and a.accepted and a.update_id == e.update_id for a in actions):
                 # Not counted, so nothing will read it; a payload of an earlier round is left alone

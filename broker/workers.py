@@ -31,6 +31,9 @@ persistent session, and mosquitto delivers it again when the worker is back (the
 :func:`supervise`, restarts it at once with the same client id); one killed after step 4 leaves a
 record that the policy counts once (a re-delivery of an update id is acknowledged, not counted).
 
+A worker's session outlives its process and stays in the shared subscription, so ``run`` with
+fewer workers than before first retires the others (:func:`retire_workers`): drained, then ended.
+
 The internal topic crosses the broker, which the design does not trust with content: each
 record carries an HMAC-SHA256 under a key only the coordinator's processes hold
 (``keys/workers.key``, made once, 0600). The ACL gives ``verified/+`` to the worker accounts
@@ -378,41 +381,56 @@ def worker_passwords(cfg: Any) -> dict[str, str]:
     return out
 
 
-def run_worker(folder: Path, index: int, *, poll: float = 1.0, stop: Callable[[], bool] = lambda: False,
-               after_action: Callable[[str], None] | None = None) -> int:
-    """One worker process of the federation in ``folder`` (``fednca coordinator worker``): until
-    ``stop()`` holds, take shared updates; the registry is read again when its file changes."""
-    from fednca.keys import read_coordinator_keys, read_registry
+def _worker_client(cfg: Any, user: str, *, clean_start: bool) -> Any:
+    """An (unconnected) client of worker account ``user``; its client id is the user name."""
     from fednca.transport.mqtt import MqttClient, TLSOptions
-    from fednca.wire import max_update_bytes
 
     from .clients import read_secret
-    from .config import CONFIG_NAME, load_config
 
-    cfg = load_config(Path(folder) / CONFIG_NAME)
+    b = cfg.broker
+    tls = TLSOptions(b.ca_file, b.cert_file, b.key_file) if b.url.startswith("mqtts://") else None
+    return MqttClient(url=b.url, client_id=user, username=user,
+                      password=read_secret(cfg, worker_password_path(cfg.folder, user), key=f"worker {user}"),
+                      tls=tls, keepalive=b.keepalive, max_packet_size=b.max_packet_size, protocol=b.protocol,
+                      clean_start=clean_start)  # fmt: skip
+
+
+def _open_worker(cfg: Any, index: int, *, after_action: Callable[[str], None] | None = None) -> tuple["Worker", Any]:
+    """Worker ``index`` of the federation configured by ``cfg`` and its (unconnected) client."""
+    from fednca.keys import read_coordinator_keys, read_registry
+    from fednca.wire import max_update_bytes
+
     if not 1 <= index <= cfg.mosquitto.workers:
         raise BrokerError(f"worker {index}: the configuration has broker accounts for workers 1 to "
                           f"{cfg.mosquitto.workers} (mosquitto.workers; then run fednca coordinator broker-config)")
     user = worker_user(cfg.broker.username or "coordinator", index)
-    b = cfg.broker
-    tls = TLSOptions(b.ca_file, b.cert_file, b.key_file) if b.url.startswith("mqtts://") else None
-    client = MqttClient(url=b.url, client_id=user, username=user,
-                        password=read_secret(cfg, worker_password_path(cfg.folder, user), key=f"worker {user}"),
-                        tls=tls, keepalive=b.keepalive, max_packet_size=b.max_packet_size, protocol=b.protocol,
-                        clean_start=False)  # fmt: skip
+    client = _worker_client(cfg, user, clean_start=False)
     store = RoundStore(root=cfg.store_root, federation=cfg.federation.name)
     rounds = store.model_rounds()
     if not rounds:
         raise BrokerError(f"{store.folder}: no global model yet; start the coordinator first")
     shapes = {name: tuple(a.shape) for name, a in store.load_model(rounds[0]).items()}
-    registry_path = cfg.registry_path
-    seen = registry_path.stat().st_mtime_ns
     worker = Worker(name=user, federation=cfg.federation.name, client=client, store=store,
-                    keys=read_coordinator_keys(cfg.keys_dir), registry=read_registry(registry_path),
+                    keys=read_coordinator_keys(cfg.keys_dir), registry=read_registry(cfg.registry_path),
                     key=record_key(cfg.keys_dir), shapes=shapes, max_update_bytes=max_update_bytes(shapes),
                     after_action=after_action)  # fmt: skip
+    return worker, client
+
+
+def run_worker(folder: Path, index: int, *, poll: float = 1.0, stop: Callable[[], bool] = lambda: False,
+               after_action: Callable[[str], None] | None = None) -> int:
+    """One worker process of the federation in ``folder`` (``fednca coordinator worker``): until
+    ``stop()`` holds, take shared updates; the registry is read again when its file changes."""
+    from fednca.keys import read_registry
+
+    from .config import CONFIG_NAME, load_config
+
+    cfg = load_config(Path(folder) / CONFIG_NAME)
+    worker, client = _open_worker(cfg, index, after_action=after_action)
+    registry_path = cfg.registry_path
+    seen = registry_path.stat().st_mtime_ns
     worker.start()
-    log.info("worker %s: sharing %s", user, shared_updates(cfg.federation.name))
+    log.info("worker %s: sharing %s", worker.name, shared_updates(cfg.federation.name))
     try:
         while not stop():
             worker.step(poll)
@@ -423,3 +441,45 @@ def run_worker(folder: Path, index: int, *, poll: float = 1.0, stop: Callable[[]
         worker.close()
         client.disconnect()
     return 0
+
+
+def retire_workers(folder: Path, first: int, *, quiet: float = 1.0, timeout: float = 10.0) -> int:
+    """Empty and end the broker sessions of worker accounts ``first`` up to ``mosquitto.workers``
+    (``run --workers N`` retires those past N); return how many updates they still held.
+
+    A worker's session is persistent (7 days) and stays a member of the shared subscription while
+    its process is gone, so mosquitto keeps handing it its share of the updates, which nobody would
+    take. Ending the session at once (a clean start) would not hand them back: mosquitto 2.0
+    discards the messages queued for a session it ends. So each account is first drained as a
+    worker: it leaves the shared subscription (no new updates come to it; those queued still do),
+    handles what it is handed until ``quiet`` s pass without a message (verified, stored,
+    forwarded to the aggregator, acknowledged), and only then is its session ended. An account the
+    broker does not let in within ``timeout`` s is left as it is, with a warning."""
+    from .config import CONFIG_NAME, load_config
+
+    cfg = load_config(Path(folder) / CONFIG_NAME)
+    handed = 0
+    for index in range(max(first, 1), cfg.mosquitto.workers + 1):
+        user = worker_user(cfg.broker.username or "coordinator", index)
+        if not worker_password_path(cfg.folder, user).exists():
+            continue  # never given a password: the broker never had this account
+        worker, client = _open_worker(cfg, index)
+        before = handed
+        try:
+            if not client.connect(timeout):
+                log.warning("worker %s: the broker did not let it in (%s); its session, if any, is kept",
+                            user, client.last_error)
+                continue
+            client.unsubscribe(shared_updates(cfg.federation.name))
+            while (n := worker.step(quiet)) > 0:
+                handed += n
+        finally:
+            worker.close()
+            client.disconnect()
+        ender = _worker_client(cfg, user, clean_start=True)  # session expiry 0: ends with this connection
+        if ender.connect(timeout):
+            ender.disconnect()
+            log.info("worker %s: retired (%d updates handed over)", user, handed - before)
+        else:
+            log.warning("worker %s: drained, but the broker did not let it in to end its session", user)
+    return handed

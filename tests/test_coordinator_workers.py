@@ -38,7 +38,8 @@ from fednca_broker.coordinator import Coordinator
 from fednca_broker.mosquitto import MosquittoSettings, render_acl, write_files
 from fednca_broker.store import RoundStore
 from fednca_broker.workers import (
-    VerifiedRecord, RecordError, Worker, shared_updates, worker_password_path, worker_users,
+    VerifiedRecord, RecordError, Worker, record_key, retire_workers, shared_updates, worker_password_path,
+    worker_users,
 )
 from fednca_broker.verifier import Opened
 from fednca_broker.round_events import UpdateRejected, UpdateVerified
@@ -306,3 +307,77 @@ def test_broker_config_makes_the_worker_accounts_the_configuration_asks_for(tmp_
     for w in worker_users("coordinator", 2):
         assert os.stat(worker_password_path(folder, w)).st_mode & 0o077 == 0
     assert main(["coordinator", "run", str(folder), "--workers", "3"]) == 2  # more workers than accounts
+
+
+def _sealed_updates(folder, keys, sites):
+    store = RoundStore(root=folder / "store", federation=FED)
+    initial = store.load_model(1)
+    box = read_coordinator_public(folder / "keys").box
+    delta = {n: np.full(a.shape, 1e-3, np.float32) for n, a in sorted(initial.items())}
+    return {s: wire.make_update(federation=FED, site=s, round=1, base_sha256=wire.model_sha256(initial), samples=1,
+                                steps=1, partial=False, metrics={}, delta=delta, signing_key=keys[s].signing,
+                                coordinator_box=box) for s in sites}  # fmt: skip
+
+
+def _publish(broker, site, payload):
+    client = MqttClient(url=broker.url, client_id=f"site-{site}", username=site, password=f"{site}-secret")
+    try:
+        assert client.connect(5)
+        client.publish(f"fednca/{FED}/updates/{site}", payload).result(5)
+    finally:
+        client.disconnect()
+
+
+def _received(client, quiet=1.0):
+    out = []
+    while (m := client.receive(quiet)) is not None:
+        client.ack(m)
+        out.append(m)
+    return out
+
+
+@pytest.mark.mosquitto
+@needs_mosquitto
+def test_retiring_a_worker_hands_over_what_its_session_held_and_ends_it(federation):
+    """After ``run --workers 2``, ``run --workers 1`` must not leave worker 2's persistent session
+    in the shared subscription: mosquitto would keep queueing half the updates to it, and a clean
+    start alone would discard them (mosquitto 2.0). Retiring drains it, then ends it."""
+    folder, broker, keys = federation
+    w1, w2 = worker_users("coordinator", 2)
+    sessions = {}
+    for user in (w1, w2):  # both workers ran once, then stopped: their sessions stay, subscribed
+        sessions[user] = MqttClient(url=broker.url, client_id=user, username=user, password=f"{user}-secret")
+        assert sessions[user].connect(5)
+        sessions[user].subscribe(shared_updates(FED), 1)
+        sessions[user].disconnect()
+    aggregator = MqttClient(url=broker.url, client_id="coordinator", username="coordinator",
+                            password="coordinator-secret")  # fmt: skip
+    assert aggregator.connect(5)
+    aggregator.subscribe(f"fednca/{FED}/verified/+", 1)
+    updates = _sealed_updates(folder, keys, SITES)
+    for site in SITES:
+        _publish(broker, site, updates[site])
+    handed = retire_workers(folder, 2, quiet=1.0)
+    assert handed >= 1, "worker 2's session was handed none of the updates"
+    records = _received(aggregator)
+    assert [m.topic for m in records] == [f"fednca/{FED}/verified/{w2}"] * handed
+    assert all(VerifiedRecord.decode(m.payload, record_key(folder / "keys"), size=7262).opened.event.site in SITES
+               for m in records)  # fmt: skip
+    assert (folder / "store").is_dir() and len(list((folder / "store").rglob("rounds/1/*.bin"))) == handed
+    worker1 = MqttClient(url=broker.url, client_id=w1, username=w1, password=f"{w1}-secret")
+    assert worker1.connect(5)
+    try:
+        assert len(_received(worker1)) == len(SITES) - handed  # nothing lost between the two
+        later = _sealed_updates(folder, keys, SITES[:4])
+        for site in SITES[:4]:
+            _publish(broker, site, later[site])
+        assert len(_received(worker1)) == 4  # worker 2 is no longer a member: all come to worker 1
+    finally:
+        worker1.disconnect()
+        aggregator.disconnect()
+    gone = MqttClient(url=broker.url, client_id=w2, username=w2, password=f"{w2}-secret")
+    assert gone.connect(5)
+    try:
+        assert _received(gone, quiet=0.5) == []  # its session ended: nothing queued, no subscription
+    finally:
+        gone.disconnect()
