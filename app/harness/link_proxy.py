@@ -7,7 +7,7 @@ given its arrival time by the link's lane (bandwidth, latency, jitter, shared by
 connections) and written when that time comes. When an outage starts, every connection the link
 carries is dropped; while it lasts, a new connection is refused (accepted and closed at once) or,
 with ``refuse: false``, held unanswered until the link is up again. A cut closes a connection after
-part of a chunk. :meth:`Link.outage` starts an outage now (a partition on demand),
+part of a chunk. :meth:`Link.outage` starts an outage now (a partition on demand) and :meth:`Link.restore` ends it,
 :meth:`Links.storm` drops every connection of every link at once (a reconnect storm).
 
 Threads, not asyncio, as the relay of the end-to-end tests: one accepts, one watches the outage
@@ -104,6 +104,11 @@ class Link:
         self.drop()
         self._wake.set()
 
+    def restore(self) -> None:
+        """The link comes up now: outages started by :meth:`outage` end (the profile's stay)."""
+        self.plan.end_added(self.now())
+        self._wake.set()
+
     def drop(self) -> int:
         """Drop every connection the link carries; how many."""
         with self._lock:
@@ -155,7 +160,8 @@ class Link:
     def _serve(self, party: socket.socket) -> None:
         while self.down() and not self._closed.is_set():  # held: wait for the link to come up
             window = self.plan.next_window(self.now())
-            self._closed.wait(0.05 if window is None else max(0.01, window[1] - self.now()))
+            # polled, as :meth:`restore` may end the outage early (or an injected clock jump ahead)
+            self._closed.wait(0.05 if window is None else min(0.1, max(0.01, window[1] - self.now())))
         try:
             target = socket.create_connection(("127.0.0.1", self.target_port), timeout=5.0)
             target.settimeout(None)

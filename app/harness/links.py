@@ -187,6 +187,11 @@ class OutagePlan:
             raise ValueError(f"an outage must end after it starts: {start}, {end}")
         self._extra.append((start, end))
 
+    def end_added(self, t: float) -> None:
+        """End at ``t`` the added outages under way (the profile's own windows stay as they are)."""
+        clipped = [(s, t if s <= t < e else e) for s, e in self._extra]
+        self._extra = [(s, e) for s, e in clipped if s < e]
+
     def _candidates(self, t: float) -> list[tuple[float, float]]:
         """The windows that end after ``t``: explicit ones, and the current and next periodic ones."""
         out = [w for w in (*self.outages.windows, *self._extra) if w[1] > t]
