@@ -32,7 +32,8 @@ import logging
 import math
 import threading
 from concurrent.futures import Future
-from typing import Callable, Mapping
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -232,6 +233,8 @@ class Coordinator:
                 self._announce(state.round, state.deadline, state.quorum)
         if not self._finished:
             self._sync_enrolment()
+        if state is not None and state.status == RoundStatus.OPEN and not self._takes_updates:
+            self._judge_unrecorded(state.round, recovery.orphans)
 
     def step(self, timeout: float = 0.0) -> int:
         """Handle the messages waiting (waiting up to ``timeout`` s for the first), then let time
@@ -400,16 +403,44 @@ class Coordinator:
             judged = message
             if isinstance(e, UpdateVerified) and self._takes_updates:  # the commit writes what it stores
                 judged = dataclasses.replace(message, payload=path.read_bytes())
-            before = self.state.round
-            self._deltas.verified(opened)
-            actions = self._apply(opened.event, judged)
-            if isinstance(e, UpdateVerified) and e.round >= before and not any(
-                    isinstance(a, SendReceipt) and a.accepted and a.update_id == e.update_id for a in actions):
-                # Not counted, so nothing will read it; a payload of an earlier round is left alone
-                # (it may be the one that round counted).
-                path.unlink(missing_ok=True)
+            self._judge_stored(opened, judged, (e.round, e.update_id, path) if isinstance(e, UpdateVerified) else None)
 
         return finish
+
+    def _judge_stored(self, opened: Opened, message: Message, stored: tuple[int, str, Path] | None) -> None:
+        """Judge an update whose payload a worker stored (``stored``: the round and update id it
+        names, and the file); delete the payload unless the policy counts it (a payload of an
+        earlier round is left alone: it may be the one that round counted)."""
+        before = self.state.round
+        self._deltas.verified(opened)
+        actions = self._apply(opened.event, message)
+        if stored is not None:
+            round, update_id, path = stored
+            if round >= before and not any(isinstance(a, SendReceipt) and a.accepted and a.update_id == update_id
+                                           for a in actions):  # fmt: skip
+                path.unlink(missing_ok=True)
+
+    def _judge_unrecorded(self, round: int, paths: Sequence[Path]) -> None:
+        """Judge the open round's payloads that workers stored and the round log does not count.
+
+        A worker acknowledges a site's update once the broker has taken its record; mosquitto
+        writes its queues to disk only every autosave interval, so a broker crash can lose the
+        record while the payload is stored and the site's message is gone. At start the aggregator
+        therefore opens each such payload itself. One whose record is still on its way is judged
+        twice: the second time as a re-delivery, counted once."""
+        for path in paths:
+            site, _, update_id = path.stem.rpartition("-")
+            if self._finished or self.state.status != RoundStatus.OPEN or self.state.round != round:
+                break  # the round closed meanwhile: what is left can no longer count
+            opened = self._intake_of().open(site, path.read_bytes(), self._registry)
+            e = opened.event
+            if isinstance(e, UpdateVerified) and (e.site, e.update_id) != (site, update_id):
+                log.warning("%s: holds update %s of site %r; left alone", path, e.update_id, e.site)
+                continue
+            log.info("%s: stored, not counted; judged now", path.name)
+            self._judge_stored(opened, Message(topic=self._topics.updates(site), payload=b""), (round, update_id, path))
+        self._commit.flush()
+        self._deltas.forget_pending()
 
     def _take_status(self, site: str, message: Message) -> None:
         enrolled = self._registry.verify_key(site) is not None

@@ -25,11 +25,17 @@ receipts and logs exactly as for an update it opened itself, and takes the paylo
 stored as its ``StoreUpdate`` (it checks the file is there). A record whose key is no longer the
 site's (``enroll --replace`` since) is judged by opening the stored payload again with the
 current registry, and the payload of a record the policy does not count is deleted. Nothing is
-opened twice (but after a re-enrolment) and no
-update is lost to a crash: a worker killed before step 5 leaves the update unacknowledged in its
-persistent session, and mosquitto delivers it again when the worker is back (the supervisor,
-:func:`supervise`, restarts it at once with the same client id); one killed after step 4 leaves a
-record that the policy counts once (a re-delivery of an update id is acknowledged, not counted).
+opened twice (but after a re-enrolment or a restart), and no update is lost to a crash of a
+worker, of the aggregator or of the broker: a worker killed before step 5 leaves the update
+unacknowledged in its persistent session, and mosquitto delivers it again when the worker is back
+(the supervisor, :func:`supervise`, restarts it at once with the same client id); one killed after
+step 4 leaves a record that the policy counts once (a re-delivery of an update id is acknowledged,
+not counted). The aggregator acknowledges a record only once its verdict is durable. mosquitto
+writes its queues to disk only every autosave interval, so a broker crash can lose a record
+whose update step 5 acknowledged; the payload is stored, though, and a restarted aggregator opens
+and judges every payload of the open round that the round log does not count (a record still on
+its way is then a re-delivery). An update lost that way is counted only when the aggregator
+restarts, so restart it with the broker.
 
 A worker's session outlives its process and stays in the shared subscription, so ``run`` with
 fewer workers than before first retires the others (:func:`retire_workers`): drained, then ended.

@@ -381,3 +381,22 @@ def test_retiring_a_worker_hands_over_what_its_session_held_and_ends_it(federati
         assert _received(gone, quiet=0.5) == []  # its session ended: nothing queued, no subscription
     finally:
         gone.disconnect()
+
+
+def test_a_restarted_aggregator_counts_stored_payloads_whose_records_the_broker_lost(world, tmp_path):
+    fed = InProcess(world, tmp_path)
+    for site in "ab":
+        fed.send(site, fed.update(site))
+    fed.worker.step()  # stored, forwarded, acknowledged to the sites
+    fed.send("c", fed.update("c", round=1, signer=SiteKeys.generate()))
+    fed.worker.step()  # refused: nothing stored
+    # The broker crashes before its autosave: the records die with it; the aggregator restarts.
+    again = Coordinator(config=FederationConfig(name=FED, model=world["cfg"], max_rounds=None), store=fed.store,
+                        keys=world["keys"], registry=fed.registry,
+                        client=MemoryBroker(federation=FED).client(client_id="coordinator"), clock=lambda: T0,
+                        initial_model=world["model"], worker_key=KEY)  # fmt: skip
+    again.start()
+    assert sorted(a.site for a in again.state.accepted) == ["a", "b"]
+    assert sorted(r["site"] for r in fed.store.read_log() if r["kind"] == "update_accepted") == ["a", "b"]
+    assert fed.stored(1) == ["a", "b"]
+    again.close()
