@@ -167,7 +167,7 @@ def kill_hook(spec: str | None) -> Callable[[str], None] | None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .workers import run_worker
+    from .worker_process import run_worker
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stopping = [False]
@@ -179,7 +179,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .coordinator import Coordinator
-    from .workers import record_key, retire_workers, supervise
+    from .worker_process import retire_workers, supervise
+    from .workers import record_key
 
     cfg = load_config(args.folder / CONFIG_NAME)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -38,10 +38,11 @@ from fednca_broker.coordinator import Coordinator
 from fednca_broker.mosquitto import MosquittoSettings, render_acl, write_files
 from fednca_broker.store import RoundStore
 from fednca_broker.workers import (
-    VerifiedRecord, RecordError, Worker, record_key, retire_workers, shared_updates, worker_password_path,
+    VerifiedRecord, RecordError, Worker, record_key, shared_updates, worker_password_path,
     worker_users,
 )
 from fednca_broker.verifier import Opened
+from fednca_broker.worker_process import retire_workers
 from fednca_broker.round_events import UpdateRejected, UpdateVerified
 from mosquitto_fixture import MOSQUITTO, RunningMosquitto, free_port
 
