@@ -151,8 +151,13 @@ def _the_day(ops: dict[str, list[list[str]]], hub: Host, sites: dict[str, Host],
     for name, site in sites.items():
         site.run(install_site)
         enrol(name)
-    wait_for(lambda: len(aggregated()) >= 1, timeout=ROUND_WAIT, what="round 1 over TLS", hosts=hosts)
-    assert {"clinic-a", "clinic-b"} <= {r["site"] for r in store.read_log() if r.get("kind") == "update_accepted"}
+    # A round may close with clinic-a alone, the only site enrolled while it trained (a tiny model
+    # trains in well under a second); clinic-b joins the next one.
+    def both_counted() -> bool:
+        counted = {site for r in aggregated() for site in r["sites"]}
+        return {"clinic-a", "clinic-b"} <= counted
+
+    wait_for(both_counted, timeout=2 * ROUND_WAIT, what="both sites' updates aggregated over TLS", hosts=hosts)
 
     # Revoke clinic-b: at the HUP its password stops working
     old_password = (sites["clinic-b"].path("/etc/fednca/mqtt-password")).read_text().strip()
@@ -193,8 +198,10 @@ def _the_day(ops: dict[str, list[list[str]]], hub: Host, sites: dict[str, Host],
     by_site = {row["site"]: row["Dice"] for row in _table(status_out, "Dice") if row["site"] in sites}
     assert set(by_site) == set(sites) and all(_number(by_site[s]) for s in sites), status_out
     rounds = {int(row["round"]): row for row in _table(show_out, "mean Dice") if row["round"].isdigit()}
-    # The federation keeps going while the views run: a later round may already be listed
-    assert max(rounds) >= last and all(_number(rounds[last][s]) for s in sites), show_out
+    # The federation keeps going while the views run (tiny rounds take about a second): the rounds
+    # listed are the newest, `last` or later, and they hold each site's reported Dice
+    assert rounds and max(rounds) >= last, show_out
+    assert any(all(_number(row[s]) for s in sites) for row in rounds.values()), show_out
     hub.run(view_accounts)
 
     # Segment on a site with the model its daemon exported
