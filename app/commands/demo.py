@@ -7,6 +7,9 @@ Writes to ``--out``: the final model, the round log (JSON lines), ``dice.png`` (
 site) and ``segmentations.png`` (test images with predicted masks). The federation is set up and
 run by :mod:`fednca_app.harness`: in this process on the in-memory broker, or with ``--broker``
 as one OS process per party on a mosquitto started from the federation's generated files.
+With ``--links``, sites reach that mosquitto through an emulated bad link each (a TCP proxy of
+:class:`fednca_app.harness.Link`), the coordinator directly, and the demo ends with what each
+link carried and how often it went down.
 
 The defaults fit a few minutes on two cores: 64x64 images as published, with half the published
 NCA steps and batch 2 (``--nca-steps 40,20 --batch 4`` for the published recipe, at four times
@@ -16,6 +19,7 @@ the compute).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import signal
@@ -26,7 +30,8 @@ import numpy as np
 
 from fednca.display import eta
 from fednca.errors import ConfigError
-from ..harness import FederationFolder, InProcessParties, ProcessParties, set_up
+from ..harness import FederationFolder, InProcessParties, Links, ProcessParties, Profile, free_port, set_up
+from ..harness.links import profile as link_profile
 from .train import _steps
 
 FEDERATION = "demo"
@@ -48,6 +53,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--broker", metavar="mqtt://127.0.0.1:PORT",
                    help="run each party as its own process on a mosquitto the demo starts on this port")
+    p.add_argument("--links", metavar="PROFILE | SITE=PROFILE,...",
+                   help="put sites behind an emulated bad link (implies --broker, on a free port when not given): "
+                        "PROFILE for every site, or SITE=PROFILE,... for some; a PROFILE is 2g, satellite, "
+                        "clinic-dsl or a profile YAML file")
     p.add_argument("--update-dtype", choices=["float16", "float32", "q8"], default=None,
                    help="how sites send updates (default: the federation's, float16)")
     p.add_argument("--model-delta", choices=["off", "q8"], default=None,
@@ -64,7 +73,9 @@ def setup(args: argparse.Namespace, work: Path) -> FederationFolder:
     from fednca.config import preset, train_preset
 
     url = args.broker or "mqtt://127.0.0.1:1883"  # in-process: the address is only written down
+    ports = getattr(args, "link_ports", None) or {}
     return set_up(work, federation=FEDERATION, sites=args.sites, rounds=args.rounds, quorum=args.quorum, url=url,
+                  site_urls={name: f"mqtt://127.0.0.1:{port}" for name, port in ports.items()},
                   model=preset(input_size=args.size, steps=tuple(args.nca_steps)),
                   train=train_preset(local_epochs=args.local_epochs, batch_size=args.batch),
                   grace=args.grace, train_images=args.train_images, seed=args.seed, wire=_wire(args),
@@ -75,6 +86,33 @@ def _wire(args: argparse.Namespace) -> dict[str, str]:
     """The wire options given on the command line (coordinator.yaml's update_dtype, model_delta)."""
     given = {"update_dtype": getattr(args, "update_dtype", None), "model_delta": getattr(args, "model_delta", None)}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def link_profiles(spec: str, *, sites: int) -> dict[str, Profile]:
+    """The sites behind a link and their profiles, from ``--links``: ``PROFILE`` puts every site
+    behind its own link of that profile, ``site3=2g,site4=PROFILE.yaml`` only the sites named."""
+    names = [f"site{i}" for i in range(sites)]
+    if "=" not in spec:
+        return {name: link_profile(spec) for name in names}
+    out: dict[str, Profile] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        site, _, name = item.partition("=")
+        if site not in names or not name:
+            raise ConfigError("--links", f"{item!r}: give SITE=PROFILE with SITE one of site0..site{sites - 1}")
+        out[site] = link_profile(name)
+    return out
+
+
+def _link_lines(links: Links) -> list[str]:
+    """``link site1 (2g): up 40 KiB, down 310 KiB, 3 connections, 1 outage (2 dropped, 1 refused)``"""
+    lines = []
+    for name, link in links.links.items():
+        s = link.stats
+        lines.append(f"link {name} ({link.profile.name}): up {s.up_bytes / 1024:.0f} KiB, "
+                     f"down {s.down_bytes / 1024:.0f} KiB, {s.connections} connections, "
+                     f"{s.outages} outage{'s' * (s.outages != 1)} ({s.dropped} dropped, {s.refused} refused, "
+                     f"{s.held} held, {s.cut} cut)")
+    return lines
 
 
 def _test_sets(args: argparse.Namespace) -> list:
@@ -150,6 +188,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--sites/--quorum/--rounds", "need at least 2 sites, 1 <= quorum <= sites, rounds >= 1")
     if args.broker and not args.broker.startswith(("mqtt://127.0.0.1:", "mqtt://localhost:")):
         raise ConfigError("--broker", "the demo starts its own mosquitto: give mqtt://127.0.0.1:PORT")
+    profiles = link_profiles(args.links, sites=args.sites) if getattr(args, "links", None) else {}
+    if profiles and not args.broker:  # the in-memory broker has no TCP to shape
+        args.broker = f"mqtt://127.0.0.1:{free_port()}"
+    args.link_ports = {name: free_port() for name in profiles}  # written into the daemons' YAML
     torch.set_num_threads(1)
     started = time.monotonic()
     out: Path = args.out.resolve()  # the daemons' YAML files name paths: make them absolute
@@ -164,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
     mode = f"mosquitto at {args.broker}, one process per party" if args.broker else "in-memory broker, one process"
     print(f"federation of {args.sites} sites ({mode}); quorum {args.quorum}, {args.rounds} rounds, "
           f"{args.train_images} training and {args.test_images} test images per site", flush=True)
+    if profiles:
+        print("links: " + ", ".join(f"{name} on {p.name}" for name, p in profiles.items()), flush=True)
+    links: Links | None = None
     parties: InProcessParties | ProcessParties = (
         ProcessParties(federation=federation, log_dir=out / "logs") if args.broker
         else InProcessParties(federation=federation))
@@ -176,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if isinstance(parties, ProcessParties):
             parties.start_broker()
+        if profiles:  # started with the sites, so a profile's outage times count from the sites' start
+            links = Links(profiles=profiles, target_port=int(args.broker.rsplit(":", 1)[1]), ports=args.link_ports)
         parties.start()
         parties.telemetry()  # watch the sites' status from the start
         if not args.no_baselines:  # on the cores' idle time, at a lower priority than the federation
@@ -206,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         parties.close()
+        if links is not None:
+            links.close()
     fed_seconds = time.monotonic() - started
     final = store.load_model(args.rounds + 1)
     modelfile.save(out / "model", final, model_cfg, federation=FEDERATION, rounds=args.rounds)
@@ -238,7 +287,12 @@ def run(args: argparse.Namespace) -> int:
                xlabel="round", ylabel="Dice", ylim=(0.0, 1.0))
     _segmentations(out / "segmentations.png", final, model_cfg, sites, seed=args.seed)
     result["seconds"] = round(time.monotonic() - started, 1)
+    if links is not None:
+        result["links"] = {name: {"profile": link.profile.name, **dataclasses.asdict(link.stats)}
+                           for name, link in links.links.items()}
     _report(result)
+    if links is not None:
+        print("\n".join(_link_lines(links)), flush=True)
     if args.json:
         print(json.dumps(result))
     return 0

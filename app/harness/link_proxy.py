@@ -41,6 +41,7 @@ class LinkStats:
     refused: int = 0  # connections refused while the link was down
     held: int = 0  # connections held while the link was down
     dropped: int = 0  # connections dropped by an outage or a storm
+    outages: int = 0  # times the link went down (profile windows and :meth:`Link.outage`)
     cut: int = 0  # connections cut mid-message
     up_bytes: int = 0  # delivered to the target
     down_bytes: int = 0  # delivered to the party
@@ -66,7 +67,8 @@ class _Connection:
 class Link:
     """One emulated link from a party to ``target_port`` on 127.0.0.1; ``port`` is where the party connects."""
 
-    def __init__(self, *, profile: Profile, target_port: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, profile: Profile, target_port: int, clock: Callable[[], float] = time.monotonic,
+                 port: int = 0) -> None:
         self.profile = profile
         self.target_port = target_port
         self._clock = clock
@@ -79,7 +81,7 @@ class Link:
         self.stats = LinkStats()
         self._closed = threading.Event()
         self._wake = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))  # 0: a free port
         self.port: int = self._listener.getsockname()[1]
         self._threads = [threading.Thread(target=self._accept, name="link-accept", daemon=True),
                          threading.Thread(target=self._watch, name="link-outages", daemon=True)]
@@ -133,15 +135,20 @@ class Link:
     # -- threads ----------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Drop the link's connections when each outage starts."""
+        """Drop the link's connections when each outage starts, and count the outages."""
+        was_down = False
         while not self._closed.is_set():
             now = self.now()
             window = self.plan.next_window(now)
             wait = None if window is None else (window[0] - now if window[0] > now else window[1] - now)
             self._wake.wait(wait)
             self._wake.clear()
-            if not self._closed.is_set() and self.down():
+            down = not self._closed.is_set() and self.down()
+            if down and not was_down:
+                self._count_stat("outages", 1)
+            if down:
                 self.drop()
+            was_down = down
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -243,8 +250,11 @@ class Links:
     """A set of named links to one target (a broker), closed together; a context manager."""
 
     def __init__(self, *, profiles: Mapping[str, Profile], target_port: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.links = {name: Link(profile=p, target_port=target_port, clock=clock) for name, p in profiles.items()}
+                 clock: Callable[[], float] = time.monotonic, ports: Mapping[str, int] | None = None) -> None:
+        """``ports`` gives a link the port it listens on (one written down in advance, in a daemon's
+        YAML say); the others take a free one."""
+        self.links = {name: Link(profile=p, target_port=target_port, clock=clock, port=(ports or {}).get(name, 0))
+                      for name, p in profiles.items()}
 
     def __getitem__(self, name: str) -> Link:
         return self.links[name]
