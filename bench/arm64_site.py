@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from benchlib import first_round
 
 from fednca.config import preset, train_preset
 from fednca_app import harness
@@ -195,14 +196,7 @@ def one_round(root: Path) -> dict[str, Any]:
         start = time.monotonic()
         parties.start_program("site0-arm64", ["chroot", str(root), *ENV, f"{VENV}/bin/fednca", "daemon",
                                               "--config", inside])
-        accepted = aggregated = None
-        while time.monotonic() - start < ROUND_TIMEOUT_S and parties.failure() is None:
-            log = store.read_log()
-            accepted = next((r for r in log if r.get("kind") == "update_accepted"), None)
-            aggregated = next((r for r in log if r.get("kind") == "round_aggregated"), None)
-            if accepted and aggregated:
-                break
-            time.sleep(1.0)
+        accepted, aggregated = first_round(store, parties, timeout_s=ROUND_TIMEOUT_S, poll_s=1.0)
         site_log = parties.log("site0-arm64")
         return {"round_s": round(time.monotonic() - start), "update_accepted": bool(accepted),
                 "samples": accepted.get("samples") if accepted else None, "round_aggregated": bool(aggregated),

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import safetensors.numpy
 
+from benchlib import emit, machine
 from bench_coordinator import FEDERATION, PASSWORD, build_federation, peak_rss, site_id
 
 REGION = "eu"
@@ -330,13 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     regional = args.sites // 2 if args.regional is None else args.regional
     result = {"bench": "bridge", "commit": commit(), **run(args.sites, regional, args.threads, args.receipts),
-              "cores": len(os.sched_getaffinity(0)), "machine": platform.machine(),
-              "python": platform.python_version(),
-              "note": "one run on a shared 2-core machine; figures vary with the load of other processes"}  # fmt: skip
-    text = json.dumps(result, sort_keys=True)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+              **machine(), "note": "one run on a shared 2-core machine; figures vary with the load of other processes"}
+    emit(result, args.out)
     return 0
 
 

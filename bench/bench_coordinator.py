@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import safetensors.numpy
+
+from benchlib import emit, machine
 
 from fednca_app.harness import mosquitto_binary
 
@@ -221,7 +222,6 @@ def child(kind: str, sites: int, data: Path, work: Path, url: str, client_id: st
 
     from fednca.config import preset
     from fednca.keys import read_coordinator_keys, read_registry
-    from fednca.topics import Topics
     from fednca_broker.config import FederationConfig
     from fednca_broker.coordinator import Coordinator
     from fednca_broker.store import RoundStore
@@ -322,12 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         peaks = {r["sites"]: r["peak_rss_mb"] for r in runs if r["broker"] == kind}
         if len(peaks) > 1:
             result[f"{kind}_peak_rss_growth_mb"] = round(peaks[max(peaks)] - peaks[min(peaks)], 1)
-    result.update(cores=len(os.sched_getaffinity(0)), machine=platform.machine(), python=platform.python_version(),
-                  note="one run on a shared 2-core machine; figures vary with the load of other processes")
-    text = json.dumps(result, sort_keys=True)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    result.update(machine(), note="one run on a shared 2-core machine; figures vary with the load of other processes")
+    emit(result, args.out)
     return 0
 
 

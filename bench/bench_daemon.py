@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 import yaml
+from benchlib import emit
 from safetensors.numpy import load_file
 
 from fednca.atomic import write_text
@@ -207,10 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(idle_process(settle_s=3.0))
     result["training_peak_rss_mb"] = max(d["trainer_peak_rss_mb"] for d in result["duty"]) + result["idle_rss_mb"]
     result["bench_imported_torch"] = "torch" in sys.modules
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        write_text(args.out, text + "\n")
+    emit(result, args.out, pretty=True)
     return 0
 
 

@@ -28,6 +28,7 @@ import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import emit  # noqa: E402
 from bench_daemon import free_port, keys, site_config  # noqa: E402  (a sibling benchmark's set-up)
 
 from fednca.atomic import write_text  # noqa: E402
@@ -113,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     a, b = (set(result["variants"][n]["top_level_packages"]) for n in ("current", args.against))
     result["only_current"], result["only_" + args.against] = sorted(a - b), sorted(b - a)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        write_text(args.out, text + "\n")
+    emit(result, args.out, pretty=True)
     return 0
 
 

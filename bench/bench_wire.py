@@ -21,7 +21,6 @@ model once more (``fallback_whole_model``); the first round always goes whole.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,9 +29,9 @@ from pathlib import Path
 from typing import Callable
 
 import nacl
+from benchlib import emit
 
 from fednca import wire
-from fednca.atomic import write_text
 from fednca_app.commands.wire import FEDERATION, SITE, sample
 
 
@@ -114,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.bytes:
-        text = json.dumps(per_round_bytes(), sort_keys=True)
-        print(text)
-        if args.out:
-            write_text(args.out, text + "\n")
+        emit(per_round_bytes(), args.out)
         return 0
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -153,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "pynacl": nacl.__version__,
     }
-    text = json.dumps(result, sort_keys=True)
-    print(text)
-    if args.out:
-        write_text(args.out, text + "\n")
+    emit(result, args.out)
     return 0
 
 

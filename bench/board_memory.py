@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from benchlib import first_round
+
 from fednca.config import preset, train_preset
 from fednca_app import harness
 from fednca_broker.store import RoundStore
@@ -136,14 +138,7 @@ def run(*, limit: str, trainer: str | None, images: int, root: Path) -> dict[str
         watcher = PeakWatcher(group=group)
         start = time.monotonic()
         parties.start_site(site.name, wrapper=group.wrapper())
-        accepted = aggregated = None
-        while time.monotonic() - start < ROUND_TIMEOUT_S and parties.failure() is None:
-            log = store.read_log()
-            accepted = next((r for r in log if r.get("kind") == "update_accepted"), None)
-            aggregated = next((r for r in log if r.get("kind") == "round_aggregated"), None)
-            if accepted and aggregated:
-                break
-            time.sleep(0.2)
+        accepted, aggregated = first_round(store, parties, timeout_s=ROUND_TIMEOUT_S, poll_s=0.2)
         seconds = time.monotonic() - start
         figures = group.figures()
         processes = watcher.stop()
