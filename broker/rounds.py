@@ -37,7 +37,6 @@ therefore judged against the closed round, however rarely ``Tick`` is sent.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
