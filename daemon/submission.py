@@ -28,14 +28,14 @@ from nacl.signing import SigningKey
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 
+from fednca import checkpoint_format
 from fednca.quantise import quantise_with_feedback
 from fednca.wire import Announcement, Reason, WireError, make_update
 
 from .errors import CheckpointMismatch
 
-# fednca.train.FORMAT (not imported: it brings PyTorch) and fednca.nptrain.FORMAT: both trainers'
-# checkpoints hold the same fields read here (steps, samples, extra) and the weights under model/.
-CHECKPOINT_FORMATS = ("fednca-checkpoint/1", "fednca-numpy-checkpoint/1")
+# Both trainers' checkpoints hold the same fields read here (steps, samples, extra) and the weights
+# under model/.
 _METRICS = ("train_loss", "dice_global", "dice_local")
 
 
@@ -56,7 +56,7 @@ def _metadata(blob: bytes) -> dict[str, Any]:
         raise ValueError("header longer than the file")
     head = json.loads(blob[8 : 8 + n])
     meta = json.loads(head.get("__metadata__", {}).get("fednca", "null"))
-    if not isinstance(meta, dict) or meta.get("format") not in CHECKPOINT_FORMATS:
+    if not isinstance(meta, dict) or meta.get("format") not in checkpoint_format.FORMATS:
         raise ValueError("not a fednca checkpoint")
     return meta
 

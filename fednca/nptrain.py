@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from . import npnca
+from . import checkpoint_format, npnca
 from .config import ModelConfig, TrainConfig, tensor_shapes
 from .data import Dataset
 from .errors import FedNCAError
@@ -34,8 +34,7 @@ from .metrics import dice, nqm
 from .training import CheckpointError, Chunk, DataOrder, Evaluation, checkpoint_metadata
 from .npadam import Adam
 
-FORMAT = "fednca-numpy-checkpoint/1"
-TORCH_FORMAT = "fednca-checkpoint/1"  # what fednca.train writes
+FORMAT = checkpoint_format.NUMPY
 
 
 def _mask_rng(seed: int) -> np.random.Generator:
@@ -145,10 +144,9 @@ class Trainer(DataOrder):
         try:
             arrays = st_load(blob)
             meta = json.loads(checkpoint_metadata(blob)["fednca"])
-            if meta.get("format") == TORCH_FORMAT:
-                raise CheckpointError("checkpoint was made by the PyTorch trainer (fednca.train)")
-            if meta.get("format") != FORMAT:
-                raise CheckpointError(f"unknown checkpoint format {meta.get('format')!r}")
+            problem = checkpoint_format.format_problem(meta.get("format"), own=FORMAT)
+            if problem is not None:
+                raise CheckpointError(problem)
             model_cfg = ModelConfig.from_dict(meta["model_cfg"])
             train_cfg = TrainConfig.from_dict(meta["train_cfg"])
             if meta["samples"] != len(data):

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from . import checkpoint_format
 from .config import ModelConfig, TrainConfig
 from .data import Dataset
 from .errors import FedNCAError
@@ -29,8 +30,7 @@ from .metrics import dice, nqm
 from .training import CheckpointError, Chunk, DataOrder, Evaluation, checkpoint_metadata
 from .model import SegmentationNCA, build, tensors
 
-FORMAT = "fednca-checkpoint/1"
-NUMPY_FORMAT = "fednca-numpy-checkpoint/1"  # what fednca.nptrain writes; refused here, as it refuses ours
+FORMAT = checkpoint_format.TORCH
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -159,10 +159,9 @@ class Trainer(DataOrder):
             arrays = st_load(blob)
 
             meta = json.loads(checkpoint_metadata(blob)["fednca"])
-            if meta.get("format") == NUMPY_FORMAT:
-                raise CheckpointError("checkpoint was made by the numpy trainer (fednca.nptrain)")
-            if meta.get("format") != FORMAT:
-                raise CheckpointError(f"unknown checkpoint format {meta.get('format')!r}")
+            problem = checkpoint_format.format_problem(meta.get("format"), own=FORMAT)
+            if problem is not None:
+                raise CheckpointError(problem)
             model_cfg = ModelConfig.from_dict(meta["model_cfg"])
             train_cfg = TrainConfig.from_dict(meta["train_cfg"])
         except (KeyError, ValueError, TypeError, SafetensorError) as e:
