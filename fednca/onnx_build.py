@@ -45,7 +45,8 @@ BN_EPS = 1e-5  # BatchNorm2d's default, as the model uses it
 
 
 class BuildError(FedNCAError):
-    """The weights do not fit the configuration, or the built graph does not reproduce the model."""
+    """The weights do not fit the configuration, or the graph written (by this builder or by
+    PyTorch's exporter, :mod:`fednca.onnx_export`) does not reproduce the model."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ class Built:
     checked_against: str | None  # "numpy", "torch", or None when nothing could check it
 
 
-def _check_weights(weights: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+def check_weights(weights: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The weights as float32 arrays, once each has the shape ``cfg`` gives it (a :class:`BuildError`
+    names the first that does not)."""
     expected = tensor_shapes(cfg)
     for name in sorted(set(expected) | set(weights)):
         got = tuple(np.shape(weights[name])) if name in weights else None
@@ -197,7 +200,7 @@ def assemble(cfg: ModelConfig, body1: onnx.GraphProto, body2: onnx.GraphProto, *
 def build(weights: Mapping[str, np.ndarray], cfg: ModelConfig) -> onnx.ModelProto:
     """The ``fednca-scan/1`` graph of these weights (named as in a model file), carrying the model
     configuration and the weights' sha256 in its metadata as every export does."""
-    arrays = _check_weights(weights, cfg)
+    arrays = check_weights(weights, cfg)
     metadata = {META_MODEL: json.dumps(cfg.to_dict(), sort_keys=True), META_SHA256: model_sha256(arrays)}
     return assemble(cfg, _step_body(arrays, cfg, 0), _step_body(arrays, cfg, 1),
                     opsets=[helper.make_opsetid("", OPSET)], metadata=metadata)
@@ -259,7 +262,7 @@ def check(data: bytes, weights: dict[str, np.ndarray], cfg: ModelConfig, *, batc
 def export(weights: Mapping[str, np.ndarray], cfg: ModelConfig, path: str | Path, *, verify: bool = True) -> Built:
     """Build, validate, check (with ``verify``, see :func:`check`) and write the graph atomically."""
     path = Path(path)
-    arrays = _check_weights(weights, cfg)
+    arrays = check_weights(weights, cfg)
     proto = build(arrays, cfg)
     try:
         onnx.checker.check_model(proto, full_check=True)

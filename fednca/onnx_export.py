@@ -29,7 +29,6 @@ import json
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,23 +40,13 @@ from onnx import TensorProto, helper
 
 from . import atomic
 from .config import ModelConfig
-from .errors import FedNCAError
-from .model import NCA, SegmentationNCA, build, tensor_shapes, tensors
-from .onnx_build import assemble
+from .model import NCA, SegmentationNCA, build, tensors
+from .onnx_build import Built, BuildError, assemble, check_weights
 from .segment import INPUTS, META_MODEL, META_SHA256, OUTPUT, draw_masks
 from .tensorcodec import model_sha256
 
 
-class ExportError(FedNCAError):
-    """The weights do not fit the configuration, or the exported graph does not reproduce the model."""
-
-
-@dataclass(frozen=True)
-class Exported:
-    path: Path
-    size: int  # bytes of the ONNX file
-    model_sha256: str  # canonical sha256 of the weights (fednca.tensorcodec.model_sha256)
-    max_error: float | None  # largest |onnxruntime - torch| logit difference at verification
+ExportError = BuildError  # one error, and one result (Built), whichever writes the graph
 
 
 def export_onnx(
@@ -66,7 +55,7 @@ def export_onnx(
     path: str | Path,
     *,
     verify: bool = True,
-) -> Exported:
+) -> Built:
     """Write the ONNX graph of a model (weights by name, or a model) to ``path`` atomically.
 
     With ``verify``, onnxruntime runs the new graph next to PyTorch on the same random input and
@@ -89,17 +78,13 @@ def export_onnx(
     data = proto.SerializeToString()
     error = _verify(model, data, path) if verify else None
     atomic.write_bytes(path, data)
-    return Exported(path=path, size=len(data), model_sha256=sha, max_error=error)
+    return Built(path=path, size=len(data), model_sha256=sha, max_error=error,
+                 checked_against=None if error is None else "torch")
 
 
 def _model(arrays: dict[str, np.ndarray], cfg: ModelConfig) -> SegmentationNCA:
-    expected = tensor_shapes(cfg)
-    for name in sorted(set(expected) | set(arrays)):
-        got = tuple(np.shape(arrays[name])) if name in arrays else None
-        if got != expected.get(name):
-            raise ExportError(f"weight {name}: shape {got} where the configuration needs {expected.get(name)}")
     model = build(cfg)
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()}
+    state = {k: torch.from_numpy(np.array(v)) for k, v in check_weights(arrays, cfg).items()}
     model.load_state_dict(state, strict=True)
     return model.eval()
 
