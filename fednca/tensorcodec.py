@@ -11,7 +11,8 @@ orders metadata by a per-process random hash. Any safetensors reader reads our d
 
 :func:`read_document` is a strict, bounded reader for bytes from the network: the header length is
 checked against the bytes that are there, the JSON must be an object without duplicate keys, only
-float16, float32 and int8 (the values of a quantised delta, :mod:`fednca.wire_q8`) are known, and the tensors must tile the data area exactly (no gaps, no
+float16, float32, int8 (the values of a quantised delta, :mod:`fednca.wire_q8`) and int32 (the
+positions of a sparse delta, :mod:`fednca.wire_large`) are known, and the tensors must tile the data area exactly (no gaps, no
 overlap, no trailing bytes). It returns views into the buffer; it copies nothing but the header.
 Every failure is a :class:`WireError`; nothing else escapes.
 
@@ -35,7 +36,8 @@ from .errors import ConfigError, FedNCAError
 from .rounds_vocab import Reason  # the codes a refusal carries, shared with the round policy
 from .topics import check_id
 
-DTYPES: dict[str, np.dtype] = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "I8": np.dtype("i1")}
+DTYPES: dict[str, np.dtype] = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "I8": np.dtype("i1"),
+                              "I32": np.dtype("<i4")}  # I32: positions of a sparse delta (fednca.wire_large)
 FLOAT_DTYPES = ("F16", "F32")  # what a tensor of model values (weights or a plain delta) may be
 MAX_HEADER_BYTES = 64 << 10
 MAX_TENSORS = 256
@@ -97,7 +99,7 @@ def write_document(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str
     offset = 0
     for name in sorted(tensors):
         array = np.asarray(tensors[name])
-        code = {"float16": "F16", "float32": "F32", "int8": "I8"}.get(array.dtype.name)
+        code = {"float16": "F16", "float32": "F32", "int8": "I8", "int32": "I32"}.get(array.dtype.name)
         if code is None or not NAME_PATTERN.fullmatch(name):
             raise ValueError(f"tensor {name!r}: needs a plain name and dtype float16, float32 or int8, got {array.dtype}")
         array = np.asarray(array, dtype=DTYPES[code], order="C")  # keeps 0-d arrays 0-d
@@ -157,7 +159,7 @@ def _entry(name: str, spec: Any) -> Entry:
         raise malformed(f"tensor {name}: must have exactly dtype, shape and data_offsets")
     dtype = spec["dtype"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise WireError(Reason.BAD_DTYPE, f"tensor {name}: dtype {str(dtype)[:16]!r} is not F16, F32 or I8")
+        raise WireError(Reason.BAD_DTYPE, f"tensor {name}: dtype {str(dtype)[:16]!r} is not F16, F32, I8 or I32")
     shape = tuple(_int_list(spec["shape"], f"tensor {name} shape", max_len=MAX_NDIM))
     if any(d > MAX_DIM for d in shape):
         raise malformed(f"tensor {name}: a dimension is larger than {MAX_DIM}")

@@ -23,7 +23,8 @@ from .tensorcodec import DTYPES, FLOAT_DTYPES, Document, Reason, WireError, hex_
 MAGIC = b"FNCA"
 VERSION = 1
 ANNOUNCEMENT, UPDATE, RECEIPT = b"A", b"U", b"R"
-KIND_NAMES = {ANNOUNCEMENT: "round announcement", UPDATE: "update", RECEIPT: "receipt"}
+LARGE_MODEL = b"M"  # a whole large model, flat (fednca.wire_large)
+KIND_NAMES = {ANNOUNCEMENT: "round announcement", UPDATE: "update", RECEIPT: "receipt", LARGE_MODEL: "large model"}
 PREFIX = struct.Struct("<4sBcH8s")  # 16 bytes
 SIGNATURE_BYTES = 64
 SEAL_BYTES = 48  # ephemeral X25519 public key (32) + Poly1305 tag (16)
