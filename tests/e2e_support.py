@@ -5,7 +5,7 @@
 with a tiny model, then runs it with :class:`fednca_app.harness.ProcessParties`: mosquitto with the
 generated configuration, password file and ACL, ``fednca coordinator run`` and one ``fednca
 daemon`` per site, each in a process group of its own, any of which it can kill, stop and
-restart. A site may reach the broker through a :class:`Relay` that can take its link down.
+restart. A site may reach the broker through a link (:func:`relay`) that can go down.
 :class:`Listener` records what a broker user receives.
 
 mosquitto binds client ids to users (the default), so each broker account has one session, and a
@@ -24,7 +24,6 @@ import io
 import os
 import re
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +37,8 @@ from fednca.transport.base import Message
 from fednca.transport.mqtt import MqttClient
 from fednca_app import harness
 from fednca_app.cli import main
+from fednca_app.harness.link_proxy import Link
+from fednca_app.harness.links import Outages, Profile
 from fednca_broker.cli import KILL_ENV
 from fednca_broker.store import RoundStore
 from mosquitto_fixture import MOSQUITTO
@@ -65,98 +66,19 @@ def wait_until(condition: Callable[[], Any], *, timeout: float, what: str,
         time.sleep(0.05)
 
 
-class Relay:
-    """A TCP relay between one site and mosquitto whose link can go down.
+HOLDING = Profile(name="relay", outages=Outages(refuse=False))  # no shaping; held while down
 
-    ``cut()`` closes the connections it carries (the broker sees the site vanish and publishes its
-    will) and holds the site's next connections without answering, keeping what the site sends;
-    ``restore()`` connects them to the broker, delivering what was kept first, so the site's
-    reconnect completes at once instead of after its back-off.
+
+def relay(*, broker_port: int) -> Link:
+    """A link between one party and mosquitto that carries bytes as they come and can go down: the
+    harness's link emulator with a profile that shapes nothing.
+
+    ``outage()`` drops the connections it carries (the broker sees the party vanish and publishes
+    its will) and holds the party's next connections without answering, its bytes waiting in the
+    socket; ``restore()`` connects them to the broker, so the party's reconnect completes at once
+    instead of after its back-off. ``stats.held`` counts the connections held.
     """
-
-    def __init__(self, *, broker_port: int) -> None:
-        self.broker_port = broker_port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._down = threading.Event()
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._open: list[socket.socket] = []
-        self.held = 0  # connections accepted while the link was down
-        threading.Thread(target=self._accept, name="relay-accept", daemon=True).start()
-
-    def cut(self) -> None:
-        self._down.set()
-        with self._lock:
-            sockets, self._open = self._open, []
-        for s in sockets:
-            _shut(s)
-
-    def restore(self) -> None:
-        self._down.clear()
-
-    def close(self) -> None:
-        self._closed.set()
-        self.cut()
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                site, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(site,), name="relay-conn", daemon=True).start()
-
-    def _serve(self, site: socket.socket) -> None:
-        kept = bytearray()
-        if self._down.is_set():
-            self.held += 1
-            site.settimeout(0.05)
-            while self._down.is_set() and not self._closed.is_set():
-                try:
-                    data = site.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    site.close()
-                    return
-                kept += data
-            if self._closed.is_set():
-                site.close()
-                return
-            site.settimeout(None)
-        try:
-            broker = socket.create_connection(("127.0.0.1", self.broker_port), timeout=2.0)
-            broker.settimeout(None)
-            broker.sendall(kept)
-        except OSError:
-            site.close()  # the broker is down (restarting): the site retries
-            return
-        with self._lock:
-            self._open += [site, broker]
-        threading.Thread(target=_pump, args=(broker, site), name="relay-down", daemon=True).start()
-        _pump(site, broker)
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass  # either side closed: the other is shut below
-    _shut(src)
-    _shut(dst)
-
-
-def _shut(s: socket.socket) -> None:
-    try:
-        s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed by the peer
-    s.close()
+    return Link(profile=HOLDING, target_port=broker_port)
 
 
 class Listener:
@@ -218,13 +140,13 @@ class Federation:
         self.root = root
         self.port = harness.free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.relays = {name: Relay(broker_port=self.port) for name in relayed}
+        self.relays = {name: relay(broker_port=self.port) for name in relayed}
         # Short chunks and telemetry; a relayed site connects to its relay.
         self.folder_paths = harness.set_up(
             root / "work", federation=FEDERATION, sites=sites, rounds=rounds, quorum=quorum, url=self.url,
             model=MODEL, train=train,
             grace=grace, train_images=8, seed=0, chunk_s=0.2, telemetry_s=1.0,
-            site_urls={name: f"mqtt://127.0.0.1:{relay.port}" for name, relay in self.relays.items()},
+            site_urls={name: link.url for name, link in self.relays.items()},
             initial_model=initial_model)
         self.folder = self.folder_paths.folder
         self.sites = [s.name for s in self.folder_paths.sites]
@@ -388,6 +310,6 @@ class Federation:
         try:
             left = self.processes.close()
         finally:
-            for relay in self.relays.values():
-                relay.close()
+            for link in self.relays.values():
+                link.close()
         assert not left, f"processes left behind: {left}"

@@ -2,9 +2,9 @@
 
 The federation is set up with the operator's commands (``init``, ``enroll``, ``enroll --region``,
 ``bridge``), the central broker and the coordinator run as processes (``fednca coordinator run``),
-and the regional broker reaches the central one through a TCP relay that can cut the WAN link.
-The sites are simulated: each is an MQTT client with its enrolled key that publishes a real
-signed and sealed update and keeps a persistent session, as a daemon does.
+and the regional broker reaches the central one through a link of the harness's emulator that can
+cut the WAN. The sites are simulated: each is an MQTT client with its enrolled key that publishes
+a real signed and sealed update and keeps a persistent session, as a daemon does.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from e2e_support import MODEL, TRAIN, Listener, Relay, wait_until
+from e2e_support import MODEL, TRAIN, Listener, relay, wait_until
 from fednca import wire
 from fednca.atomic import write_text
 from fednca.keys import SiteKeys, read_coordinator_public
@@ -80,7 +80,7 @@ class Bridged:
         if os.geteuid() == 0:  # pytest's folders are root's alone: mosquitto stays root to read them
             cfg = dataclasses.replace(cfg, mosquitto=dataclasses.replace(cfg.mosquitto, run_as_root=True))
             write_text(cfg.config_path, yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False), mode=0o640)
-        self.relay = Relay(broker_port=central_port)  # the WAN between the region and the hub
+        self.relay = relay(broker_port=central_port)  # the WAN between the region and the hub
         assert main(["coordinator", "bridge", str(self.folder), "eu", "--broker", f"mqtt://127.0.0.1:{regional_port}",
                      "--central", f"mqtt://127.0.0.1:{self.relay.port}"]) == 0  # fmt: skip
         self.sites: dict[str, Site] = {}
@@ -165,7 +165,7 @@ def test_rounds_close_with_sites_on_both_brokers_and_a_cut_wan_link_loses_nothin
         b.publish_update(name, 1)
     wait_until(lambda: b.accepted("r1", 1) and b.accepted("r2", 1), timeout=60, what="the regional receipts")
 
-    b.relay.cut()  # the WAN link drops
+    b.relay.outage()  # the WAN link drops, until restore()
     b.publish_update("c1", 1)  # the last update of round 1: the round closes while the region is cut off
     wait_until(lambda: len(c1.rounds()) == 2, timeout=60, what="round 2 announced on the central broker")
     assert len(r1.rounds()) == 1  # the region has not heard of round 2: the link is down

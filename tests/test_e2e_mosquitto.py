@@ -268,7 +268,7 @@ def test_a_federation_survives_crashes_a_broker_restart_an_outage_and_duplicates
     wait_until(lambda: fed.site_logged("site2", r"trainer \d+ started for round 4\b"), timeout=ROUND_TIMEOUT,
                what="site2 to start training round 4", federation=fed)
     offline = sum(m.payload == OFFLINE for m in status2.messages)
-    fed.relays["site2"].cut()
+    fed.relays["site2"].outage()  # until restore()
     wait_until(lambda: sum(m.payload == OFFLINE for m in status2.messages) > offline, timeout=30,
                what="mosquitto to publish site2's last will (offline)", federation=fed)
     first = wait_until(lambda: next((r for r in fed.records("update_accepted") if r["round"] == 4), None),
@@ -281,7 +281,7 @@ def test_a_federation_survives_crashes_a_broker_restart_an_outage_and_duplicates
                       what="site2 to store its update of round 4 while offline", federation=fed)
     wait_until(lambda: fed.aggregated(4), timeout=ROUND_TIMEOUT, what="round 4 to close without site2",
                federation=fed)
-    assert fed.relays["site2"].held, "site2 did not try to reconnect while its link was down"
+    assert fed.relays["site2"].stats.held, "site2 did not try to reconnect while its link was down"
     fed.relays["site2"].restore()
 
     _finish(fed)

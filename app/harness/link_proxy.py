@@ -29,6 +29,7 @@ from .links import Cutter, OutagePlan, Profile, cutters, lanes
 
 CHUNK = 1024  # bytes read at a time: at 64 kbit/s a chunk takes 128 ms to cross
 QUEUED = 16  # chunks in flight per direction before the reader stops reading
+UNTIL_RESTORED_S = 1e9  # an outage with no length given lasts until restore(): in effect, for ever
 
 __all__ = ["CHUNK", "Link", "LinkStats", "Links"]
 
@@ -99,10 +100,11 @@ class Link:
     def down(self) -> bool:
         return self.plan.down(self.now())
 
-    def outage(self, for_s: float) -> None:
-        """The link goes down now for ``for_s`` seconds (its connections are dropped at once)."""
+    def outage(self, for_s: float | None = None) -> None:
+        """The link goes down now for ``for_s`` seconds, or until :meth:`restore` when not given
+        (its connections are dropped at once)."""
         now = self.now()
-        self.plan.add(now, now + for_s)
+        self.plan.add(now, now + (UNTIL_RESTORED_S if for_s is None else for_s))
         self.drop()
         self._wake.set()
 
