@@ -43,7 +43,7 @@ from fednca.rounds_vocab import RoundStatus
 from fednca.topics import Topics, TopicError
 from fednca.transport.base import Client, Message, SubscribeRefused
 
-from . import rounds
+from . import async_rounds as rounds  # the policy of either mode (rounds.md)
 from .commit import GroupCommit
 from .config import FederationConfig
 from .errors import CoordinatorError

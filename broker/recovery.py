@@ -42,7 +42,7 @@ def replay(state: RoundState, records: Iterable[LogRecord]) -> RoundState:
             continue
         if r.site not in state.enrolled or state.accepted_from(r.site) is not None:
             continue
-        entry = AcceptedUpdate(r.site, r.update_id, r.samples, r.steps, r.partial, r.at)
+        entry = AcceptedUpdate(r.site, r.update_id, r.samples, r.steps, r.partial, r.at, r.staleness)
         accepted = state.accepted.appended(entry)  # type: ignore[attr-defined]
         reached = state.quorum_at is None and len(accepted) >= state.quorum
         state = state.derive(accepted=accepted, quorum_at=r.at if reached else state.quorum_at)
@@ -68,7 +68,7 @@ class RoundLogIndex:
         out: list[LogRecord] = [
             UpdateAcceptedRecord(
                 round=state.round, at=a.accepted_at, site=a.site, update_id=a.update_id, samples=a.samples,
-                steps=a.steps, partial=a.partial, recovered=True,
+                steps=a.steps, partial=a.partial, recovered=True, staleness=a.staleness,
             )
             for a in state.accepted
             if (a.site, a.update_id) not in logged

@@ -32,6 +32,7 @@ from .round_events import UpdateVerified
 from .round_state import RoundState
 from .roundlog import LogRecord, UpdateAcceptedRecord
 from .spool import DeltaSpool, Key, next_model
+from .staleness import stale_inputs
 from .store import RoundStore
 from .verifier import Opened, Verifier
 
@@ -84,7 +85,8 @@ class RoundDeltas:
         keys = [(a.site, a.update_id) for a in state.accepted]
         spool = self._spool_of(state.round, model.shapes)
         self._refill(state, spool, keys, model=model, registry=registry)
-        new, kept = next_model(dict(model.tensors), spool.rows(keys), norms=spool.norms(keys),
+        rows, norms = stale_inputs(spool.rows(keys), spool.norms(keys), [a.staleness for a in state.accepted])
+        new, kept = next_model(dict(model.tensors), rows, norms=norms,  # type: ignore[arg-type]
                                weights=[a.samples for a in state.accepted], layout=spool.layout,
                                cfg=cfg)  # fmt: skip
         if kept is not None:
@@ -128,13 +130,16 @@ class RoundDeltas:
     def _reopen(self, state: RoundState, key: Key, model: GlobalModel, registry: Registry) -> tuple[np.ndarray, float]:
         site, update_id = key
         path = self._store.update_path(state.round, site, update_id)
+        entry = state.accepted_from(site)
+        stale = entry.staleness if entry is not None else 0  # trained from an earlier model (async)
         if registry.verify_key(site) is None:
             raise StoreError(f"{path}: round {state.round} counts this update, but site {site!r} is no "
                              "longer enrolled; enrol it again with the same key to finish the round")
         try:
             update = open_update(self._store.read_update(state.round, site, update_id), topic_site=site,
                                  coordinator_keys=self._box_keys, registry=registry,
-                                 federation=state.federation, round=state.round, base_sha256=state.model_sha256,
+                                 federation=state.federation, round=state.round - stale,
+                                 base_sha256=state.earlier[stale - 1].model_sha256 if stale else state.model_sha256,
                                  shapes=model.shapes, max_bytes=model.max_update_bytes)  # fmt: skip
         except WireError as e:
             raise StoreError(f"{path}: the stored update no longer opens ({e})") from None

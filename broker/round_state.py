@@ -27,6 +27,7 @@ from fednca.config import from_mapping
 from fednca.errors import ConfigError
 from fednca.rounds_vocab import CloseReason, RoundStatus
 
+from .async_state import ASYNC, SYNC, EarlierRound, check_mode, earlier_from
 from .errors import RoundStateError
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -50,8 +51,12 @@ class RoundConfig:
     grace_s: float = 300.0  # close this long after the K-th accepted update
     round_s: float = 3600.0  # a new round's deadline is this long after it opens
     extension_s: float = 1800.0  # at the deadline with fewer than K updates, extend by this much
+    mode: str = SYNC  # "async": buffered asynchronous rounds (.async_rounds), K = buffer_size
+    buffer_size: int = 3  # async: a new model after this many accepted updates
+    max_staleness: int = 4  # async: updates trained this many model versions back are still taken
 
     def __post_init__(self) -> None:
+        check_mode(self.mode, self.buffer_size, self.max_staleness)
         f = self.quorum_fraction
         if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
             raise ConfigError("quorum_fraction", f"must be a number in (0, 1], got {f!r}")
@@ -66,6 +71,8 @@ class RoundConfig:
     def quorum(self, enrolled: int) -> int:
         """K for a federation of ``enrolled`` sites: at least 1, at most the enrolled count."""
         wanted = self.quorum_count or math.ceil(round(self.quorum_fraction * enrolled, 9))
+        if self.mode == ASYNC:  # a buffer closes when full, or when every enrolled site is in it
+            wanted = self.buffer_size
         return max(1, min(wanted, enrolled))
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,8 +91,10 @@ class AcceptedUpdate:
     steps: int
     partial: bool
     accepted_at: float
+    staleness: int = 0  # async: model versions between the one it trained from and the round's
 
     def __post_init__(self) -> None:
+        _integer("accepted.staleness", self.staleness, RoundStateError)
         for name in ("site", "update_id"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise RoundStateError(f"accepted.{name}", f"must be a non-empty string, got {getattr(self, name)!r}")
@@ -195,6 +204,7 @@ class RoundState:
     extensions: int = 0
     close_reason: CloseReason | None = None
     closed_at: float | None = None
+    earlier: tuple[EarlierRound, ...] = ()  # async: the rounds before, newest first, within max_staleness
 
     def __post_init__(self) -> None:
         if not isinstance(self.federation, str) or not self.federation:
@@ -273,12 +283,15 @@ class RoundState:
         # state that may count thousands of updates.
         names = [f.name for f in dataclasses.fields(AcceptedUpdate)]
         data["accepted"] = [{name: getattr(a, name) for name in names} for a in self.accepted]
+        data["earlier"] = [e.to_dict() for e in self.earlier]
         return data
 
     @classmethod
     def from_dict(cls, data: Any) -> "RoundState":
         """The state ``to_dict`` wrote (after a JSON round trip); a bad field raises RoundStateError."""
         names = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(data, dict) and "earlier" not in data:  # a file of the synchronous mode's first release
+            data = {**data, "earlier": None}
         if not isinstance(data, dict) or set(data) != names:
             missing = sorted(names - set(data)) if isinstance(data, dict) else sorted(names)
             raise RoundStateError(missing[0] if missing else "fields", f"expected exactly the fields {sorted(names)}")
@@ -287,6 +300,7 @@ class RoundState:
             values["config"] = RoundConfig.from_dict(data["config"])
             values["enrolled"] = frozenset(_strings("enrolled", data["enrolled"]))
             values["accepted"] = Accepted(AcceptedUpdate(**a) for a in data["accepted"])
+            values["earlier"] = earlier_from(data["earlier"])
         except ConfigError as e:
             raise RoundStateError(f"config.{e.field}", e.why) from None
         except TypeError as e:  # an entry of "accepted" that is not a mapping of its fields

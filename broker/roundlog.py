@@ -102,6 +102,7 @@ class UpdateAcceptedRecord(LogRecord):
     partial: bool
     recovered: bool = False  # written on a restart: the crash came between the state save and the log
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)  # the site's own word (e.g. test Dice)
+    staleness: int = 0  # buffered rounds: model versions between the one it trained from and this round's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,7 +245,8 @@ KINDS: dict[str, type[LogRecord]] = {
 }  # fmt: skip
 
 # Fields written only when they differ from this value, as lines have been spelt from the start.
-_OMITTED_WHEN: dict[str, Any] = {"recovered": False, "model_kept": None, "metrics": {}, "metrics_mean": {}}
+_OMITTED_WHEN: dict[str, Any] = {"recovered": False, "model_kept": None, "metrics": {}, "metrics_mean": {},
+                                  "staleness": 0}
 
 
 _NAMES: dict[type, tuple[str, ...]] = {}  # each record class's field names, looked up once

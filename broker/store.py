@@ -405,7 +405,8 @@ def _only_accepted_grew(before: RoundState, after: RoundState) -> bool:
 
 def _acceptance(round: int, a: AcceptedUpdate) -> UpdateAcceptedRecord:
     return UpdateAcceptedRecord(round=round, at=a.accepted_at, site=a.site, update_id=a.update_id,
-                                samples=a.samples, steps=a.steps, partial=a.partial)  # fmt: skip
+                                samples=a.samples, steps=a.steps, partial=a.partial,
+                                staleness=a.staleness)  # fmt: skip
 
 
 def _make_dir(folder: Path) -> None:

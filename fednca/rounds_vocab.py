@@ -40,6 +40,10 @@ class Reason(enum.StrEnum):
     BAD_DTYPE = "bad_dtype"
     BAD_SHAPE = "bad_shape"  # tensor names or shapes differ from the model's
     NON_FINITE = "non_finite"  # a NaN or an infinity
+    # Secure aggregation (fednca.wire_secagg): a plain update where the federation aggregates
+    # masked ones, or the reverse; a masked update of a site or round key the round's roster lacks.
+    WRONG_UPDATE_KIND = "wrong_update_kind"
+    NOT_ON_ROSTER = "not_on_roster"
 
 
 class RoundReason(enum.StrEnum):
@@ -50,6 +54,7 @@ class RoundReason(enum.StrEnum):
     DUPLICATE_SITE = "duplicate_site"  # the site already has another update counted in this round
     NO_SAMPLES = "no_samples"  # trained on no samples: it would weigh nothing
     SITE_REVOKED = "site_revoked"  # counted, then dropped: its site's key is no longer trusted
+    TOO_STALE = "too_stale"  # buffered rounds: trained from a model more versions back than max_staleness
 
 
 RejectReason = Union[Reason, RoundReason]
@@ -83,3 +88,4 @@ class CloseReason(enum.StrEnum):
     ALL_REPORTED = "all_reported"  # every enrolled site had an update counted
     GRACE = "grace"  # the grace period after quorum ended before the deadline
     DEADLINE = "deadline"  # the deadline came with quorum reached
+    BUFFER_FULL = "buffer_full"  # buffered rounds: the buffer of updates for a new model was full
