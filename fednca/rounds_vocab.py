@@ -40,10 +40,6 @@ class Reason(enum.StrEnum):
     BAD_DTYPE = "bad_dtype"
     BAD_SHAPE = "bad_shape"  # tensor names or shapes differ from the model's
     NON_FINITE = "non_finite"  # a NaN or an infinity
-    # Secure aggregation (fednca.wire_secagg): a plain update where the federation aggregates
-    # masked ones, or the reverse; a masked update of a site or round key the round's roster lacks.
-    WRONG_UPDATE_KIND = "wrong_update_kind"
-    NOT_ON_ROSTER = "not_on_roster"
 
 
 class RoundReason(enum.StrEnum):
@@ -54,6 +50,10 @@ class RoundReason(enum.StrEnum):
     DUPLICATE_SITE = "duplicate_site"  # the site already has another update counted in this round
     NO_SAMPLES = "no_samples"  # trained on no samples: it would weigh nothing
     SITE_REVOKED = "site_revoked"  # counted, then dropped: its site's key is no longer trusted
+    # Secure aggregation (fednca.wire_secagg): a plain update where the federation aggregates
+    # masked ones, or the reverse; a masked update of a site or round key the round's roster lacks.
+    WRONG_UPDATE_KIND = "wrong_update_kind"
+    NOT_ON_ROSTER = "not_on_roster"
     TOO_STALE = "too_stale"  # buffered rounds: trained from a model more versions back than max_staleness
 
 
