@@ -130,7 +130,9 @@ class Coordinator:
         self._publisher = Publisher(client=client, topics=self._topics, federation=config.name,
                                     signing_key=keys.signing, train=config.train, model=config.model,
                                     clock=clock, update_dtype=config.update_dtype,
-                                    model_topic=config.model_delta != "off")  # fmt: skip
+                                    model_topic=config.model_delta != "off",
+                                    max_staleness=config.rounds.max_staleness if config.rounds.mode == "async"
+                                    else None)  # fmt: skip
         self._downlink = Downlink(store=store, encoding=config.model_delta)  # the model as sites receive it
         self._commit = GroupCommit(store=store, perform=self._perform_deferred, event=self._publisher.event,
                                    done=self._done, kept=self._keep_delta,

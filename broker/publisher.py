@@ -58,9 +58,10 @@ class Publisher:
     def __init__(
         self, *, client: Client, topics: Topics, federation: str, signing_key: SigningKey, train: TrainConfig,
         model: ModelConfig, clock: Callable[[], float] = time.time, update_dtype: str | None = None,
-        model_topic: bool = False,
+        model_topic: bool = False, max_staleness: int | None = None,
     ) -> None:  # fmt: skip
         self._client = client
+        self._max_staleness = max_staleness  # announced in buffered asynchronous rounds (rounds.md)
         self._clock = clock  # tells each announcement's seconds_left
         self._topics = topics
         self._federation = federation
@@ -88,7 +89,7 @@ class Publisher:
         fields = dict(
             federation=self._federation, round=round, deadline=deadline_s, quorum=quorum,
             train=self._train, model=self._model, tensors=tensors, signing_key=self._signing,
-            seconds_left=seconds_left, update_dtype=self._update_dtype,
+            seconds_left=seconds_left, update_dtype=self._update_dtype, max_staleness=self._max_staleness,
         )  # fmt: skip
         whole = make_announcement(**fields)  # type: ignore[arg-type]
         if self._model_topic:

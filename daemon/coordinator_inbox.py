@@ -106,7 +106,7 @@ class CoordinatorInbox:
         h = ann.header
         deadline = self._saved_deadline(h, now=now, wall=wall)
         steps, planned = progress_of(blob, round=h.round, base_sha256=h.model_sha256)
-        return lc.RoundInfo(h.round, deadline, h.model_sha256), steps, planned
+        return lc.RoundInfo(h.round, deadline, h.model_sha256, h.max_staleness or 0), steps, planned
 
     def _checkpoint(self) -> bytes | None:
         """The trainer's checkpoint; one found damaged is moved aside (the round starts again
@@ -192,7 +192,7 @@ class CoordinatorInbox:
         self.announcement, self._announcement_bytes = held.announcement, held.payload
         log.info("round %d announced (deadline %s by the coordinator's clock, model %s)", h.round,
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.deadline)), h.model_sha256[:12])
-        return lc.Announced(h.round, held.deadline, h.model_sha256)
+        return lc.Announced(h.round, held.deadline, h.model_sha256, h.max_staleness or 0)
 
     def receipt_arrived(self, payload: bytes) -> lc.ReceiptArrived | None:
         """The event for a verified receipt addressed to this site; None for one refused."""

@@ -29,7 +29,10 @@ Invariants:
    (the final model of a finished federation) is not trained at all.
 5. A stored update leaves the outbox only after its receipt was saved as ``done_round`` (so a
    crash between the two never trains the round again), or when a newer round opens, or when its
-   file was found damaged (then the round needs work again and is submitted anew).
+   file was found damaged (then the round needs work again and is submitted anew). In buffered
+   asynchronous rounds (the announcement's ``max_staleness``) an update stays while its round is
+   at most that many rounds old: the coordinator still counts it, and the daemon meanwhile
+   trains the newest round, whose update is a second one in the outbox.
 6. Stopping interrupts a running chunk, waits for the trainer to exit, then emits ``Exit``.
 7. An update without a receipt is published again (same update id: the coordinator acknowledges
    a re-delivery without counting it twice) after :func:`resend_after`: a tenth of the time the
@@ -73,7 +76,7 @@ def initial(policy: Policy, *, now: float, round: RoundInfo | None, done_round: 
     out: list[Action] = []
     keep: list[Pending] = []
     for rnd, uid in sorted(outbox):
-        if rnd <= done_round or (round is not None and rnd < round.round):
+        if rnd <= done_round or (round is not None and not round.keeps(rnd)):
             out.append(DropUpdate(rnd, uid))
         else:
             keep.append(Pending(rnd, uid, now))
@@ -146,15 +149,16 @@ def _rest(state: State, now: float, cpu_s: float, wall_s: float) -> State:
 def _on_announced(s: State, e: Announced, now: float, out: list[Action]) -> State:
     if s.round is not None and e.round < s.round.round:
         return s  # older than what we follow: the shell refuses these too
+    info = RoundInfo(e.round, e.deadline, e.model_sha256, e.max_staleness)
     if s.round is not None and e.round == s.round.round and e.model_sha256 == s.round.model_sha256:
-        return _r(s, round=RoundInfo(e.round, e.deadline, e.model_sha256))  # deadline extended
+        return _r(s, round=info)  # deadline extended
     keep = []
     for p in s.outbox:
-        if p.round < e.round:
-            out.append(DropUpdate(p.round, p.update_id))  # its round has closed
+        if not info.keeps(p.round):
+            out.append(DropUpdate(p.round, p.update_id))  # its round has closed (and is too old to count)
         else:
-            keep.append(p)
-    s = _r(s, round=RoundInfo(e.round, e.deadline, e.model_sha256), outbox=tuple(keep), steps=0,
+            keep.append(p)  # a newer round, or in buffered rounds one still counted: keep sending it
+    s = _r(s, round=info, outbox=tuple(keep), steps=0,
            planned=None, failures=0, error=None, rest_until=None, rest_s=0.0, submitting=False)
     if e.deadline <= now + DEADLINE_RESOLUTION_S and e.round > s.done_round:
         # Over before it reached us (the coordinator's final model comes this way): nothing to train.
@@ -224,7 +228,7 @@ def _fail(s: State, error: str, now: float) -> State:
 
 def _on_stored(s: State, e: UpdateStored, now: float, out: list[Action]) -> State:
     out.append(Telemetry())
-    if s.round is not None and e.round < s.round.round:
+    if s.round is not None and not s.round.keeps(e.round):
         out.append(DropUpdate(e.round, e.update_id))  # a newer round opened meanwhile
         return _r(s, submitting=False)
     return _r(s, submitting=False, outbox=s.outbox + (Pending(e.round, e.update_id, now),))

@@ -47,6 +47,11 @@ class RoundInfo:
     round: int
     deadline: float
     model_sha256: str
+    max_staleness: int = 0  # buffered asynchronous rounds: updates this many rounds back still count
+
+    def keeps(self, round: int) -> bool:
+        """Whether an update trained for ``round`` may still be counted while this round is open."""
+        return round >= self.round - self.max_staleness
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ class Announced:
     round: int
     deadline: float
     model_sha256: str
+    max_staleness: int = 0  # announced by a coordinator running buffered asynchronous rounds
 
 
 @dataclass(frozen=True)

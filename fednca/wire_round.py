@@ -56,6 +56,9 @@ class AnnouncementHeader:
     base_sha256: str | None = None
     # How the coordinator asks sites to send their updates this round; None: as each site is configured.
     update_dtype: str | None = None
+    # Buffered asynchronous rounds: an update trained this many rounds back is still judged (and
+    # weighted down), so a site keeps sending it; None: a synchronous round, older updates are stale.
+    max_staleness: int | None = None
     version: int = VERSION
 
     @property
@@ -89,7 +92,7 @@ ANNOUNCEMENT_FIELDS: dict[str, Field] = {
 # Optional fields: absent in announcements of older coordinators, parsed as strictly when present.
 ANNOUNCEMENT_OPTIONAL: dict[str, Field] = {
     "seconds_left": int_field(0, 2**31 - 1), "base_sha256": hex_field(64),
-    "update_dtype": word_field({e: e for e in ("float16", "float32", "q8")}),
+    "update_dtype": word_field({e: e for e in ("float16", "float32", "q8")}), "max_staleness": int_field(0, 1000),
 }
 RECEIPT_FIELDS: dict[str, Field] = {
     "federation": id_field, "site": id_field, "round": ROUND, "update_id": UPDATE_ID,
@@ -111,6 +114,7 @@ def make_announcement(
     seconds_left: int | None = None,
     delta: tuple[str, Quantised] | None = None,
     update_dtype: str | None = None,
+    max_staleness: int | None = None,
 ) -> bytes:
     """A signed round announcement carrying the global model as float32.
 
@@ -118,13 +122,14 @@ def make_announcement(
     the round by it on its own clock, so a site whose clock is wrong still meets the deadline.
     ``delta`` (base sha256, quantised delta) sends the model as that delta instead: the caller
     vouches that the base plus the dequantised delta (:func:`fednca.quantise.apply`) is ``tensors``,
-    whose sha256 is announced. ``update_dtype`` tells sites how to send their updates.
+    whose sha256 is announced. ``update_dtype`` tells sites how to send their updates;
+    ``max_staleness`` that the round is buffered and asynchronous (docs/rounds.md).
     """
     arrays = float32(tensors, "tensor")
     fields: dict[str, Any] = dict(federation=federation, round=round, deadline=deadline, quorum=quorum, train=train,
                                   model=model, model_sha256=model_sha256(arrays))
     spec = dict(ANNOUNCEMENT_FIELDS)
-    optional = dict(seconds_left=seconds_left, update_dtype=update_dtype,
+    optional = dict(seconds_left=seconds_left, update_dtype=update_dtype, max_staleness=max_staleness,
                     base_sha256=None if delta is None else delta[0])
     for name, value in optional.items():
         if value is not None:

@@ -1,0 +1,36 @@
+"""The buffered asynchronous mode's keys in coordinator.yaml: read, defaulted, refused by name."""
+
+from pathlib import Path
+
+import pytest
+
+from fednca_broker.config import ConfigFileError, parse_config, to_yaml_dict
+
+
+def parse(round_section):
+    return parse_config({"federation": "clinics", "round": round_section}, folder=Path("/tmp/fed"))
+
+
+def test_the_synchronous_mode_is_the_default():
+    rounds = parse({}).federation.rounds
+    assert (rounds.mode, rounds.buffer_size, rounds.max_staleness) == ("sync", 3, 4)
+
+
+def test_async_keys_are_read_and_written_back():
+    cfg = parse({"mode": "async", "buffer_size": 2, "max_staleness": 6})
+    assert (cfg.federation.rounds.mode, cfg.federation.rounds.buffer_size, cfg.federation.rounds.max_staleness) == (
+        "async", 2, 6)
+    written = to_yaml_dict(cfg)["round"]
+    assert (written["mode"], written["buffer_size"], written["max_staleness"]) == ("async", 2, 6)
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"mode": "buffered"}, "round.mode"),
+    ({"mode": "async", "buffer_size": 0}, "round.buffer_size"),
+    ({"mode": "async", "max_staleness": 5000}, "round.max_staleness"),
+    ({"mode": "async", "buffer_size": "3"}, "round.buffer_size"),
+])  # fmt: skip
+def test_a_bad_value_is_named_by_its_key(section, key):
+    with pytest.raises(ConfigFileError) as e:
+        parse(section)
+    assert key in str(e.value)

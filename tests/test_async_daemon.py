@@ -1,0 +1,71 @@
+"""The daemon in buffered asynchronous rounds: an update sent for an older round keeps going while
+the coordinator still counts it, and the daemon trains the newest round meanwhile."""
+
+from fednca_daemon import lifecycle as lc
+
+P = lc.Policy(chunk_s=5.0, min_steps=10, deadline_margin_s=60.0, duty_cycle=0.5, threads=1, resend_s=900.0,
+              backoff_s=10.0)
+SHA, SHA2, SHA3, SHA4 = "a" * 64, "b" * 64, "c" * 64, "d" * 64
+T0 = 1_000_000.0
+DEADLINE = T0 + 3600
+
+
+def waiting(max_staleness):
+    """Round 1 announced with ``max_staleness``, its update stored and waiting for a receipt."""
+    s, _ = lc.initial(P, now=T0, round=lc.RoundInfo(1, DEADLINE, SHA, max_staleness), done_round=-1,
+                      outbox=[(1, "u1")])
+    return s
+
+
+def test_a_newer_model_keeps_the_older_update_going_and_starts_training_from_it():
+    s, out = lc.handle(waiting(2), lc.Announced(2, DEADLINE, SHA2, 2), T0 + 1)
+    assert not any(isinstance(a, lc.DropUpdate) for a in out)
+    assert [p.update_id for p in s.outbox] == ["u1"] and lc.StartWorker(2) in out
+    assert s.needs_work  # the newest round has no update yet: train it
+    s, out = lc.handle(s, lc.Tick(), T0 + 1 + lc.RESEND_MIN_S)
+    assert lc.Publish(1, "u1") in out  # no receipt yet: sent again, the same update id
+
+
+def test_an_update_past_the_announced_staleness_leaves_the_outbox():
+    s, _ = lc.handle(waiting(1), lc.Announced(2, DEADLINE, SHA2, 1), T0 + 1)
+    assert [p.update_id for p in s.outbox] == ["u1"]
+    s, out = lc.handle(s, lc.Announced(3, DEADLINE, SHA3, 1), T0 + 2)
+    assert lc.DropUpdate(1, "u1") in out and s.outbox == ()
+
+
+def test_without_max_staleness_a_newer_round_drops_it_as_before():
+    s, out = lc.handle(waiting(0), lc.Announced(2, DEADLINE, SHA2), T0 + 1)
+    assert lc.DropUpdate(1, "u1") in out and s.outbox == ()
+
+
+def test_the_receipt_of_the_older_update_does_not_end_the_newest_round():
+    s, _ = lc.handle(waiting(2), lc.Announced(2, DEADLINE, SHA2, 2), T0 + 1)
+    s, out = lc.handle(s, lc.ReceiptArrived(1, "u1", True), T0 + 2)
+    assert lc.SaveDone(1, "accepted") in out and lc.DropUpdate(1, "u1") in out
+    assert s.done_round == 1 and s.needs_work and s.round.round == 2
+    s, out = lc.handle(waiting(2), lc.ReceiptArrived(1, "u1", False, "too_stale"), T0 + 2)
+    assert s.outbox == () and s.last_receipt == "too_stale"
+
+
+def test_an_update_stored_after_a_newer_model_came_is_kept_while_it_counts():
+    s, _ = lc.initial(P, now=T0, round=lc.RoundInfo(3, DEADLINE, SHA3, 1), done_round=-1, outbox=[])
+    s, out = lc.handle(s, lc.UpdateStored(2, "late"), T0)
+    assert [p.update_id for p in s.outbox] == ["late"] and not any(isinstance(a, lc.DropUpdate) for a in out)
+    s, out = lc.handle(s, lc.UpdateStored(1, "older"), T0)
+    assert lc.DropUpdate(1, "older") in out and [p.update_id for p in s.outbox] == ["late"]
+
+
+def test_a_restart_keeps_the_older_updates_that_still_count():
+    s, out = lc.initial(P, now=T0, round=lc.RoundInfo(4, DEADLINE, SHA4, 2), done_round=1,
+                        outbox=[(1, "done"), (2, "old"), (3, "recent")])
+    assert out[:3] == [lc.DropUpdate(1, "done"), lc.Publish(2, "old"), lc.Publish(3, "recent")]
+    assert [p.update_id for p in s.outbox] == ["old", "recent"] and s.needs_work
+
+
+def test_the_announcement_tells_buffered_rounds_and_stays_as_before_otherwise():
+    from test_wire_tamper import make_announcement, open_announcement
+
+    assert open_announcement(make_announcement(max_staleness=4)).header.max_staleness == 4
+    plain = make_announcement()
+    assert open_announcement(plain).header.max_staleness is None
+    assert b"max_staleness" not in plain  # a synchronous round's announcement is unchanged
