@@ -35,6 +35,7 @@ from .shamir import Share, ShamirError, combine, lagrange_at_zero
 
 SEED_BYTES = 32
 _PERSON_PAIR = b"fednca-secagg-pw"  # 16 bytes: BLAKE2b personalisation, one per use
+_PERSON_SHARE = b"fednca-secagg-sh"  # the key that seals a pair's shares, kept apart from the mask seed
 _NONCE_PAIR = b"pairwise-msk"       # 12 bytes: ChaCha20-IETF nonce, keeps the two mask kinds apart
 _NONCE_SELF = b"selfmask-msk"
 
@@ -71,6 +72,23 @@ def pairwise_seed(*, my_secret: bytes, peer_public: bytes, my_id: str, peer_id: 
     lo, hi = sorted((my_id, peer_id))
     data = _framed(federation.encode(), round_no.to_bytes(8, "big"), lo.encode(), hi.encode(), shared)
     return blake2b(data, digest_size=SEED_BYTES, person=_PERSON_PAIR, encoder=RawEncoder)
+
+
+def share_key(*, my_secret: bytes, peer_public: bytes, my_id: str, peer_id: str,
+              federation: str, round_no: int) -> bytes:
+    """The SecretBox key that seals the shares one site of a pair holds for the other.
+
+    It comes from the same key agreement as :func:`pairwise_seed` under another personalisation,
+    so revealing a pair's mask seed (as a survivor does for a missing peer) opens no share."""
+    if my_id == peer_id:
+        raise SecAggError(f"site {my_id} has no share key with itself")
+    try:
+        shared = crypto_scalarmult(my_secret, peer_public)
+    except (CryptoError, TypeError, ValueError) as exc:
+        raise SecAggError(f"key agreement of {my_id} with {peer_id} failed: {exc}") from None
+    lo, hi = sorted((my_id, peer_id))
+    data = _framed(federation.encode(), round_no.to_bytes(8, "big"), lo.encode(), hi.encode(), shared)
+    return blake2b(data, digest_size=SEED_BYTES, person=_PERSON_SHARE, encoder=RawEncoder)
 
 
 def expand(seed: bytes, *, length: int, fp: FixedPoint, nonce: bytes = _NONCE_PAIR) -> np.ndarray:
