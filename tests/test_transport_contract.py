@@ -237,6 +237,50 @@ def test_subscriptions_are_made_again_after_a_reconnect(broker):
     assert next_message(coordinator).payload == b"after restart"
 
 
+def test_a_reconnect_to_a_kept_session_does_not_bring_a_retained_message_twice(broker):
+    # A whole model is retained on ``round``: after a reconnect, a site whose session the broker kept
+    # gets only what was queued for it, while a new session subscribes again and gets the retained copy.
+    coordinator = broker.connect("coordinator")
+    coordinator.publish(T.round, b"model 1", retain=True).result(WAIT)
+    kept = broker.connect("site-a")
+    kept.subscribe(T.round)
+    assert next_message(kept).payload == b"model 1"
+    fresh = broker.connect("site-b", clean_start=True)
+    fresh.subscribe(T.round)
+    assert next_message(fresh).payload == b"model 1"
+    broker.stop()
+    broker.start()
+    wait_until(lambda: kept.connected and fresh.connected and coordinator.connected, "all three to reconnect")
+    assert (kept.reconnects, fresh.reconnects) == (1, 1)
+    again = next_message(fresh)  # the new session subscribed again: the retained copy comes
+    assert (again.payload, again.retain) == (b"model 1", True)
+    coordinator.publish(T.round, b"marker").result(WAIT)
+    assert next_message(kept).payload == b"marker"  # no second copy of the model came first
+    assert next_message(fresh).payload == b"marker"
+
+
+def test_a_subscription_asked_for_while_offline_brings_the_retained_message(broker):
+    coordinator = broker.connect("coordinator")
+    coordinator.publish(T.round, b"model 1", retain=True).result(WAIT)
+    site_a = broker.connect("site-a")
+    site_a.subscribe(T.receipts("site-a"))
+    broker.stop()
+    wait_until(lambda: not site_a.connected, "the connection to drop")
+    site_a.subscribe(T.round)  # not confirmed by the broker: made on the reconnect, kept session or not
+    broker.start()
+    got = next_message(site_a)
+    assert (got.payload, got.retain) == (b"model 1", True)
+    assert T.round in site_a.subscriptions
+
+
+def test_the_last_round_trip_of_a_qos1_message_is_measured(broker):
+    site_a = broker.connect("site-a")
+    site_a.publish(T.updates("site-a"), b"x" * 100).result(WAIT)
+    rtt = site_a.last_rtt_s
+    assert rtt is not None and 0.0 <= rtt < WAIT
+    assert site_a.reconnects == 0
+
+
 def test_qos1_published_while_the_broker_is_down_goes_out_after(broker):
     coordinator = broker.connect("coordinator")
     coordinator.subscribe(T.all_updates)

@@ -15,8 +15,13 @@ Guarantees every implementation keeps:
   stored (or judged worthless). Until then the broker keeps it in flight and sends it again after
   a reconnect, flagged ``dup``. Delivery is at least once: ack every message you receive,
   duplicates included, or the broker stops sending once its in-flight window is full.
-- Subscriptions are remembered and made again after every reconnect (retained messages of a
-  filter therefore arrive again after a reconnect).
+- Subscriptions are remembered and made again after a reconnect that starts a new session
+  (retained messages of a filter therefore arrive again then). When the broker kept the session,
+  it still holds them and sends what was queued and what was in flight: only subscriptions it
+  never confirmed are made again, so a retained message (a whole model, on a slow link) does not
+  come a second time beside the queued copy (:meth:`Client._resubscriptions`).
+- Link counters for the telemetry: PUBLISH bytes sent and received, ``reconnects`` and
+  ``last_rtt_s`` (PUBLISH to PUBACK of the last QoS 1 message sent on a live connection).
 - Sessions are persistent by default: QoS 1 messages for a disconnected client wait at the broker.
 """
 
@@ -220,6 +225,8 @@ class Client(ABC):
         self._max_packet_size = max_packet_size
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._subscriptions: dict[str, int] = {}  # filter -> qos, made again on every connect
+        self._confirmed: set[str] = set()  # filters the broker holds in the current session
+        self._unsubscribed: set[str] = set()  # filters it holds that were dropped while offline
         self._sub_lock = threading.Lock()
 
     # -- network side -------------------------------------------------------------------------
@@ -266,6 +273,22 @@ class Client(ABC):
         on an earlier connection: the broker sends that one again)."""
 
     @property
+    def reconnects(self) -> int | None:
+        """Connections made after the first: each one followed a lost link or a takeover (None
+        for a client that does not count its connections)."""
+        try:
+            return max(0, self.connections - 1)
+        except NotImplementedError:
+            return None
+
+    @property
+    def last_rtt_s(self) -> float | None:
+        """Seconds from the last acknowledged QoS 1 PUBLISH to its PUBACK on one live connection
+        (it includes the time the message took to cross: a round trip of a small message, the
+        upload of a large one); None when not measured."""
+        return None
+
+    @property
     @abstractmethod
     def bytes_sent(self) -> int:
         """Bytes of PUBLISH packets this client has delivered to the broker."""
@@ -294,6 +317,8 @@ class Client(ABC):
             raise InvalidTopic(f"subscribe to {topic_filter!r}: qos {qos} is not 0 or 1")
         with self._sub_lock:
             self._subscriptions[topic_filter] = qos
+            self._confirmed.discard(topic_filter)  # sent again, even in a kept session: its retained copy is asked for
+            self._unsubscribed.discard(topic_filter)
         try:
             self._send_subscribe(topic_filter, qos, timeout)
         except NotConnected:
@@ -302,14 +327,38 @@ class Client(ABC):
             with self._sub_lock:
                 self._subscriptions.pop(topic_filter, None)
             raise
+        self._confirm(topic_filter)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._sub_lock:
             self._subscriptions.pop(topic_filter, None)
+            held = topic_filter in self._confirmed
+            self._confirmed.discard(topic_filter)
         try:
             self._send_unsubscribe(topic_filter)
         except NotConnected:
+            if held:
+                with self._sub_lock:
+                    self._unsubscribed.add(topic_filter)  # dropped on the next connect to this session
             return
+
+    def _confirm(self, topic_filter: str) -> None:
+        """The broker granted ``topic_filter`` on the current connection (for implementations)."""
+        with self._sub_lock:
+            if topic_filter in self._subscriptions:
+                self._confirmed.add(topic_filter)
+
+    def _resubscriptions(self, *, session_present: bool) -> tuple[dict[str, int], list[str]]:
+        """On a new connection: (filters to subscribe, filters to unsubscribe). A new session
+        holds nothing: every filter, nothing to drop. A kept session holds what the broker
+        confirmed before: only the others, and the filters dropped while offline."""
+        with self._sub_lock:
+            if not session_present:
+                self._confirmed.clear()
+                self._unsubscribed.clear()
+                return dict(self._subscriptions), []
+            drop, self._unsubscribed = sorted(self._unsubscribed), set()
+            return {f: q for f, q in self._subscriptions.items() if f not in self._confirmed}, drop
 
     def receive(self, timeout: float = 0.0) -> Message | None:
         """The next received message, waiting up to ``timeout`` seconds; None if none came."""

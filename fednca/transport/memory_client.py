@@ -2,8 +2,9 @@
 direct calls into a :class:`fednca.transport.memory.MemoryBroker`, under the broker's lock.
 
 Like paho with a persistent session, it keeps QoS 1 messages published while offline and sends
-them, in order, once connected again; it resubscribes on reconnect. ``kill`` stands for the
-client's process dying: nothing it held survives.
+them, in order, once connected again; on reconnect it subscribes again as the MQTT client does
+(every filter for a new session, only the unconfirmed ones when the broker kept the session).
+``kill`` stands for the client's process dying: nothing it held survives.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class MemoryClient(Client):
         self.last_error: TransportError | None = None
         self._state = "new"  # new | connected | lost | closed | dead
         self._outbox: list[tuple[PublishHandle, Pending]] = []
+        self._rtt: float | None = None
 
     @property
     def connections(self) -> int:
@@ -80,20 +82,25 @@ class MemoryClient(Client):
     def _open(self) -> None:
         self.epoch += 1  # before the broker resends what is in flight, so its acks count
         try:
-            self._broker._open(self)
+            present = self._broker._open(self)
         except ConnectRefused:
             self._state = "closed"
             raise
         self._state = "connected"
         self._connections += 1
         self._max_packet_size = min(self._max_packet_size, self._broker.max_packet_size)
-        for topic_filter, qos in self.subscriptions.items():
+        subscriptions, dropped = self._resubscriptions(session_present=present)
+        for topic_filter in dropped:
+            self._broker._unsubscribe(self, topic_filter)
+        for topic_filter, qos in subscriptions.items():
             try:
                 self._broker._subscribe(self, topic_filter, qos)
             except SubscribeRefused as e:
                 with self._sub_lock:
                     self._subscriptions.pop(topic_filter, None)
                 self.last_error = e
+            else:
+                self._confirm(topic_filter)
         outbox, self._outbox = self._outbox, []
         for handle, pending in outbox:
             self._send(handle, pending)
@@ -164,6 +171,8 @@ class MemoryClient(Client):
             return
         reason = self._broker._publish(self, pending)
         if reason is not None:
+            if pending.qos and reason < 128:
+                self._rtt = 0.0  # in memory the broker answers at once
             handle.settle(reason)
 
     def ack(self, message: Message) -> None:
@@ -171,6 +180,10 @@ class MemoryClient(Client):
             return
         with self._lock:
             self._broker._ack(self, message.ack_token)
+
+    @property
+    def last_rtt_s(self) -> float | None:
+        return self._rtt
 
     @property
     def bytes_sent(self) -> int:

@@ -8,7 +8,11 @@ Behaviour (see also :mod:`fednca.transport.base`):
 - Persistent session: v5 ``clean_start=False`` with a Session Expiry Interval (7 days by default);
   v3.1.1 ``clean_session=False``. QoS 1 messages for an offline client wait at the broker.
 - paho's network thread (``loop_start``) reconnects with exponential back-off; subscriptions are
-  made again in ``on_connect``. Callbacks only convert and hand over, under a short lock.
+  made again in ``on_connect``, all of them for a new session, and only those the broker never
+  confirmed when it kept the session (so a retained model is not sent a second time beside its
+  queued copy). Callbacks only convert and hand over, under a short lock.
+- Link counters: PUBLISH bytes each way, reconnects, and the PUBLISH-to-PUBACK time of the last
+  QoS 1 message sent and acknowledged on one connection (timed by the injected ``clock``).
 - ``manual_ack``: a QoS 1 message is acknowledged when the application calls ``ack``.
 - Publish handles follow paho's message ids through ``on_publish``; a QoS 1 message published
   while offline waits in paho's memory and its handle settles after the reconnect.
@@ -28,9 +32,10 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -131,8 +136,12 @@ class MqttClient(Client):
         reconnect_min_delay: float = 1.0,
         reconnect_max_delay: float = 60.0,
         protocol: str = "auto",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(client_id=client_id, will=will, max_packet_size=max_packet_size)
+        self._clock = clock
+        self._sent_at: dict[int, tuple[float, int]] = {}  # mid -> (clock, epoch): QoS 1 sent on a live link
+        self._rtt: float | None = None
         self.address = parse_url(url)
         if tls is not None and not self.address.tls:
             raise TransportError(f"TLS options given for {url!r}: use an mqtts:// address")
@@ -307,12 +316,14 @@ class MqttClient(Client):
             self._connected = True
             self.session_present = bool(flags.session_present)
             self._max_packet_size = min(self._configured_max, limit or self._configured_max)
-            subscriptions = self.subscriptions
             epoch = self._epoch
             self._changed.notify_all()
         log.info("%s: %s to broker %s (MQTT %s, session %s)", self.client_id,
                  "connected" if epoch == 1 else "reconnected", self.address, self.protocol,
                  "kept" if flags.session_present else "new")
+        subscriptions, dropped = self._resubscriptions(session_present=bool(flags.session_present))
+        for topic_filter in dropped:
+            client.unsubscribe(topic_filter)
         for topic_filter, qos in subscriptions.items():
             _, mid = client.subscribe(topic_filter, qos)
             if mid is not None:
@@ -349,6 +360,9 @@ class MqttClient(Client):
         code = int(reason.value) if reason is not None else 0
         with self._lock:
             entry = self._pending.pop(mid, None) if client is self._paho else None
+            sent = self._sent_at.pop(mid, None) if client is self._paho else None
+            if sent is not None and sent[1] == self._epoch and code < 128:
+                self._rtt = max(0.0, self._clock() - sent[0])
             if entry is None:
                 if client is self._paho:
                     self._early[mid] = code
@@ -369,6 +383,8 @@ class MqttClient(Client):
             with self._sub_lock:
                 self._subscriptions.pop(wait.topic_filter, None)
             self.last_error = SubscribeRefused(wait.topic_filter, wait.refusal)
+        else:
+            self._confirm(wait.topic_filter)
         wait.done.set()
 
     # -- operations ---------------------------------------------------------------------------
@@ -415,6 +431,9 @@ class MqttClient(Client):
     def _track(
         self, handle: PublishHandle, topic: str, payload: bytes, qos: int, retain: bool
     ) -> None:
+        with self._lock:
+            live, epoch = self._connected, self._epoch
+        sent_at = self._clock()
         info = self._paho.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
@@ -425,6 +444,8 @@ class MqttClient(Client):
             early = self._early.pop(info.mid, None)
             if early is None:
                 self._pending[info.mid] = (handle, size, (topic, payload, qos, retain))
+                if qos and live and info.rc == paho.MQTT_ERR_SUCCESS:
+                    self._sent_at[info.mid] = (sent_at, epoch)
             else:
                 self._sent += size
         if early is not None:
@@ -439,6 +460,10 @@ class MqttClient(Client):
         if current:
             # A failed send leaves the message in flight: the broker sends it again.
             self._paho.ack(mid, message.qos)
+
+    @property
+    def last_rtt_s(self) -> float | None:
+        return self._rtt
 
     @property
     def bytes_sent(self) -> int:
