@@ -10,6 +10,11 @@ control character or terminal escape of a peer reaches the operator's terminal, 
 is bounded. The round log adds what telemetry cannot say (:func:`annotate`): a revoked site is
 shown as revoked whatever its last telemetry said, the latest rejected update's reason fills the
 error column when the site reports none, and each site's latest reported test Dice.
+
+The link columns say what a site's connection costs it: ``rtt`` is the PUBLISH-to-PUBACK time
+of its last QoS 1 message (a status message, mostly, so about one round trip; an update's upload
+on a slow link), ``reconn.`` how often its daemon connected again since it started, and
+``sent/recv`` the PUBLISH bytes it sent and received (a retransmission counts each time).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from dataclasses import asdict, dataclass, replace
 from fednca.display import number, safe
 from fednca.telemetry import OFFLINE, TelemetryError, parse_status
 
-COLUMNS = ("site", "state", "round", "progress", "last seen", "cpu %", "temp °C", "outbox", "Dice", "error")
+COLUMNS = ("site", "state", "round", "progress", "last seen", "cpu %", "temp °C", "outbox", "rtt", "reconn.",
+           "sent/recv", "Dice", "error")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,10 @@ class SiteRow:
     error: str | None = None
     dice: float | None = None  # the latest test Dice the site reported with an accepted update
     seen_at: float | None = None  # the site's own timestamp (unix seconds)
+    rtt_ms: int | None = None  # PUBLISH to PUBACK of its last QoS 1 message
+    reconnects: int | None = None  # connections to the broker made again since its daemon started
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +70,10 @@ def row(site: str, payload: bytes, now: float) -> SiteRow:
         temperature_c=m.temperature_c,
         outbox=m.outbox,
         samples_per_s=m.samples_per_s,
+        rtt_ms=m.rtt_ms,
+        reconnects=m.reconnects,
+        bytes_sent=m.bytes_sent,
+        bytes_received=m.bytes_received,
         error=m.error[:80] if m.error is not None else _gates(m.state, m.gates),
     )
 
@@ -74,6 +88,16 @@ def annotate(r: SiteRow, *, revoked: bool, rejected: str | None, dice: float | N
     when telemetry names none) and the latest reported test Dice."""
     state = "revoked" if revoked else r.state
     return replace(r, state=state, error=r.error or rejected, dice=dice)
+
+
+def _kb(n: int | None) -> str:
+    return "-" if n is None else number(n / 1000, ".0f", bound=1e9)
+
+
+def _rtt(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms} ms" if ms < 10_000 else f"{number(ms / 1000, '.0f', bound=1e6)} s"
 
 
 def _age(seconds: float | None) -> str:
@@ -98,6 +122,9 @@ def render(rows: list[SiteRow], *, header: str = "") -> str:
             number(r.cpu_percent, ".0f", bound=1e4),
             number(r.temperature_c, ".0f", bound=1e4),
             "-" if r.outbox is None else str(r.outbox),
+            _rtt(r.rtt_ms),
+            "-" if r.reconnects is None else str(r.reconnects),
+            "-" if r.bytes_sent is None else f"{_kb(r.bytes_sent)}/{_kb(r.bytes_received)} kB",
             number(r.dice, ".3f", bound=1.0),
             "-" if not r.error else safe(r.error, 60),
         )

@@ -591,6 +591,7 @@ class Service:
             outbox=len(s.outbox), last_receipt=s.last_receipt,
             error=s.error or self._message_error or self._troubles.summary(),
             clock_offset_s=self.inbox.clock_offset_s,
+            reconnects=self.client.reconnects, rtt_s=self.client.last_rtt_s,  # the link, for a slow one
         )
 
     def _publish_status(self) -> None:

@@ -45,6 +45,8 @@ class Snapshot:
     last_receipt: str | None = None
     error: str | None = None
     clock_offset_s: float | None = None  # this device's wall clock minus the coordinator's
+    reconnects: int | None = None  # connections to the broker made again since the daemon started
+    rtt_s: float | None = None  # PUBLISH to PUBACK of the last QoS 1 message (None: not measured yet)
 
 
 def _num(name: str, v: float | None, digits: int = 1) -> float | None:
@@ -91,7 +93,15 @@ def status_message(s: Snapshot) -> StatusMessage:
         last_receipt=_text(s.last_receipt),
         error=_text(s.error),
         clock_offset_s=_offset(s.clock_offset_s),
+        reconnects=None if s.reconnects is None else within_bounds("reconnects", int(s.reconnects)),
+        rtt_ms=_rtt_ms(s.rtt_s),
     )
+
+
+def _rtt_ms(v: float | None) -> int | None:
+    if v is None or not math.isfinite(v) or v < 0:
+        return None
+    return within_bounds("rtt_ms", int(round(v * 1000)))
 
 
 def _offset(v: float | None) -> int | None:

@@ -20,7 +20,13 @@ paused), ``cpu_percent`` (daemon and trainer, of one core), ``rss_mb`` (daemon a
 ``last_receipt``, ``error``, and ``clock_offset_s`` (the device's wall clock minus the
 coordinator's, in whole seconds, as measured on the freshest round announcement received live;
 written only once known, and read as unknown when absent, so status of daemons that predate it
-still parses).
+still parses), then the link: ``reconnects`` (connections to the broker made again since the
+daemon started) and ``rtt_ms`` (PUBLISH to PUBACK of its last QoS 1 message, in whole ms),
+optional in the same way.
+
+Compatibility: the coordinator keeps any JSON object a site sends as its status (it decides nothing
+from it), so adding an optional field costs an older coordinator nothing; a reader built on this
+parser reads status without the optional fields as unknown.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ _SITE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # a site id, as fednca.topics c
 _COUNT = 2**53  # integers above this lose precision in JavaScript readers; no real counter gets there
 _TIME = 2**40  # unix seconds, far beyond any device's clock
 _BIG = 1e12  # bound of measured rates, durations and sizes
+_RTT_MS = 86_400_000  # a day: a longer PUBLISH-to-PUBACK time is reported as unknown
 _OFFSET = 10**9  # seconds (about 32 years) either way: a clock further off is reported as unknown
-_OPTIONAL = frozenset({"clock_offset_s"})  # absent on the wire means None
+_OPTIONAL = frozenset({"clock_offset_s", "reconnects", "rtt_ms"})  # absent on the wire means None
 
 
 class TelemetryError(FedNCAError):
@@ -79,6 +86,8 @@ class StatusMessage:
     last_receipt: str | None
     error: str | None
     clock_offset_s: int | None = None
+    reconnects: int | None = None
+    rtt_ms: int | None = None
     v: int = MESSAGE_VERSION
 
     def __post_init__(self) -> None:
@@ -183,6 +192,8 @@ _CHECKS = {
     "last_receipt": _text,
     "error": _text,
     "clock_offset_s": lambda x: x is None or (type(x) is int and -_OFFSET <= x <= _OFFSET),
+    "reconnects": lambda x: _int(x, 0, _COUNT, optional=True),
+    "rtt_ms": lambda x: _int(x, 0, _RTT_MS, optional=True),
 }
 
 
