@@ -33,6 +33,7 @@ from .tensorcodec import (
     Field, Reason, WireError, code_field, config_field, format_fields, hex_field, id_field, int_field, malformed,
     model_sha256, parse_fields, word_field, write_document,
 )
+from .wire_secagg import SecureParams, secagg_field
 from .wire_envelope import (
     ANNOUNCEMENT, MAX_MESSAGE_BYTES, MAX_RECEIPT_BYTES, RECEIPT, ROUND, UPDATE_ID, VERSION, check_tensors, failer,
     float32, make_prefix, open_signed,
@@ -59,6 +60,8 @@ class AnnouncementHeader:
     # Buffered asynchronous rounds: an update trained this many rounds back is still judged (and
     # weighted down), so a site keeps sending it; None: a synchronous round, older updates are stale.
     max_staleness: int | None = None
+    # Secure aggregation's fixed point, threshold and roster (fednca.wire_secagg); None: plain updates.
+    secagg: SecureParams | None = None
     version: int = VERSION
 
     @property
@@ -93,6 +96,7 @@ ANNOUNCEMENT_FIELDS: dict[str, Field] = {
 ANNOUNCEMENT_OPTIONAL: dict[str, Field] = {
     "seconds_left": int_field(0, 2**31 - 1), "base_sha256": hex_field(64),
     "update_dtype": word_field({e: e for e in ("float16", "float32", "q8")}), "max_staleness": int_field(0, 1000),
+    "secagg": secagg_field,
 }
 RECEIPT_FIELDS: dict[str, Field] = {
     "federation": id_field, "site": id_field, "round": ROUND, "update_id": UPDATE_ID,
@@ -115,6 +119,7 @@ def make_announcement(
     delta: tuple[str, Quantised] | None = None,
     update_dtype: str | None = None,
     max_staleness: int | None = None,
+    secagg: SecureParams | None = None,
 ) -> bytes:
     """A signed round announcement carrying the global model as float32.
 
@@ -129,7 +134,7 @@ def make_announcement(
     fields: dict[str, Any] = dict(federation=federation, round=round, deadline=deadline, quorum=quorum, train=train,
                                   model=model, model_sha256=model_sha256(arrays))
     spec = dict(ANNOUNCEMENT_FIELDS)
-    optional = dict(seconds_left=seconds_left, update_dtype=update_dtype, max_staleness=max_staleness,
+    optional = dict(seconds_left=seconds_left, update_dtype=update_dtype, secagg=secagg, max_staleness=max_staleness,
                     base_sha256=None if delta is None else delta[0])
     for name, value in optional.items():
         if value is not None:
