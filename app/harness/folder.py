@@ -82,7 +82,7 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
            train: Any, grace: float, train_images: int, seed: int = 0, chunk_s: float = 2.0,
            telemetry_s: float = 2.0, site_urls: Mapping[str, str] | None = None,
            initial_model: Path | None = None, wire: Mapping[str, str] | None = None,
-           trainer: str | None = None) -> FederationFolder:
+           trainer: str | None = None, aggregation: Any = None) -> FederationFolder:
     """A federation folder under ``root`` (``coordinator/``, ``site0/``...) made as an operator would.
 
     ``model`` and ``train`` (``fednca.config`` objects) replace the preset's; rounds last up to 30
@@ -93,7 +93,8 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
     ``initial_model`` (a model folder of ``fednca.modelfile`` whose configuration is ``model``) is
     the first global model instead of fresh weights (``coordinator init --model``). ``wire``
     sets the federation's ``update_dtype`` and ``model_delta`` (coordinator.yaml) where given;
-    ``trainer`` the sites' ``training.trainer`` (the daemon's default, numpy, when not given).
+    ``trainer`` the sites' ``training.trainer`` (the daemon's default, numpy, when not given);
+    ``aggregation`` (a ``fednca.aggregate.AggregationConfig``) the coordinator's, where given.
     """
     from fednca_broker.config import to_yaml_dict
 
@@ -110,7 +111,7 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
     fed = dataclasses.replace(
         cfg.federation, model=model, train=train,
         rounds=dataclasses.replace(cfg.federation.rounds, grace_s=grace, round_s=1800.0, extension_s=600.0),
-        **dict(wire or {}),
+        **dict(wire or {}), **({"aggregation": aggregation} if aggregation is not None else {}),
     )
     cfg = dataclasses.replace(cfg, federation=fed)
     write_text(cfg.config_path, yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False), mode=0o640)
