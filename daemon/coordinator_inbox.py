@@ -75,6 +75,8 @@ class CoordinatorInbox:
         self.coordinator = coordinator
         self.folder = folder
         self.announcement: Announcement | None = None
+        # The one before it: in buffered rounds the work a newer model interrupts is submitted against it.
+        self.previous: Announcement | None = None
         self._announcement_bytes: bytes | None = None
         self.error: str | None = None  # why the last announcement was refused, until a good one comes
         self.clock_offset_s: float | None = None  # this device's wall clock minus the coordinator's
@@ -189,6 +191,7 @@ class CoordinatorInbox:
         self.folder.save_announcement(held.payload)
         self.folder.save_timing(Timing(round=h.round, model_sha256=h.model_sha256, deadline=held.deadline))
         self._held = None
+        self.previous = self.announcement
         self.announcement, self._announcement_bytes = held.announcement, held.payload
         log.info("round %d announced (deadline %s by the coordinator's clock, model %s)", h.round,
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.deadline)), h.model_sha256[:12])

@@ -152,6 +152,7 @@ def _on_announced(s: State, e: Announced, now: float, out: list[Action]) -> Stat
     info = RoundInfo(e.round, e.deadline, e.model_sha256, e.max_staleness)
     if s.round is not None and e.round == s.round.round and e.model_sha256 == s.round.model_sha256:
         return _r(s, round=info)  # deadline extended
+    interrupted = _interrupted_work(s, info)
     keep = []
     for p in s.outbox:
         if not info.keeps(p.round):
@@ -159,12 +160,25 @@ def _on_announced(s: State, e: Announced, now: float, out: list[Action]) -> Stat
         else:
             keep.append(p)  # a newer round, or in buffered rounds one still counted: keep sending it
     s = _r(s, round=info, outbox=tuple(keep), steps=0,
-           planned=None, failures=0, error=None, rest_until=None, rest_s=0.0, submitting=False)
+           planned=None, failures=0, error=None, rest_until=None, rest_s=0.0, submitting=interrupted is not None)
+    if interrupted is not None:
+        out.append(interrupted)
     if e.deadline <= now + DEADLINE_RESOLUTION_S and e.round > s.done_round:
         # Over before it reached us (the coordinator's final model comes this way): nothing to train.
         out.append(SaveDone(e.round, PAST_DEADLINE))
         s = _r(s, done_round=e.round, last_receipt=PAST_DEADLINE)
     return s
+
+
+def _interrupted_work(s: State, newer: RoundInfo) -> Submit | None:
+    """Buffered rounds: the work on the current round that ``newer`` interrupts, submitted as a
+    partial update (tagged with its round) while the coordinator still counts it, so a site slower
+    than the buffer's cadence still contributes; None when there is not ``min_steps`` of it."""
+    r = s.round
+    if (r is None or not newer.max_staleness or not newer.keeps(r.round) or not s.needs_work or s.submitting
+            or s.worker_round != r.round or s.planned is None or s.steps < s.policy.min_steps):
+        return None
+    return Submit(r.round, partial=s.steps < s.planned)
 
 
 def _on_gates(s: State, e: GatesChanged, now: float, out: list[Action]) -> State:

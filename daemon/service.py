@@ -451,6 +451,8 @@ class Service:
 
     def _submit(self, rnd: int) -> lc.Event:
         ann = self.announcement
+        if ann is not None and ann.header.round != rnd and self.inbox.previous is not None:
+            ann = self.inbox.previous  # buffered rounds: the round a newer model interrupted
         blob: bytes | None = None
         try:
             if ann is None or ann.header.round != rnd:

@@ -69,3 +69,30 @@ def test_the_announcement_tells_buffered_rounds_and_stays_as_before_otherwise():
     plain = make_announcement()
     assert open_announcement(plain).header.max_staleness is None
     assert b"max_staleness" not in plain  # a synchronous round's announcement is unchanged
+
+
+def training(max_staleness, steps, planned=100):
+    """A trainer of round 1 that has done ``steps`` steps, resting between chunks."""
+    s, _ = lc.initial(P, now=T0, round=None, done_round=-1, outbox=[])
+    for event in (lc.Announced(1, DEADLINE, SHA, max_staleness), lc.WorkerReady(1, 0, planned, 0.0, 0.0),
+                  lc.ChunkDone(1, steps, planned, 0.0, 0.0)):
+        s, _ = lc.handle(s, event, T0)
+    return s
+
+
+def test_a_newer_model_submits_the_interrupted_round_as_a_partial_update_then_trains_the_newest():
+    s, out = lc.handle(training(2, steps=40), lc.Announced(2, DEADLINE, SHA2, 2), T0 + 1)
+    assert out[0] == lc.Submit(1, partial=True) and any(isinstance(a, lc.StopWorker) for a in out)
+    assert s.submitting and s.round.round == 2 and s.steps == 0
+    s, out = lc.handle(s, lc.UpdateStored(1, "u1"), T0 + 2)
+    assert [p.round for p in s.outbox] == [1] and not s.submitting
+    s, out = lc.handle(s, lc.ChunkDone(1, 45, 100, 0.0, 0.0), T0 + 2)  # the interrupted chunk
+    assert s.steps == 0  # its steps are not round 2's
+    s, out = lc.handle(s, lc.WorkerExited(None), T0 + 2)
+    assert lc.StartWorker(2) in out
+
+
+def test_too_little_work_or_a_synchronous_round_is_dropped_as_before():
+    for state in (training(2, steps=5), training(0, steps=40)):
+        s, out = lc.handle(state, lc.Announced(2, DEADLINE, SHA2, state.round.max_staleness), T0 + 1)
+        assert not any(isinstance(a, lc.Submit) for a in out) and not s.submitting
