@@ -9,6 +9,9 @@ carries is dropped; while it lasts, a new connection is refused (accepted and cl
 with ``refuse: false``, held unanswered until the link is up again. A cut closes a connection after
 part of a chunk. :meth:`Link.outage` starts an outage now (a partition on demand) and :meth:`Link.restore` ends it,
 :meth:`Links.storm` drops every connection of every link at once (a reconnect storm).
+:meth:`Link.on_publish` runs an action (an outage, say) once a given number of bytes of a PUBLISH on
+a given topic has reached the target: the bytes going up are scanned for MQTT packet headers
+(:mod:`.mqtt_scan`), so a test can cut a site's upload in its middle, whenever the site gets there.
 
 Threads, not asyncio, as the relay of the end-to-end tests: one accepts, one watches the outage
 windows, and each connection has a reader and a writer per direction. Reads are bounded (a small
@@ -23,15 +26,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .links import Cutter, OutagePlan, Profile, cutters, lanes
+from .mqtt_scan import PUBLISH, PacketScanner
 
 CHUNK = 1024  # bytes read at a time: at 64 kbit/s a chunk takes 128 ms to cross
 QUEUED = 16  # chunks in flight per direction before the reader stops reading
 UNTIL_RESTORED_S = 1e9  # an outage with no length given lasts until restore(): in effect, for ever
 
-__all__ = ["CHUNK", "Link", "LinkStats", "Links"]
+__all__ = ["CHUNK", "Link", "LinkStats", "Links", "PublishTrigger"]
 
 
 @dataclass
@@ -48,10 +52,32 @@ class LinkStats:
     down_bytes: int = 0  # delivered to the party
 
 
+@dataclass
+class PublishTrigger:
+    """``action`` runs once, when ``after_bytes`` of a PUBLISH on ``topic`` (its whole length, if
+    shorter) have reached the target; ``fired`` is set just before."""
+
+    topic: str
+    after_bytes: int
+    action: Callable[[], None]
+    fired: threading.Event = field(default_factory=threading.Event)
+
+
+class _Upstream:
+    """What one connection's party has sent, as packets: where each trigger's moment falls in the
+    stream (found by the reader) and how far the stream has been delivered (the writer)."""
+
+    def __init__(self) -> None:
+        self.scanner = PacketScanner()
+        self.marks: list[tuple[int, PublishTrigger]] = []  # (stream offset, trigger), under the link's lock
+        self.delivered = 0
+
+
 class _Connection:
     def __init__(self, *, party: socket.socket, target: socket.socket) -> None:
         self.sockets = (party, target)
         self.closed = threading.Event()
+        self.upstream = _Upstream()
 
     def close(self) -> None:
         if self.closed.is_set():
@@ -79,6 +105,7 @@ class Link:
         self._lock = threading.Lock()
         self._open: list[_Connection] = []
         self._count = 0
+        self._triggers: list[PublishTrigger] = []
         self.stats = LinkStats()
         self._closed = threading.Event()
         self._wake = threading.Event()
@@ -107,6 +134,14 @@ class Link:
         self.plan.add(now, now + (UNTIL_RESTORED_S if for_s is None else for_s))
         self.drop()
         self._wake.set()
+
+    def on_publish(self, topic: str, *, after_bytes: int, action: Callable[[], None]) -> PublishTrigger:
+        """Run ``action`` (in a thread of the link) once ``after_bytes`` of the next PUBLISH on
+        ``topic`` sent up this link have reached the target."""
+        trigger = PublishTrigger(topic=topic, after_bytes=after_bytes, action=action)
+        with self._lock:
+            self._triggers.append(trigger)
+        return trigger
 
     def restore(self) -> None:
         """The link comes up now: outages started by :meth:`outage` end (the profile's stay)."""
@@ -200,6 +235,8 @@ class Link:
                 data = src.recv(CHUNK)
             except OSError:
                 data = b""
+            if d == "up" and data:
+                self._scan(conn.upstream, data)
             cut = None if cutter is None or not data else cutter.cut_in(len(data))
             end = "cut" if cut is not None else ("eof" if not data else None)
             data = data if cut is None else data[:cut]
@@ -217,6 +254,8 @@ class Link:
             except OSError:
                 end = end or "eof"
             self._count_stat(f"{d}_bytes", len(data))
+            if d == "up" and data:
+                self._delivered(conn.upstream, len(data))
             if end is not None:
                 with self._lock:
                     self.stats.cut += end == "cut"
@@ -224,6 +263,29 @@ class Link:
                         self._open.remove(conn)
                 conn.close()
                 return
+
+    def _scan(self, up: _Upstream, data: bytes) -> None:
+        """Note where the triggers' moments fall among the PUBLISH packets that begin in ``data``."""
+        for packet in up.scanner.feed(data):
+            if packet.kind != PUBLISH:
+                continue
+            with self._lock:
+                for t in self._triggers:
+                    if t.topic == packet.topic and not t.fired.is_set() and all(m[1] is not t for m in up.marks):
+                        up.marks.append((packet.offset + max(1, min(t.after_bytes, packet.length)), t))
+
+    def _delivered(self, up: _Upstream, n: int) -> None:
+        """``n`` more bytes of the stream reached the target: run the triggers whose moment came."""
+        due: list[PublishTrigger] = []
+        with self._lock:
+            up.delivered += n
+            for mark in [m for m in up.marks if m[0] <= up.delivered]:
+                up.marks.remove(mark)
+                if not mark[1].fired.is_set():
+                    mark[1].fired.set()
+                    due.append(mark[1])
+        for t in due:
+            t.action()
 
     def _count_stat(self, name: str, n: int) -> None:
         with self._lock:
