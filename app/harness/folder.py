@@ -82,7 +82,8 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
            train: Any, grace: float, train_images: int, seed: int = 0, chunk_s: float = 2.0,
            telemetry_s: float = 2.0, site_urls: Mapping[str, str] | None = None,
            initial_model: Path | None = None, wire: Mapping[str, str] | None = None,
-           trainer: str | None = None, aggregation: Any = None) -> FederationFolder:
+           trainer: str | None = None, aggregation: Any = None,
+           round_settings: Mapping[str, Any] | None = None) -> FederationFolder:
     """A federation folder under ``root`` (``coordinator/``, ``site0/``...) made as an operator would.
 
     ``model`` and ``train`` (``fednca.config`` objects) replace the preset's; rounds last up to 30
@@ -94,7 +95,8 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
     the first global model instead of fresh weights (``coordinator init --model``). ``wire``
     sets the federation's ``update_dtype`` and ``model_delta`` (coordinator.yaml) where given;
     ``trainer`` the sites' ``training.trainer`` (the daemon's default, numpy, when not given);
-    ``aggregation`` (a ``fednca.aggregate.AggregationConfig``) the coordinator's, where given.
+    ``aggregation`` (a ``fednca.aggregate.AggregationConfig``) the coordinator's, where given;
+    ``round_settings`` further ``round`` keys of coordinator.yaml (``mode: async``, ...).
     """
     from fednca_broker.config import to_yaml_dict
 
@@ -110,7 +112,8 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
     cfg = made.config()
     fed = dataclasses.replace(
         cfg.federation, model=model, train=train,
-        rounds=dataclasses.replace(cfg.federation.rounds, grace_s=grace, round_s=1800.0, extension_s=600.0),
+        rounds=dataclasses.replace(cfg.federation.rounds, grace_s=grace, round_s=1800.0, extension_s=600.0,
+                                   **dict(round_settings or {})),
         **dict(wire or {}), **({"aggregation": aggregation} if aggregation is not None else {}),
     )
     cfg = dataclasses.replace(cfg, federation=fed)
