@@ -41,6 +41,7 @@ from . import tls
 from .downlink import MODEL_DELTAS
 from .mosquitto import MosquittoSettings, TLSListener, limits_for
 from .rounds import RoundConfig
+from .secure_config import SecureAggregationConfig, parse_secure, secure_problems
 
 CONFIG_NAME = "coordinator.yaml"
 # The read-only observer accounts (role ``observer``): one for ``fednca status``, one for the demo's
@@ -91,6 +92,7 @@ class FederationConfig:
     train: TrainConfig = TrainConfig()
     update_dtype: str = "float16"  # what sites are told to send (announced): float16, float32 or q8; all accepted
     model_delta: str = "off"  # "q8": announce each model as an 8-bit delta from the previous (broker/downlink.py)
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()  # off by default (.secure_config)
 
     def __post_init__(self) -> None:
         problems: list[tuple[str, str]] = []
@@ -106,6 +108,7 @@ class FederationConfig:
             problems.append(("update_dtype", f"must be one of {sorted(UPDATE_ENCODINGS)}, got {self.update_dtype!r}"))
         if self.model_delta not in MODEL_DELTAS:
             problems.append(("model_delta", f"must be one of {list(MODEL_DELTAS)}, got {self.model_delta!r}"))
+        problems += secure_problems(self.secure_aggregation, self.aggregation, self.rounds.mode)
         _refuse(problems)
 
 
@@ -262,6 +265,7 @@ def to_yaml_dict(cfg: CoordinatorConfig) -> dict[str, Any]:
         "train": _plain(f.train.to_dict()),
         "update_dtype": f.update_dtype,
         "model_delta": f.model_delta,
+        "secure_aggregation": f.secure_aggregation.to_yaml(),
         "mosquitto": _plain(dataclasses.asdict(cfg.mosquitto)),
     }
 
@@ -297,6 +301,7 @@ def load_config(path: str | Path) -> CoordinatorConfig:
 
 
 _SECTIONS = ("federation", "broker", "round", "aggregation", "model", "train", "update_dtype", "model_delta",
+             "secure_aggregation",
              "mosquitto")
 
 # Fields of FederationConfig that the file holds under another key.
@@ -344,6 +349,10 @@ def parse_config(data: Any, *, folder: Path, path: Path | None = None) -> Coordi
     top = {"name": name or "check", "max_rounds": max_rounds, "seed": seed,
            "update_dtype": data.get("update_dtype", FederationConfig.update_dtype),
            "model_delta": data.get("model_delta", FederationConfig.model_delta)}
+    try:
+        top["secure_aggregation"] = parse_secure(data.get("secure_aggregation"))
+    except ConfigError as e:
+        problems.add(e.field, e.why)
     complete = {key: value for key, value in sections.items() if value is not BAD}
     federation = problems.build("", FederationConfig, {**top, **complete}, keys=_KEY_OF_FIELD)
     if problems:

@@ -42,6 +42,7 @@ from fednca.keys import CoordinatorKeys, Registry, key_id
 from fednca.rounds_vocab import RoundStatus
 from fednca.topics import Topics, TopicError
 from fednca.transport.base import Client, Message, SubscribeRefused
+from fednca.wire_secagg import UNMASK_ANSWER, kind_of
 
 from . import async_rounds as rounds  # the policy of either mode (rounds.md)
 from .commit import GroupCommit
@@ -60,6 +61,7 @@ from .intake import STORE_THREADS, Intake, take_batch
 from .round_deltas import RoundDeltas
 from .round_models import FIRST_ROUND, RoundModels
 from .round_state import RoundState
+from .secure_rounds import ROUND_KEY_BOOK, SecureRounds
 from .verifier import VERIFY_THREADS, Opened, Verifier
 from .workers import RecordError, VerifiedRecord, verified_filter
 from .roundlog import (
@@ -144,6 +146,10 @@ class Coordinator:
         self._models = RoundModels(config=config, store=store, deltas=self._deltas, downlink=self._downlink,
                                    clock=clock, log=lambda record: self._emit(record, durable=True),
                                    done=self._done)  # fmt: skip
+        self._secure = (SecureRounds(config=config.secure_aggregation, federation=config.name, store=store, keys=keys,
+                                     book_path=store.folder / ROUND_KEY_BOOK, client=client, clock=clock,
+                                     max_rounds=config.max_rounds)
+                        if config.secure_aggregation.enabled else None)  # masked updates, unmasked after the close
         self._prefetched: list[Finish] = []  # the next batch, taken while the last one was stored
         self._statuses = StatusCache(clock=clock)
         self._intake: Intake | None = None  # sized from the model on the first message
@@ -261,6 +267,8 @@ class Coordinator:
         if not self._finished:
             self._apply(Tick(), None)
             self._commit.flush()
+            if self._secure is not None and self.state.status == RoundStatus.CLOSED and self._secure.tick(self._registry):
+                self._finish_round(self.state)  # the unmasking decided
         return handled
 
     def run_until(
@@ -374,14 +382,23 @@ class Coordinator:
         if parsed.kind != "updates":
             return lambda: self._drop(message, f"the coordinator does not take messages on {parsed.kind!r}")
         registry = self._registry
+        if self._secure is not None and kind_of(message.payload) == UNMASK_ANSWER:
+            return lambda: self._take_answer(site, message)  # type: ignore[arg-type]
         future = self._intake_of().submit(site, message.payload, registry)  # type: ignore[arg-type]
         return lambda: self._judge(future, message, registry, site)  # type: ignore[arg-type]
 
     def _intake_of(self) -> Intake:
         if self._intake is None:
             self._intake = Intake(federation=self._cfg.name, box_keys=[self._keys.box], shapes=self._model.shapes,
-                                  max_update_bytes=self._model.max_update_bytes, verifier=self._verifier)  # fmt: skip
+                                  max_update_bytes=self._model.max_update_bytes, verifier=self._verifier,
+                                  opener=None if self._secure is None else self._secure.opener(self._model.shapes))
         return self._intake
+
+    def _take_answer(self, site: str, message: Message) -> None:
+        """An unmask answer: stored by the unmasking phase, then acknowledged."""
+        assert self._secure is not None
+        self._secure.answer(site, message.payload, self._registry)
+        self._commit.add(Ack(site, None), message)
 
     def _take_record(self, message: Message) -> Finish:
         """A worker's verified record (:mod:`.workers`): judged as the update it tells of."""
@@ -476,6 +493,8 @@ class Coordinator:
         return finish
 
     def _keep_delta(self, round: int, site: str, update_id: str) -> None:
+        if self._secure is not None:
+            return  # a masked vector is read from its stored payload at the unmasking
         self._deltas.keep(round, site, update_id, shapes=self._model.shapes)
 
     def _drop(self, message: Message, why: str) -> None:
@@ -496,8 +515,11 @@ class Coordinator:
 
     def _finish_round(self, state: RoundState) -> None:
         """Aggregate a closed round, save and log the new model, then open the next round (or finish)."""
+        if self._secure is not None and not self._secure.begin(state, self._registry):
+            return  # the unmasking phase decides; step() comes back here then
         self._model = self._models.after(state, model=self._model, registry=self._registry,
-                                         logged=self._logged.has(RoundAggregatedRecord.KIND, state.round))
+                                         logged=self._logged.has(RoundAggregatedRecord.KIND, state.round),
+                                         aggregate=None if self._secure is None else self._secure.aggregate)
         if self._cfg.max_rounds is not None and state.round >= self._cfg.max_rounds:
             self._finish_federation(state)
             return
@@ -528,8 +550,9 @@ class Coordinator:
     # -- publishing -------------------------------------------------------------------------------
 
     def _announce(self, round: int, deadline: float, quorum: int) -> None:
+        secagg = None if self._secure is None else self._secure.announced(round, self.state.enrolled, self._registry)
         self._publisher.announce(round=round, deadline=deadline, quorum=quorum, tensors=self._model.tensors,
-                                 delta=self._downlink.announced(round, self._model))
+                                 delta=self._downlink.announced(round, self._model), secagg=secagg)
 
     def _emit(self, record: LogRecord, *, durable: bool = False) -> None:
         """One event on the ``events`` topic and in the log; ``durable`` also appends it to the

@@ -65,13 +65,14 @@ class Intake:
 
     def __init__(
         self, *, federation: str, box_keys: Sequence[PrivateKey], shapes: Mapping[str, tuple[int, ...]],
-        max_update_bytes: int, verifier: Verifier,
+        max_update_bytes: int, verifier: Verifier, opener: Callable[[str, bytes, Registry], Opened] | None = None,
     ) -> None:  # fmt: skip
         self.federation = federation
         self._box_keys = list(box_keys)
         self.shapes = dict(shapes)
         self.max_update_bytes = max_update_bytes
         self._verifier = verifier
+        self._opener = opener  # secure aggregation opens masked updates instead (broker/secure_rounds.py)
         self.admission = Admission(budgets=budgets_for(max_update_bytes=max_update_bytes,
                                                        status_max_bytes=STATUS_MAX_BYTES))  # fmt: skip
 
@@ -85,6 +86,8 @@ class Intake:
 
     def open(self, site: str, payload: bytes, registry: Registry) -> Opened:
         """Open ``payload`` from ``updates/<site>`` now, in this thread."""
+        if self._opener is not None:
+            return self._opener(site, payload, registry)
         return open_update_once(payload, site=site, box_keys=self._box_keys, registry=registry,
                                 federation=self.federation, shapes=self.shapes,
                                 max_bytes=self.max_update_bytes)  # fmt: skip

@@ -31,6 +31,7 @@ from fednca.topics import Topics
 from fednca.transport.base import Client, PayloadTooLarge, PublishHandle
 from fednca.quantise import Quantised
 from fednca.wire import make_announcement, make_receipt
+from fednca.wire_secagg import SecureParams
 
 from .round_events import SendReceipt
 from .roundlog import LogRecord, encode
@@ -76,9 +77,10 @@ class Publisher:
 
     def announce(
         self, *, round: int, deadline: float, quorum: int, tensors: Mapping[str, np.ndarray],
-        delta: tuple[str, Quantised] | None = None,
+        delta: tuple[str, Quantised] | None = None, secagg: SecureParams | None = None,
     ) -> None:  # fmt: skip
-        """The signed, retained announcement of ``round`` with its global model.
+        """The signed, retained announcement of ``round`` with its global model (and, with secure
+        aggregation, ``secagg``: the round's fixed point, threshold and roster).
 
         It carries the time left as well as the deadline: sites time the round by the former on
         their own clock (a site's wall clock may be hours off) and show the latter. ``delta``
@@ -90,6 +92,7 @@ class Publisher:
             federation=self._federation, round=round, deadline=deadline_s, quorum=quorum,
             train=self._train, model=self._model, tensors=tensors, signing_key=self._signing,
             seconds_left=seconds_left, update_dtype=self._update_dtype, max_staleness=self._max_staleness,
+            secagg=secagg,
         )  # fmt: skip
         whole = make_announcement(**fields)  # type: ignore[arg-type]
         if self._model_topic:

@@ -32,6 +32,8 @@ from .roundlog import LogRecord, RoundAggregatedRecord
 from .store import RoundStore
 
 FIRST_ROUND = 1
+# (closed round, model=, registry=, cfg=) -> (next model, None) or (previous model, why it is kept)
+Aggregate = Callable[..., tuple[dict[str, np.ndarray], "str | None"]]
 
 
 class RoundModels:
@@ -60,15 +62,18 @@ class RoundModels:
         self._done("SaveModel")
         return GlobalModel.of(model)
 
-    def after(self, state: RoundState, *, model: GlobalModel, registry: Registry, logged: bool) -> GlobalModel:
+    def after(self, state: RoundState, *, model: GlobalModel, registry: Registry, logged: bool,
+              aggregate: Aggregate | None = None) -> GlobalModel:
         """The model that follows the closed round ``state`` (trained from ``model``), saved and
-        logged; ``logged`` whether the round log already holds its ``round_aggregated`` line."""
+        logged; ``logged`` whether the round log already holds its ``round_aggregated`` line.
+        ``aggregate`` replaces the spool's (secure aggregation decodes a masked sum instead)."""
         nxt, started = state.round + 1, time.perf_counter()
         if nxt in self._store.model_rounds() and logged:
             tensors = self._store.load_model(nxt)  # done before a crash: the same bytes again
             size = self._store.model_path(nxt).stat().st_size
         else:
-            tensors, kept = self._deltas.next_model(state, model=model, registry=registry, cfg=self._cfg.aggregation)
+            tensors, kept = (aggregate or self._deltas.next_model)(state, model=model, registry=registry,
+                                                                    cfg=self._cfg.aggregation)
             tensors = self._downlink.define(round=nxt, previous=model, candidate=tensors)
             size = len(self._store.save_model(nxt, tensors, metadata={"round": str(nxt)}))
             self._done("SaveModel")
