@@ -149,6 +149,8 @@ def _due(state: RoundState, now: float, out: _Actions) -> RoundState:
     if state.all_reported:
         return _close(state, now, CloseReason.ALL_REPORTED, out)
     if state.quorum_at is not None:
+        if state.config.mode == "async":
+            return state  # a full buffer is closed by the buffered policy (.async_rounds), grace or not
         grace_end = state.quorum_at + state.config.grace_s
         if now >= min(grace_end, state.deadline):
             return _close(state, now, CloseReason.GRACE if grace_end < state.deadline else CloseReason.DEADLINE, out)

@@ -65,6 +65,15 @@ def test_the_buffer_closes_when_full_without_waiting_for_grace_or_deadline():
     assert [u.site for u in close.accepted] == ["A", "B"]
 
 
+def test_the_synchronous_grace_and_deadline_never_close_a_buffer():
+    for grace in (0.0, 5.0):
+        s = start(RoundConfig(mode="async", buffer_size=2, grace_s=grace, round_s=600.0))
+        s, _ = handle(s, up("A", 1), 1.0)
+        s, actions = handle(s, up("B", 1), 2.0)
+        assert s.close_reason == CloseReason.BUFFER_FULL
+        assert [a.reason for a in actions if isinstance(a, CloseRound)] == [CloseReason.BUFFER_FULL]
+
+
 def test_an_update_from_an_earlier_version_is_counted_with_its_staleness():
     s = advance(fill(start(), "AB", 1.0), 2.0)  # round 2 trains from MODELS[1]
     s, actions = handle(s, up("C", 1), 5.0)  # C trained from round 1's model: one version behind
