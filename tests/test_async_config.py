@@ -34,3 +34,17 @@ def test_a_bad_value_is_named_by_its_key(section, key):
     with pytest.raises(ConfigFileError) as e:
         parse(section)
     assert key in str(e.value)
+
+
+def test_the_demo_sets_up_an_async_federation(tmp_path):
+    import argparse
+
+    from fednca_app.commands import demo
+
+    parser = argparse.ArgumentParser()
+    demo.configure(parser)
+    args = parser.parse_args(["--rounds-mode", "async", "--buffer", "2", "--sites", "3", "--quorum", "2"])
+    rounds = demo.setup(args, tmp_path / "work").config().federation.rounds
+    assert (rounds.mode, rounds.buffer_size) == ("async", 2)
+    plain = demo.setup(parser.parse_args(["--sites", "2", "--quorum", "2"]), tmp_path / "plain")
+    assert plain.config().federation.rounds.mode == "sync"

@@ -61,6 +61,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="how sites send updates (default: the federation's, float16)")
     p.add_argument("--model-delta", choices=["off", "q8"], default=None,
                    help="q8: each round's model goes down as an 8-bit delta (default: the federation's, off)")
+    p.add_argument("--rounds-mode", choices=["sync", "async"], default="sync",
+                   help="async: buffered asynchronous rounds, a new model after every --buffer updates (docs/rounds.md)")
+    p.add_argument("--buffer", type=int, default=3, help="async: updates per new model (default 3)")
     p.add_argument("--trainer", choices=["numpy", "torch"], default=None,
                    help="the sites' trainer (default: the daemon's, numpy)")
     p.add_argument("--no-baselines", action="store_true", help="skip the local-only and pooled baselines")
@@ -79,7 +82,14 @@ def setup(args: argparse.Namespace, work: Path) -> FederationFolder:
                   model=preset(input_size=args.size, steps=tuple(args.nca_steps)),
                   train=train_preset(local_epochs=args.local_epochs, batch_size=args.batch),
                   grace=args.grace, train_images=args.train_images, seed=args.seed, wire=_wire(args),
-                  trainer=getattr(args, "trainer", None))
+                  trainer=getattr(args, "trainer", None), round_settings=_round_settings(args))
+
+
+def _round_settings(args: argparse.Namespace) -> dict[str, object] | None:
+    """coordinator.yaml's round keys for ``--rounds-mode async`` (None: the synchronous default)."""
+    if getattr(args, "rounds_mode", "sync") != "async":
+        return None
+    return {"mode": "async", "buffer_size": args.buffer}
 
 
 def _wire(args: argparse.Namespace) -> dict[str, str]:
@@ -204,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
     model_cfg = preset(input_size=args.size, steps=tuple(args.nca_steps))
     store = RoundStore(root=federation.config().store_root, federation=FEDERATION)
     mode = f"mosquitto at {args.broker}, one process per party" if args.broker else "in-memory broker, one process"
-    print(f"federation of {args.sites} sites ({mode}); quorum {args.quorum}, {args.rounds} rounds, "
+    closing = f"quorum {args.quorum}" if args.rounds_mode == "sync" else f"async, a model per {args.buffer} updates"
+    print(f"federation of {args.sites} sites ({mode}); {closing}, {args.rounds} rounds, "
           f"{args.train_images} training and {args.test_images} test images per site", flush=True)
     if profiles:
         print("links: " + ", ".join(f"{name} on {p.name}" for name, p in profiles.items()), flush=True)
