@@ -48,3 +48,24 @@ def test_the_demo_sets_up_an_async_federation(tmp_path):
     assert (rounds.mode, rounds.buffer_size) == ("async", 2)
     plain = demo.setup(parser.parse_args(["--sites", "2", "--quorum", "2"]), tmp_path / "plain")
     assert plain.config().federation.rounds.mode == "sync"
+
+
+def test_the_coordinator_refuses_worker_processes_in_the_async_mode(tmp_path, capsys):
+    import dataclasses
+
+    import yaml
+
+    from fednca.atomic import write_text
+    from fednca.config import preset, train_preset
+    from fednca_app.cli import main
+    from fednca_app.harness import set_up
+    from fednca_broker.config import CONFIG_NAME, load_config
+
+    folder = set_up(tmp_path / "fed", federation="clinics", sites=1, rounds=1, quorum=1, url="mqtt://127.0.0.1:1883",
+                    model=preset(input_size=16, steps=(3, 2)), train=train_preset(local_epochs=1), grace=0.0,
+                    train_images=2, round_settings={"mode": "async"}).folder
+    cfg = load_config(folder / CONFIG_NAME)
+    cfg = dataclasses.replace(cfg, mosquitto=dataclasses.replace(cfg.mosquitto, workers=1))
+    write_text(folder / CONFIG_NAME, yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False), mode=0o640)
+    assert main(["coordinator", "run", str(folder), "--workers", "1"]) == 2
+    assert "round.mode async runs without worker processes" in capsys.readouterr().out
