@@ -46,6 +46,7 @@ from fednca.notify import Notifier
 from fednca.topics import TopicError, Topics
 from fednca.transport.base import Client, Message, PayloadTooLarge, PublishHandle, TransportError
 from fednca.wire import Announcement, WireError
+from fednca.wire_secagg import UNMASK_REQUEST, kind_of
 
 from . import lifecycle as lc
 from .config import DaemonConfig
@@ -58,6 +59,7 @@ from .outbox import Done, StateFolder, Writer
 from .sensors import Sensors
 from .shell_events import Inbound, Queued, StopAsked, Timer, Timers
 from .held_model import load_residual, save_residual
+from .secure_site import SecureAggregationRefused, SecureSite
 from .submission import CheckpointMismatch, ErrorFeedback, build_update, checkpoint_damage
 from .supervisor import FromTrainer, TrainerSetup, TrainerSupervisor
 from .telemetry import Snapshot, status_json, status_line
@@ -123,6 +125,8 @@ class Service:
         self.state = lc.State(policy=self.policy)
         self.inbox = CoordinatorInbox(federation=config.federation, site=config.site, coordinator=coordinator,
                                       folder=self.folder)
+        self.secure = SecureSite(state_dir=config.state_dir, key_dir=config.keys.site, site=config.site,
+                                 federation=config.federation, signing_key=site_keys.signing, coordinator=coordinator)
         self._events: queue.SimpleQueue[Queued] = queue.SimpleQueue()
         self._pending: collections.deque[lc.Event] = collections.deque()
         self.trainer = TrainerSupervisor(
@@ -462,10 +466,13 @@ class Service:
                 raise CheckpointMismatch("no checkpoint to submit")
             dtype = ann.header.update_dtype or self.cfg.training.delta_dtype  # the federation's choice first
             feedback = ErrorFeedback(residual=load_residual(self.folder, round=rnd)) if dtype == "q8" else None
-            uid, payload, progress = build_update(
-                announcement=ann, checkpoint=blob, site=self.cfg.site, signing_key=self.site_keys.signing,
-                coordinator_box=self.coordinator.box, dtype=dtype, feedback=feedback)
-        except (CheckpointMismatch, WireError, StateFolderError) as e:
+            if ann.header.secagg is not None:  # secure aggregation: a masked update (secure_site.py)
+                uid, payload, progress = self.secure.build(announcement=ann, checkpoint=blob)
+            else:
+                uid, payload, progress = build_update(
+                    announcement=ann, checkpoint=blob, site=self.cfg.site, signing_key=self.site_keys.signing,
+                    coordinator_box=self.coordinator.box, dtype=dtype, feedback=feedback)
+        except (CheckpointMismatch, WireError, StateFolderError, SecureAggregationRefused) as e:
             self._troubles.report("submit", f"cannot make the update of round {rnd}: {e}", self.clock())
             why = None if blob is None else checkpoint_damage(blob)
             if why is not None:
@@ -548,6 +555,7 @@ class Service:
 
     def _announced(self, event: lc.Announced) -> None:
         self._feed(event)
+        self.secure.forget_before(event.round)  # an earlier round's seeds and round key are no longer needed
         if event.deadline <= self.clock() + lc.DEADLINE_RESOLUTION_S:
             log.info("round %d came after its deadline (the coordinator's final model, or a round already "
                      "closed): nothing to train", event.round)
@@ -556,6 +564,15 @@ class Service:
             self.inference.offer(self.inbox.announcement)
 
     def _on_receipt(self, payload: bytes) -> None:
+        if kind_of(payload) == UNMASK_REQUEST:  # secure aggregation: answered once, stored first
+            answer = self.secure.answer(payload)
+            try:
+                if answer is not None:
+                    self.client.publish(self.topics.updates(self.cfg.site), answer, qos=1)
+                    self.probe("unmask-answered")
+            except TransportError as e:  # the coordinator asks again until it hears
+                log.warning("unmask answer not published now (%s)", e)
+            return
         event = self.inbox.receipt_arrived(payload)
         if event is not None:
             self._feed(event)
