@@ -44,7 +44,7 @@ from fednca.display import Pace
 from fednca.keys import CoordinatorPublicKeys, SiteKeys
 from fednca.notify import Notifier
 from fednca.topics import TopicError, Topics
-from fednca.transport.base import Client, Message, PayloadTooLarge, PublishHandle, TransportError
+from fednca.transport.base import Client, Message, PayloadTooLarge, TransportError
 from fednca.wire import Announcement, WireError
 from fednca.wire_secagg import UNMASK_REQUEST, kind_of
 
@@ -63,6 +63,7 @@ from .secure_site import SecureAggregationRefused, SecureSite
 from .submission import CheckpointMismatch, ErrorFeedback, build_update, checkpoint_damage
 from .supervisor import FromTrainer, TrainerSetup, TrainerSupervisor
 from .telemetry import Snapshot, status_json, status_line
+from .uploads import Uploads
 from .trainer_protocol import DataSpec
 from .trouble import RETRY_BASE_S, Troubles
 
@@ -138,7 +139,7 @@ class Service:
             deliver=self._events.put, follow=self.sensors.follow_trainer, python=python)
         self._gates = GateState()
         self._readings: Readings | None = None
-        self._sent_updates: list[tuple[PublishHandle, int, str]] = []  # waiting for the broker's PUBACK
+        self.uploads = Uploads()  # published updates waiting for the broker's PUBACK
         self._closing = threading.Event()
         self._exited = False
         self._pace = Pace()  # the round's progress and ETA, one log line per chunk
@@ -296,9 +297,7 @@ class Service:
 
     def _check_deliveries(self) -> None:
         """Note updates the broker has taken (its PUBACK); the receipt is what ends the round."""
-        for sent in [x for x in self._sent_updates if x[0].done]:
-            self._sent_updates.remove(sent)
-            handle, rnd, uid = sent
+        for handle, rnd, uid in ((u.handle, u.round, u.update_id) for u in self.uploads.answered()):
             if handle.accepted:
                 log.info("round %d: update %s taken by the broker", rnd, uid[:8])
                 self.probe("update-delivered")
@@ -408,6 +407,9 @@ class Service:
             self.trainer.stop(interrupt=a.interrupt)
         elif isinstance(a, lc.Submit):
             self._pending.append(self._submit(a.round))
+        elif isinstance(a, lc.Publish) and self.uploads.in_flight(a.round, a.update_id):
+            log.info("round %d: update %s still on its way to the broker: not published again", a.round,
+                     a.update_id[:8])  # the client resends it after a reconnect (see .uploads)
         elif isinstance(a, lc.Publish):
             try:
                 payload = self.folder.outbox.get(a.round, a.update_id)
@@ -502,7 +504,7 @@ class Service:
     def _publish_update(self, rnd: int, uid: str, payload: bytes) -> None:
         try:
             handle = self.client.publish(self.topics.updates(self.cfg.site), payload, qos=1)
-            self._sent_updates.append((handle, rnd, uid))
+            self.uploads.add(handle, round=rnd, update_id=uid)
         except PayloadTooLarge as e:
             log.error("round %d: update %s can never be delivered: %s", rnd, uid[:8], e)
             self._pending.append(lc.ReceiptArrived(rnd, uid, False, "too_large"))
