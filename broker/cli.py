@@ -4,6 +4,7 @@
                                 [--listen ADDRESS:PORT] [--tls-name NAME ...] [--broker-dir DIR]
     fednca coordinator enroll DIR SITE KEYFILE|HEX [--out FOLDER] [--replace] [--region REGION]
     fednca coordinator revoke DIR SITE
+    fednca coordinator round-keys DIR SITE FILE   (secure aggregation: a site's signed round keys)
     fednca coordinator broker-config DIR [--new-server-certificate]
     fednca coordinator bridge DIR REGION [--broker URL] [--site SITE ...] [--remove-site SITE ...]
     fednca coordinator run DIR [--log-level info] [--workers N]
@@ -47,7 +48,7 @@ from fednca.notify import Notifier
 
 from .clients import broker_client
 from .config import CONFIG_NAME, BrokerConfig, FederationConfig, load_config
-from . import bridge_setup, setup_commands as setup
+from . import bridge_setup, round_key_commands, setup_commands as setup
 from .store import RoundStore
 
 KILL_ENV = "FEDNCA_COORDINATOR_KILL_AFTER"
@@ -82,6 +83,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     enroll.add_argument("--out", type=Path, help="also write what the site needs into this folder")
     enroll.add_argument("--json", action="store_true", help="print one JSON object")
     enroll.add_argument("--region", help="the site connects to this region's broker (fednca coordinator bridge)")
+    round_key_commands.configure(sub.add_parser("round-keys", help="add a site's signed batch of round keys "
+                                                "(secure aggregation)"))
     revoke = sub.add_parser("revoke", help="revoke a site: drop its key and its broker account")
     revoke.add_argument("folder", type=Path)
     revoke.add_argument("site")
@@ -117,7 +120,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     actions = {"init": setup.init, "enroll": setup.enroll, "revoke": setup.revoke,
                "broker-config": setup.broker_config, "run": _run, "rollback": _rollback, "show": _show,
-               "check": _check, "bridge": bridge_setup.run, "worker": _worker}  # fmt: skip
+               "check": _check, "bridge": bridge_setup.run, "worker": _worker,
+               "round-keys": round_key_commands.run}  # fmt: skip
     return actions[args.action](args)
 
 
