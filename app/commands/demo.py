@@ -66,6 +66,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--buffer", type=int, default=3, help="async: updates per new model (default 3)")
     p.add_argument("--trainer", choices=["numpy", "torch"], default=None,
                    help="the sites' trainer (default: the daemon's, numpy)")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="masked updates: the coordinator learns only the sum (docs/secure-aggregation.md)")
     p.add_argument("--no-baselines", action="store_true", help="skip the local-only and pooled baselines")
     p.add_argument("--json", action="store_true", help="end with one JSON line of results")
 
@@ -82,7 +84,8 @@ def setup(args: argparse.Namespace, work: Path) -> FederationFolder:
                   model=preset(input_size=args.size, steps=tuple(args.nca_steps)),
                   train=train_preset(local_epochs=args.local_epochs, batch_size=args.batch),
                   grace=args.grace, train_images=args.train_images, seed=args.seed, wire=_wire(args),
-                  trainer=getattr(args, "trainer", None), round_settings=_round_settings(args))
+                  trainer=getattr(args, "trainer", None), round_settings=_round_settings(args),
+                  secure_aggregation=getattr(args, "secure_aggregation", False))
 
 
 def _round_settings(args: argparse.Namespace) -> dict[str, object] | None:

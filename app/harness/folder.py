@@ -83,7 +83,7 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
            telemetry_s: float = 2.0, site_urls: Mapping[str, str] | None = None,
            initial_model: Path | None = None, wire: Mapping[str, str] | None = None,
            trainer: str | None = None, aggregation: Any = None,
-           round_settings: Mapping[str, Any] | None = None) -> FederationFolder:
+           round_settings: Mapping[str, Any] | None = None, secure_aggregation: bool = False) -> FederationFolder:
     """A federation folder under ``root`` (``coordinator/``, ``site0/``...) made as an operator would.
 
     ``model`` and ``train`` (``fednca.config`` objects) replace the preset's; rounds last up to 30
@@ -97,6 +97,9 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
     ``trainer`` the sites' ``training.trainer`` (the daemon's default, numpy, when not given);
     ``aggregation`` (a ``fednca.aggregate.AggregationConfig``) the coordinator's, where given;
     ``round_settings`` further ``round`` keys of coordinator.yaml (``mode: async``, ...).
+    ``secure_aggregation`` turns it on (with plain FedAvg, the rule it allows) and gives every
+    site a batch of round keys as an operator would (``fednca keys round-keys``, then
+    ``fednca coordinator round-keys``).
     """
     from fednca_broker.config import to_yaml_dict
 
@@ -116,6 +119,13 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
                                    **dict(round_settings or {})),
         **dict(wire or {}), **({"aggregation": aggregation} if aggregation is not None else {}),
     )
+    if secure_aggregation:
+        from fednca.aggregate import AggregationConfig
+        from fednca_broker.secure_config import SecureAggregationConfig
+
+        fed = dataclasses.replace(fed, secure_aggregation=SecureAggregationConfig(enabled=True),
+                                  aggregation=AggregationConfig(method="fedavg", clip_norm=None,
+                                                                median_norm_factor=None, max_weight_ratio=None))
     cfg = dataclasses.replace(cfg, federation=fed)
     write_text(cfg.config_path, yaml.safe_dump(to_yaml_dict(cfg), sort_keys=False), mode=0o640)
     paths = []
@@ -141,6 +151,9 @@ def set_up(root: Path, *, federation: str, sites: int, rounds: int, quorum: int,
             "inference": {"export": False},  # whoever runs the harness evaluates the models itself
         }  # fmt: skip
         write_text(folder / "daemon.yaml", yaml.safe_dump(daemon, sort_keys=False), mode=0o600)
+        if secure_aggregation:
+            _quiet(["keys", "round-keys", str(folder / "keys"), "--site", name, "--count", "16"])
+            _quiet(["coordinator", "round-keys", str(coordinator), name, str(folder / "keys" / "round-keys.pub")])
         paths.append(SitePaths(name=name, config=folder / "daemon.yaml", keys=folder / "keys",
                                bundle=folder / "bundle"))
     return FederationFolder(folder=coordinator, sites=tuple(paths))
