@@ -193,6 +193,9 @@ def _run(args: argparse.Namespace) -> int:
               f"mosquitto.workers in {cfg.config_path}, run  fednca coordinator broker-config {args.folder}  "
               "and reload mosquitto")
         return 2
+    if args.workers and cfg.federation.secure_aggregation.enabled:  # workers open plain updates only
+        print(f"--workers {args.workers}: secure_aggregation runs without worker processes in this release")
+        return 2
     if args.workers and cfg.federation.rounds.mode == "async":  # workers store an update under its own round
         print(f"--workers {args.workers}: round.mode async runs without worker processes in this release")
         return 2
