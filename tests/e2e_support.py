@@ -5,7 +5,8 @@
 with a tiny model, then runs it with :class:`fednca_app.harness.ProcessParties`: mosquitto with the
 generated configuration, password file and ACL, ``fednca coordinator run`` and one ``fednca
 daemon`` per site, each in a process group of its own, any of which it can kill, stop and
-restart. A site may reach the broker through a link (:func:`relay`) that can go down.
+restart. A site may reach the broker through a link (:func:`relay`) that can go down, or through
+a link of any profile (``links``); so may the coordinator (``coordinator_link``).
 :class:`Listener` records what a broker user receives.
 
 mosquitto binds client ids to users (the default), so each broker account has one session, and a
@@ -26,7 +27,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,6 +68,7 @@ def wait_until(condition: Callable[[], Any], *, timeout: float, what: str,
 
 
 HOLDING = Profile(name="relay", outages=Outages(refuse=False))  # no shaping; held while down
+COORDINATOR_LINK = "coordinator"  # the name of the coordinator's link among a federation's links
 
 
 def relay(*, broker_port: int) -> Link:
@@ -134,20 +136,35 @@ class Federation:
     """One federation folder and the processes that run it."""
 
     def __init__(self, *, root: Path, sites: int, rounds: int, quorum: int, grace: float,
-                 relayed: tuple[str, ...] = (), initial_model: Path | None = None, train: Any = TRAIN) -> None:
+                 relayed: tuple[str, ...] = (), initial_model: Path | None = None, train: Any = TRAIN,
+                 round_settings: dict[str, Any] | None = None, links: Mapping[str, Profile] | None = None,
+                 coordinator_link: Profile | None = None) -> None:
+        """``relayed`` sites reach mosquitto through a :func:`relay`, ``links`` sites through a link
+        of that profile. With ``coordinator_link``, the port the federation's configuration names
+        is that link's, and mosquitto listens on another port that every site (and every client of
+        the test) reaches directly or through its own link: only the coordinator (and the
+        harness's monitor, which reads the configuration too) crosses the coordinator's link."""
         if MOSQUITTO is None:
             raise RuntimeError("mosquitto is not installed")
         self.root = root
-        self.port = harness.free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.relays = {name: relay(broker_port=self.port) for name in relayed}
-        # Short chunks and telemetry; a relayed site connects to its relay.
+        self.port = harness.free_port()  # the port of the configuration's broker.url
+        self.broker_port = harness.free_port() if coordinator_link is not None else self.port  # mosquitto's
+        self.url = f"mqtt://127.0.0.1:{self.broker_port}"
+        profiles: dict[str, Profile] = {name: HOLDING for name in relayed} | dict(links or {})
+        ports = {}
+        if coordinator_link is not None:
+            profiles[COORDINATOR_LINK] = coordinator_link
+            ports[COORDINATOR_LINK] = self.port
+        self.links = harness.Links(profiles=profiles, target_port=self.broker_port, ports=ports)
+        self.relays = {name: self.links[name] for name in relayed}
+        site_urls = {f"site{i}": self.url for i in range(sites)} if coordinator_link is not None else {}
+        site_urls |= {name: self.links[name].url for name in profiles if name != COORDINATOR_LINK}
+        # Short chunks and telemetry; a site behind a link connects to it.
         self.folder_paths = harness.set_up(
-            root / "work", federation=FEDERATION, sites=sites, rounds=rounds, quorum=quorum, url=self.url,
-            model=MODEL, train=train,
-            grace=grace, train_images=8, seed=0, chunk_s=0.2, telemetry_s=1.0,
-            site_urls={name: link.url for name, link in self.relays.items()},
-            initial_model=initial_model)
+            root / "work", federation=FEDERATION, sites=sites, rounds=rounds, quorum=quorum,
+            url=f"mqtt://127.0.0.1:{self.port}", model=MODEL, train=train,
+            grace=grace, train_images=8, seed=0, chunk_s=0.2, telemetry_s=1.0, site_urls=site_urls,
+            initial_model=initial_model, round_settings=round_settings)
         self.folder = self.folder_paths.folder
         self.sites = [s.name for s in self.folder_paths.sites]
         self.site_paths = {s.name: s for s in self.folder_paths.sites}
@@ -254,7 +271,7 @@ class Federation:
     # -- processes --------------------------------------------------------------------------------
 
     def start_broker(self) -> None:
-        self.processes.start_broker()
+        self.processes.start_broker(port=None if self.broker_port == self.port else self.broker_port)
 
     def start_coordinator(self, *, kill_after: str | None = None) -> None:
         """``fednca coordinator run``; with ``kill_after``, it SIGKILLs itself at that point of a round."""
@@ -310,6 +327,5 @@ class Federation:
         try:
             left = self.processes.close()
         finally:
-            for link in self.relays.values():
-                link.close()
+            self.links.close()
         assert not left, f"processes left behind: {left}"

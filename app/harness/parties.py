@@ -164,8 +164,9 @@ class ProcessParties:
         self.groups.add(process.pid)
         self.parties[process.name] = process
 
-    def start_broker(self) -> Mosquitto:
-        self.mosquitto = Mosquitto.for_coordinator(self.cfg, log_path=self.log_dir / "mosquitto.log")
+    def start_broker(self, *, port: int | None = None) -> Mosquitto:
+        """The federation's mosquitto, on its configured port or on ``port`` (see :meth:`Mosquitto.for_coordinator`)."""
+        self.mosquitto = Mosquitto.for_coordinator(self.cfg, log_path=self.log_dir / "mosquitto.log", port=port)
         self.mosquitto.start()
         self.groups.add(self.mosquitto.process.pid)
         self.parties["mosquitto"] = self.mosquitto.process

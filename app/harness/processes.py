@@ -147,9 +147,10 @@ class Mosquitto:
                                log_path=log_path or Path(settings.folder) / "mosquitto.log")
 
     @classmethod
-    def for_coordinator(cls, cfg: Any, *, log_path: Path | None = None) -> Mosquitto:
-        """The mosquitto of a federation folder (its ``mosquitto/`` files, on its configured port).
-        Run as root here, mosquitto is told to stay root (it would drop to a ``mosquitto`` user)."""
+    def for_coordinator(cls, cfg: Any, *, log_path: Path | None = None, port: int | None = None) -> Mosquitto:
+        """The mosquitto of a federation folder (its ``mosquitto/`` files, on its configured port,
+        or on ``port``, behind a link that listens on the configured one). Run as root here,
+        mosquitto is told to stay root (it would drop to a ``mosquitto`` user)."""
         from fednca_broker import mosquitto
 
         from fednca.atomic import write_text
@@ -157,6 +158,8 @@ class Mosquitto:
         settings = cfg.mosquitto_settings()
         if os.geteuid() == 0:
             settings = dataclasses.replace(settings, run_as_root=True)
+        if port is not None:
+            settings = dataclasses.replace(settings, port=port)
         write_text(settings.conf_path, mosquitto.render_conf(settings), mode=0o640)
         return cls(settings=settings, log_path=log_path)
 
