@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "daemon": ("fednca_daemon.cli", "run or check the edge daemon of one site"),
     "demo": ("fednca_app.commands.demo", "run a small federation end to end and report it"),
     "status": ("fednca_app.commands.status", "show the live state of a federation's sites"),
+    "reproduce": ("fednca_app.commands.reproduce", "the FedNCA paper's figure: FedNCA against federated UNets, Dice against bytes"),
 }
 
 

@@ -74,8 +74,6 @@ PAPER = UNetSpec()  # 36,950,273 with unet 0.8.1 (68,328,066 with the paper's un
 
 METHODS: tuple[Method, ...] = (
     Method(name="fednca", label="FedNCA (published recipe)", family="nca", uplink=Uplink("float32")),
-    Method(name="mednca", label="Med-NCA preset", family="nca", preset="mednca", uplink=Uplink("float32"),
-           max_rounds=3),
     Method(name="unet-small", label="Fed UNet 4x16", family="unet", unet=SMALL),
     Method(name="unet-small-fp16", label="Fed UNet 4x16, float16 up", family="unet", unet=SMALL,
            uplink=Uplink("float16")),
@@ -84,6 +82,8 @@ METHODS: tuple[Method, ...] = (
     Method(name="unet-small-top1", label="Fed UNet 4x16, top-1% up", family="unet", unet=SMALL,
            uplink=Uplink("topk", fraction=0.01)),
     Method(name="unet-paper", label="Fed UNet (paper's defaults)", family="unet", unet=PAPER, max_rounds=3),
+    Method(name="mednca", label="Med-NCA preset", family="nca", preset="mednca", uplink=Uplink("float32"),
+           max_rounds=3),
 )
 
 
@@ -108,7 +108,7 @@ def quick_plan(methods: tuple[Method, ...] | None = None, **overrides: Any) -> P
     """Two sites, one round of one epoch on four images, short NCA runs: every path of the full
     run (daemons, coordinator, both wire formats, the paper-size UNet's messages) in a minute or two.
     Bytes per round do not depend on these sizes, so the byte ordering it shows is the full run's."""
-    chosen = methods or tuple(m for m in METHODS if m.name in ("fednca", "unet-small", "unet-small-top1", "unet-paper"))
+    chosen = methods or tuple(m for m in METHODS if m.name in ("fednca", "unet-small", "unet-paper"))
     base = Plan(sites=2, rounds=1, train_images=4, test_images=4, local_epochs=1, nca_steps=(4, 2),
                 mednca_steps=(4, 4), methods=chosen)
     return replace(base, **overrides)
