@@ -15,8 +15,11 @@ $(RUNTIME): setup.cfg pyproject.toml
 	$(PIP) -e '.[torch]'
 	touch $@
 
+# The tests of `fednca reproduce` need its extra (unet, matplotlib); unet asks for torch unpinned, so
+# it is resolved in the same pip command as the [torch] pin.
 $(STAMP): $(RUNTIME)
 	$(PIP) -e '.[torch,test]'
+	$(PIP) -e '.[torch,test,reproduce]'
 	touch $@
 
 # mosquitto backs the real-broker tests (faketime, the hostile-clock ones); install them when missing
