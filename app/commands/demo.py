@@ -66,6 +66,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--buffer", type=int, default=3, help="async: updates per new model (default 3)")
     p.add_argument("--trainer", choices=["numpy", "torch"], default=None,
                    help="the sites' trainer (default: the daemon's, numpy)")
+    p.add_argument("--fedavg", action="store_true",
+                   help="plain FedAvg without per-update bounds (the rule secure aggregation runs), not the robust default")
     p.add_argument("--secure-aggregation", action="store_true",
                    help="masked updates: the coordinator learns only the sum (docs/secure-aggregation.md)")
     p.add_argument("--no-baselines", action="store_true", help="skip the local-only and pooled baselines")
@@ -85,7 +87,14 @@ def setup(args: argparse.Namespace, work: Path) -> FederationFolder:
                   train=train_preset(local_epochs=args.local_epochs, batch_size=args.batch),
                   grace=args.grace, train_images=args.train_images, seed=args.seed, wire=_wire(args),
                   trainer=getattr(args, "trainer", None), round_settings=_round_settings(args),
-                  secure_aggregation=getattr(args, "secure_aggregation", False))
+                  secure_aggregation=getattr(args, "secure_aggregation", False),
+                  aggregation=_plain_fedavg() if getattr(args, "fedavg", False) else None)
+
+
+def _plain_fedavg() -> object:
+    from fednca.aggregate import AggregationConfig
+
+    return AggregationConfig(method="fedavg", clip_norm=None, median_norm_factor=None, max_weight_ratio=None)
 
 
 def _round_settings(args: argparse.Namespace) -> dict[str, object] | None:
