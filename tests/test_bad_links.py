@@ -12,6 +12,9 @@ parties behind the harness's link emulator (app/harness/link_proxy.py).
   session; when the link is back, the round closes with every update, each counted once.
 * A reconnect storm: every site's connection drops at once, twice; all come back together and
   both rounds close with every site.
+* A site on the 2G link whose first connection is cut in the middle of the model download: the
+  broker sends the announcement once more (the copy in flight), not a second time as the retained
+  copy, and the site stores and trains it once.
 
 docs/faults.md says what each shows. Each run ends with the end-to-end tests' checks
 (``check_rounds``: every round aggregated, FedAvg recomputed from the stored payloads, no site
@@ -26,7 +29,7 @@ import re
 import pytest
 
 from e2e_support import COORDINATOR_LINK, FEDERATION, Federation, wait_until
-from fednca_app.harness.links import BUILT_IN, Direction, Outages, Profile
+from fednca_app.harness.links import BUILT_IN, Cuts, Direction, Outages, Profile
 from mosquitto_fixture import MOSQUITTO
 from test_e2e_mosquitto import announcements, check_rounds
 
@@ -154,3 +157,23 @@ def test_a_reconnect_storm_of_every_site_at_once_is_absorbed(running):
         assert fed.links[site].stats.connections >= 3, (site, fed.links[site].stats)  # connected again after each
     wait_until(lambda: all(((fed.processes.telemetry().get(s) or {}).get("reconnects") or 0) >= 2 for s in fed.sites),
                timeout=30, what="every site's telemetry to report both reconnects", federation=fed)
+
+
+def test_a_model_download_cut_in_its_middle_crosses_once_more_and_is_taken_once(running):
+    cut_at = 12_000  # bytes down the site's first connection: the middle of the ~31 KB announcement
+    slow = dataclasses.replace(SLOW, cuts=Cuts(at_byte=cut_at, connections=1, direction="down"))
+    fed = running(sites=1, rounds=1, quorum=1, grace=1.0, links={"site0": slow})
+    link = fed.links["site0"]
+    fed.start_broker()
+    watch = fed.observe(["round"])
+    fed.start()
+    wait_until(lambda: fed.site_logged("site0", r"round 1: update \w+ stored"), timeout=ROUND_TIMEOUT,
+               what="site0 to train round 1 and store its update", federation=fed)
+    # Before the coordinator can answer with its final model: the announcement began to cross twice,
+    # cut, then the copy in flight again after the reconnect; no third time as the retained copy.
+    assert link.stats.cut == 1 and link.stats.connections >= 2
+    assert link.publishes[("down", f"fednca/{FEDERATION}/round")] == 2, link.publishes
+    _finish(fed)
+    check_rounds(fed, rounds=1, published=announcements(fed, watch.messages))
+    assert _count(fed, "site0", r"round 1 announced") == 1, fed.tails("site0")  # stored once
+    assert _count(fed, "site0", r"trainer \d+ started for round 1\b") == 1, fed.tails("site0")

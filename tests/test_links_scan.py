@@ -71,6 +71,7 @@ def test_a_trigger_fires_once_when_part_of_the_publish_has_crossed(tmp_path):
             party.sendall(other + update + update)  # the second copy fires nothing more
             wait_until(lambda: len(kept) == len(other) + 2 * len(update), timeout=10, what="every byte delivered")
         assert trigger.fired.is_set() and len(at_fire) == 1
+        assert link.publishes == {("up", "fednca/f/status/a"): 1, ("up", "fednca/f/updates/a"): 2}
         # it fired once 4000 bytes of the first update had been written to the sink (in the chunk that crossed)
         assert len(other) + 4000 <= at_fire[0] < len(other) + 4000 + 1024, at_fire
     finally:

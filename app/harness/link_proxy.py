@@ -12,6 +12,8 @@ part of a chunk. :meth:`Link.outage` starts an outage now (a partition on demand
 :meth:`Link.on_publish` runs an action (an outage, say) once a given number of bytes of a PUBLISH on
 a given topic has reached the target: the bytes going up are scanned for MQTT packet headers
 (:mod:`.mqtt_scan`), so a test can cut a site's upload in its middle, whenever the site gets there.
+Both directions are scanned: :attr:`Link.publishes` counts the PUBLISH packets that began to cross
+each way, per topic (a retransmission or a second copy of a retained message shows there).
 
 Threads, not asyncio, as the relay of the end-to-end tests: one accepts, one watches the outage
 windows, and each connection has a reader and a writer per direction. Reads are bounded (a small
@@ -23,13 +25,14 @@ from __future__ import annotations
 
 import queue
 import socket
+from collections import Counter
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from .links import Cutter, OutagePlan, Profile, cutters, lanes
-from .mqtt_scan import PUBLISH, PacketScanner
+from .mqtt_scan import PUBLISH, PacketScanner, PacketStart
 
 CHUNK = 1024  # bytes read at a time: at 64 kbit/s a chunk takes 128 ms to cross
 QUEUED = 16  # chunks in flight per direction before the reader stops reading
@@ -78,6 +81,7 @@ class _Connection:
         self.sockets = (party, target)
         self.closed = threading.Event()
         self.upstream = _Upstream()
+        self.downstream = PacketScanner()
 
     def close(self) -> None:
         if self.closed.is_set():
@@ -106,6 +110,7 @@ class Link:
         self._open: list[_Connection] = []
         self._count = 0
         self._triggers: list[PublishTrigger] = []
+        self.publishes: Counter[tuple[str, str | None]] = Counter()  # (direction, topic): PUBLISH packets begun
         self.stats = LinkStats()
         self._closed = threading.Event()
         self._wake = threading.Event()
@@ -237,6 +242,8 @@ class Link:
                 data = b""
             if d == "up" and data:
                 self._scan(conn.upstream, data)
+            elif data:
+                self._count_publishes("down", conn.downstream.feed(data))
             cut = None if cutter is None or not data else cutter.cut_in(len(data))
             end = "cut" if cut is not None else ("eof" if not data else None)
             data = data if cut is None else data[:cut]
@@ -266,13 +273,21 @@ class Link:
 
     def _scan(self, up: _Upstream, data: bytes) -> None:
         """Note where the triggers' moments fall among the PUBLISH packets that begin in ``data``."""
-        for packet in up.scanner.feed(data):
+        packets = up.scanner.feed(data)
+        self._count_publishes("up", packets)
+        for packet in packets:
             if packet.kind != PUBLISH:
                 continue
             with self._lock:
                 for t in self._triggers:
                     if t.topic == packet.topic and not t.fired.is_set() and all(m[1] is not t for m in up.marks):
                         up.marks.append((packet.offset + max(1, min(t.after_bytes, packet.length)), t))
+
+    def _count_publishes(self, direction: str, packets: list[PacketStart]) -> None:
+        with self._lock:
+            for p in packets:
+                if p.kind == PUBLISH:
+                    self.publishes[(direction, p.topic)] += 1
 
     def _delivered(self, up: _Upstream, n: int) -> None:
         """``n`` more bytes of the stream reached the target: run the triggers whose moment came."""
