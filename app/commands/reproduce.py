@@ -30,6 +30,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="two sites, one short round: a check in a minute or two")
     p.add_argument("--methods", help="comma-separated method names (default: all; see the README)")
     p.add_argument("--rounds", type=int, help="rounds per method (default 10; the costliest methods run 3)")
+    p.add_argument("--test-images", type=int, help="test images per site (default 24)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures (no matplotlib needed)")
 
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from ..reproduce.unet_arm import run_unet, site_test_sets
 
     methods = by_name([m.strip() for m in args.methods.split(",")] if args.methods else None)
-    overrides = {"seed": args.seed, **({"rounds": args.rounds} if args.rounds else {})}
+    overrides = {"seed": args.seed, **({"rounds": args.rounds} if args.rounds else {}),
+                 **({"test_images": args.test_images} if args.test_images else {})}
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError("--rounds", "must be at least 1")
     plan = quick_plan(methods if args.methods else None, **overrides) if args.quick else \

@@ -81,7 +81,7 @@ METHODS: tuple[Method, ...] = (
            uplink=Uplink("topk", fraction=0.25)),
     Method(name="unet-small-top1", label="Fed UNet 4x16, top-1% up", family="unet", unet=SMALL,
            uplink=Uplink("topk", fraction=0.01)),
-    Method(name="unet-paper", label="Fed UNet (paper's defaults)", family="unet", unet=PAPER, max_rounds=3),
+    Method(name="unet-paper", label="Fed UNet (paper's defaults)", family="unet", unet=PAPER, max_rounds=2),
     Method(name="mednca", label="Med-NCA preset", family="nca", preset="mednca", uplink=Uplink("float32"),
            max_rounds=3),
 )
