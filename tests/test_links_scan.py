@@ -64,7 +64,8 @@ def test_a_trigger_fires_once_when_part_of_the_publish_has_crossed(tmp_path):
     at_fire: list[int] = []
     link = Link(profile=Profile(), target_port=server.getsockname()[1])
     try:
-        trigger = link.on_publish("fednca/f/updates/a", after_bytes=4000, action=lambda: at_fire.append(link.stats.up_bytes))
+        trigger = link.on_publish("fednca/f/updates/a", after_bytes=4000,
+                                  action=lambda: at_fire.append(link.stats.up_bytes))
         other = publish("fednca/f/status/a", b"s" * 5000)  # another topic: no trigger
         update = publish("fednca/f/updates/a", b"u" * 16_000)
         with socket.create_connection(("127.0.0.1", link.port), timeout=5) as party:
