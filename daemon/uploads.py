@@ -23,7 +23,7 @@ from fednca.transport.base import PublishHandle
 __all__ = ["Upload", "Uploads"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Upload:
     handle: PublishHandle
     round: int
@@ -37,7 +37,7 @@ class Uploads:
         self._sent: list[Upload] = []
 
     def add(self, handle: PublishHandle, *, round: int, update_id: str) -> None:
-        self._sent.append(Upload(handle, round, update_id))
+        self._sent.append(Upload(handle=handle, round=round, update_id=update_id))
 
     def in_flight(self, round: int, update_id: str) -> bool:
         """True while a copy of this update waits in the client for the broker's answer."""

@@ -55,7 +55,7 @@ class LinkStats:
     down_bytes: int = 0  # delivered to the party
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PublishTrigger:
     """``action`` runs once, when ``after_bytes`` of a PUBLISH on ``topic`` (its whole length, if
     shorter) have reached the target; ``fired`` is set just before."""

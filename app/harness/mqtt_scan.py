@@ -21,7 +21,7 @@ PUBLISH = 3  # the packet type in the high nibble of the first byte
 _MAX_VARINT = 4  # bytes of the remaining length, at most
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PacketStart:
     """A packet that begins at ``offset`` of the stream and is ``length`` bytes long (headers included)."""
 
