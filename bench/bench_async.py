@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from benchlib import emit, machine
 
 from fednca.atomic import write_text
@@ -122,10 +123,11 @@ def run_once(mode: str, args: argparse.Namespace, root: Path, tests: list[Site])
     store = RoundStore(root=folder.config().store_root, federation=FEDERATION)
     log = store.read_log()
     aggregated = [r for r in log if isinstance(r, RoundAggregatedRecord)]
-    curve = [{"round": r.round, "at_s": round(r.at - started, 1), "reason": str(r.reason), "sites": list(r.sites),
-              "dice_mean": round(statistics.fmean(site_dice(store.load_model(r.round + 1), model, tests,
-                                                            seed=args.seed).values()), 4)}
-             for r in aggregated]  # fmt: skip
+    with torch.no_grad():  # scored after the run, on one thread: two threads on a busy machine crawl
+        curve = [{"round": r.round, "at_s": round(r.at - started, 1), "reason": str(r.reason), "sites": list(r.sites),
+                  "dice_mean": round(statistics.fmean(site_dice(store.load_model(r.round + 1), model, tests,
+                                                                seed=args.seed).values()), 4)}
+                 for r in aggregated]  # fmt: skip
     reach = 0 if mode == "sync" else args.max_staleness  # how many rounds back an update still counts
     return {"mode": mode, "finished": finished, "wall_s": curve[-1]["at_s"] if curve else None,
             "final_dice": curve[-1]["dice_mean"] if curve else None, "curve": curve,
@@ -193,6 +195,7 @@ def compare(sync: dict[str, Any], fast: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    torch.set_num_threads(1)
     tests = _test_sites(args)
     runs: list[dict[str, Any]] = []
     pairs: list[dict[str, Any]] = []
