@@ -148,7 +148,7 @@ class Coordinator:
                                    done=self._done)  # fmt: skip
         self._secure = (SecureRounds(config=config.secure_aggregation, federation=config.name, store=store, keys=keys,
                                      book_path=store.folder / ROUND_KEY_BOOK, client=client, clock=clock,
-                                     max_rounds=config.max_rounds)
+                                     max_rounds=config.max_rounds, done=self._done)
                         if config.secure_aggregation.enabled else None)  # masked updates, unmasked after the close
         self._prefetched: list[Finish] = []  # the next batch, taken while the last one was stored
         self._statuses = StatusCache(clock=clock)

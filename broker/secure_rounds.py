@@ -75,9 +75,11 @@ class SecureRounds:
     """Secure aggregation for one federation's coordinator (see the module docstring)."""
 
     def __init__(self, *, config: SecureAggregationConfig, federation: str, store: RoundStore, keys: CoordinatorKeys,
-                 book_path: Path, client: Client, clock: Callable[[], float], max_rounds: int | None = None) -> None:
+                 book_path: Path, client: Client, clock: Callable[[], float], max_rounds: int | None = None,
+                 done: Callable[[str], None] = lambda name: None) -> None:
         self._cfg = config
         self._max_rounds = max_rounds
+        self._done = done  # hears "UnmaskRequested" and "AnswerStored" (the crash tests stop there)
         self._federation = federation
         self._store = store
         self._keys = keys
@@ -227,6 +229,7 @@ class SecureRounds:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_bytes(path, bytes(payload))
             self._answers[site] = answer
+            self._done("AnswerStored")
         self._phase = self._feed(up.AnswerArrived(site), registry=registry)
 
     def tick(self, registry: Registry) -> bool:
@@ -302,6 +305,7 @@ class SecureRounds:
                 self._client.publish(self._topics.receipts(site), payload, qos=1)
             except TransportError as e:
                 log.warning("round %d: unmask request to %s not sent now (%s); sent again later", state.round, site, e)
+        self._done("UnmaskRequested")
 
     def _take_refills(self, registry: Registry) -> None:
         refills = [k for u in self._updates.values() for k in u.refill]

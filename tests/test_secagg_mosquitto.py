@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import signal
 
 import numpy as np
 import pytest
@@ -68,10 +69,19 @@ def test_a_site_killed_after_masking_the_round_closes_with_the_others_and_the_mo
     for site in ("site0", "site1"):
         assert fed.stop(site) == 0, fed.tails(site)
 
+    counted = check_fedavg(fed)
+    assert {"site0", "site1"} <= set(counted)
+    # the coordinator never received the victim's answer: its seed, if it was counted, came from shares
+    answers = sorted(p.stem for p in (fed.store.folder / "secagg" / "1" / "answers").glob("*.bin"))
+    assert victim not in answers and answers == ["site0", "site1"]
+
+
+def check_fedavg(fed: Federation) -> list[str]:
+    """Round 1 aggregated, its model FedAvg of the counted sites' clipped deltas within the bound;
+    returns the counted sites."""
     (closed,) = fed.records("round_aggregated")
     assert closed.model_kept is None, closed
     counted = sorted(closed.sites)
-    assert {"site0", "site1"} <= set(counted)
     params = secagg_field.parse((fed.store.folder / "secagg" / "1" / "params.json").read_text())
     fp = params.fixed_point
     before, after = fed.store.load_model(1), fed.store.load_model(2)
@@ -84,6 +94,21 @@ def test_a_site_killed_after_masking_the_round_closes_with_the_others_and_the_mo
         want = base + (sum(w * d for w, d in zip(weights, deltas)) / weights.sum()).astype(np.float32)
         worst = max(worst, float(np.max(np.abs(after[name] - want))))
     assert worst <= error_bound(fp) + 1e-6, worst
-    # the coordinator never received the victim's answer: its seed, if it was counted, came from shares
-    answers = sorted(p.stem for p in (fed.store.folder / "secagg" / "1" / "answers").glob("*.bin"))
-    assert victim not in answers and answers == ["site0", "site1"]
+    return counted
+
+
+def test_a_coordinator_killed_during_the_unmasking_resumes_it(fed):
+    secure(fed)
+    fed.start_broker()
+    fed.start(kill_coordinator_after="AnswerStored:1")  # SIGKILL right after the first answer is on disk
+    wait_until(lambda: fed.returncode("coordinator") is not None, timeout=2 * ROUND_TIMEOUT,
+               what="the coordinator to kill itself during the unmasking", federation=fed)
+    assert fed.returncode("coordinator") == -signal.SIGKILL, fed.tails("coordinator")
+    assert fed.store.load_state().round == 1 and not fed.aggregated(1)
+    assert len(list((fed.store.folder / "secagg" / "1" / "answers").glob("*.bin"))) == 1
+    fed.start_coordinator()
+    wait_until(lambda: fed.returncode("coordinator") == 0, timeout=2 * ROUND_TIMEOUT,
+               what="the coordinator to resume the unmasking and finish", federation=fed)
+    for site in fed.sites:
+        assert fed.stop(site) == 0, fed.tails(site)
+    assert check_fedavg(fed) == sorted(fed.sites)
