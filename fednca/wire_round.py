@@ -33,7 +33,7 @@ from .tensorcodec import (
     Field, Reason, WireError, code_field, config_field, format_fields, hex_field, id_field, int_field, malformed,
     model_sha256, parse_fields, word_field, write_document,
 )
-from .wire_secagg import SecureParams, secagg_field
+from .secagg_params import SecureParams, secagg_field
 from .wire_envelope import (
     ANNOUNCEMENT, MAX_MESSAGE_BYTES, MAX_RECEIPT_BYTES, RECEIPT, ROUND, UPDATE_ID, VERSION, check_tensors, failer,
     float32, make_prefix, open_signed,

@@ -14,14 +14,12 @@ and signature before any field is read, then strict, bounded fields.
   site's own self-mask seed, its share of each other survivor's seed (``share_of`` order) and its
   pairwise seed with each missing site (``pair_with`` order).
 
-The round's parameters and roster travel in the round announcement (:class:`SecureParams`, the
-optional ``secagg`` field of :mod:`fednca.wire_round`).
+The round's parameters and roster travel in the round announcement (:mod:`fednca.secagg_params`,
+the optional ``secagg`` field of :mod:`fednca.wire_round`).
 """
 
 from __future__ import annotations
 
-import json
-import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -31,13 +29,13 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
-from .fixedpoint import FixedPoint, FixedPointRangeError, check_range
 from .keys import Registry, key_id
 from .round_keys import RoundKeyError, SignedRoundKey
+from .secagg_params import MAX_ROSTER, RosterEntry, SecureParams, secagg_field  # noqa: F401  (re-exported)
 from .rounds_vocab import RoundReason
 from .shamir import SHARE_BYTES
 from .tensorcodec import (
-    Document, Field, Reason, WireError, format_fields, id_field, int_field, loads_strict, malformed, parse_fields,
+    Document, Field, Reason, WireError, format_fields, id_field, int_field, malformed, parse_fields,
     read_document, word_field, write_document,
 )
 from .wire_envelope import (
@@ -50,7 +48,6 @@ KINDS = {MASKED: "masked update", UNMASK_REQUEST: "unmask request", UNMASK_ANSWE
 SEED_BYTES = 32
 SEALED_SHARE_BYTES = 24 + 16 + SHARE_BYTES  # SecretBox nonce + tag + one Shamir share: 76 bytes
 MAX_REFILL = 16
-MAX_ROSTER = 300  # the roster rides in the announcement's metadata (64 KiB in all)
 _SITE_LIST_MAX = MAX_ROSTER * 64
 
 
@@ -59,90 +56,6 @@ def kind_of(payload: bytes) -> bytes | None:
     if len(payload) < PREFIX.size or payload[:4] != MAGIC:
         return None
     return bytes(payload[5:6])
-
-
-# ------------------------------------------------------------------------------ the round's parameters
-
-
-@dataclass(frozen=True)
-class RosterEntry:
-    """A site expected in the round: its share position ``x`` and the round key it masks with."""
-
-    site: str
-    x: int
-    key_index: int
-    public: bytes
-
-
-@dataclass(frozen=True)
-class SecureParams:
-    """What a secure round announces: the encoding, the weight cap, the threshold and the roster."""
-
-    fixed_point: FixedPoint
-    max_weight: int
-    threshold: int
-    roster: tuple[RosterEntry, ...]
-
-    def __post_init__(self) -> None:
-        n = len(self.roster)
-        if not 1 <= n <= MAX_ROSTER:
-            raise ValueError(f"the roster must hold 1 to {MAX_ROSTER} sites, got {n}")
-        if [e.x for e in self.roster] != list(range(1, n + 1)):
-            raise ValueError("roster positions must be 1..n in order")
-        sites = [e.site for e in self.roster]
-        if sites != sorted(set(sites)):
-            raise ValueError("roster sites must be distinct and sorted")
-        if not 1 <= self.threshold <= n:
-            raise ValueError(f"threshold {self.threshold} is not within 1..{n}")
-        if not 1 <= self.max_weight <= 10**6:
-            raise ValueError(f"max_weight {self.max_weight} is not within 1..1000000")
-        try:
-            check_range(self.fixed_point, n_sites=n, max_weight=self.max_weight)
-        except FixedPointRangeError as e:
-            raise ValueError(str(e)) from None
-
-    def entry(self, site: str) -> RosterEntry | None:
-        return next((e for e in self.roster if e.site == site), None)
-
-    def peers(self, site: str) -> list[RosterEntry]:
-        """The roster without ``site``, in roster order: the order of an update's sealed shares."""
-        return [e for e in self.roster if e.site != site]
-
-    def to_dict(self) -> dict[str, Any]:
-        fp = self.fixed_point
-        return {"bound": fp.bound, "frac_bits": fp.frac_bits, "ring_bits": fp.ring_bits, "max_weight": self.max_weight,
-                "threshold": self.threshold, "roster": [[e.site, e.key_index, e.public.hex()] for e in self.roster]}
-
-
-def _parse_params(raw: str) -> SecureParams:
-    data = loads_strict(raw)
-    if not isinstance(data, dict) or set(data) != {"bound", "frac_bits", "ring_bits", "max_weight", "threshold", "roster"}:
-        raise ValueError("must be an object with bound, frac_bits, ring_bits, max_weight, threshold and roster")
-    for name in ("frac_bits", "ring_bits", "max_weight", "threshold"):
-        if type(data[name]) is not int:
-            raise ValueError(f"{name} must be an integer")
-    if type(data["bound"]) not in (int, float) or not isinstance(data["roster"], list):
-        raise ValueError("bound must be a number and roster a list")
-    entries = []
-    for x, item in enumerate(data["roster"], start=1):
-        if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str) or type(item[1]) is not int
-                or not isinstance(item[2], str) or not re.fullmatch(r"[0-9a-f]{64}", item[2])):
-            raise ValueError(f"roster entry {x} must be [site, key index, 64 hex digits]")
-        entries.append(RosterEntry(site=id_field.parse(item[0]), x=x, key_index=item[1], public=bytes.fromhex(item[2])))
-    try:
-        fp = FixedPoint(bound=float(data["bound"]), frac_bits=data["frac_bits"], ring_bits=data["ring_bits"])
-    except FixedPointRangeError as e:
-        raise ValueError(str(e)) from None
-    return SecureParams(fixed_point=fp, max_weight=data["max_weight"], threshold=data["threshold"], roster=tuple(entries))
-
-
-def _format_params(params: Any) -> str:
-    if not isinstance(params, SecureParams):
-        raise ValueError("must be SecureParams")
-    return json.dumps(params.to_dict(), sort_keys=True, separators=(",", ":"))
-
-
-secagg_field = Field(parse=_parse_params, format=_format_params, max_len=60 << 10)
 
 
 # ------------------------------------------------------------------------------ small fields

@@ -14,7 +14,13 @@ from daemon_support import TINY_MODEL, TINY_TRAIN, Federation, tiny_weights, wai
 from nacl.utils import random as nacl_random
 from test_daemon_service import ALL_IMAGES, Running
 
+from nacl.bindings import crypto_scalarmult_base
+
 from fednca.aggregate import AggregationConfig
+from fednca.fixedpoint import FixedPoint
+from fednca.secagg_params import RosterEntry, SecureParams, secagg_field
+from fednca.wire_secagg import make_unmask_request, open_unmask_answer
+from fednca_daemon.secure_site import SecureSite
 from fednca.round_keys import ROUND_KEYS_SECRET_FILE, RoundKeyBook, make_batch, read_secrets, write_book, write_secrets
 from fednca.transport.memory import MemoryBroker
 from fednca_broker.config import FederationConfig
@@ -86,23 +92,12 @@ def test_daemons_mask_answer_once_and_the_round_aggregates(tmp_path):
 
 
 def test_a_site_keeps_what_its_answer_needs_across_a_restart_and_answers_one_request(tmp_path):
-    from daemon_support import Federation as Keys
-
-    from fednca.config import preset
-    from fednca.round_keys import read_secrets
-    from fednca.secagg_round import mask_delta  # noqa: F401  (the site's arithmetic, tested in test_secagg_wire)
-    from fednca.wire_secagg import RosterEntry, SecureParams, make_unmask_request, open_unmask_answer
-    from fednca.fixedpoint import FixedPoint
-    from fednca_daemon.secure_site import SecureSite
-    from nacl.bindings import crypto_scalarmult_base
-
-    keys = Keys(tmp_path, sites=("site-a", "site-b"))
+    keys = Federation(tmp_path, sites=("site-a", "site-b"))
     secrets = {s: {0: nacl_random(32), 1: nacl_random(32)} for s in ("site-a", "site-b")}
     write_secrets(tmp_path / "site-a" / "keys" / ROUND_KEYS_SECRET_FILE, secrets["site-a"])
     roster = tuple(RosterEntry(site=s, x=i + 1, key_index=0, public=crypto_scalarmult_base(secrets[s][0]))
                    for i, s in enumerate(("site-a", "site-b")))
     params = SecureParams(fixed_point=FixedPoint(bound=0.5, frac_bits=20), max_weight=200, threshold=2, roster=roster)
-    del preset
 
     def site() -> SecureSite:  # a new object: the daemon restarted
         return SecureSite(state_dir=tmp_path / "site-a" / "state", key_dir=tmp_path / "site-a" / "keys",
@@ -111,7 +106,7 @@ def test_a_site_keeps_what_its_answer_needs_across_a_restart_and_answers_one_req
 
     site().folder.mkdir(parents=True)
     record = {"round": 1, "key_index": 0, "secret": secrets["site-a"][0].hex(), "self_seed": "11" * 32,
-              "params": __import__("fednca.wire_secagg", fromlist=["x"]).secagg_field.format(params)}
+              "params": secagg_field.format(params)}
     (site().folder / "round-1.json").write_text(json.dumps(record))
     request = make_unmask_request(federation="fed", site="site-a", round=1, survivors=("site-a", "site-b"), missing=(),
                                   shares={}, signing_key=keys.coordinator.signing)
