@@ -47,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
     from ..reproduce.records import MIB, summary, write_csv, write_json
     from ..reproduce.unet_arm import run_unet, site_test_sets
 
+    import torch
+
+    # One thread: the trainers already fill the cores, and two intra-op threads contending with them
+    # made the per-image evaluation some twenty times slower here.
+    torch.set_num_threads(1)
     methods = by_name([m.strip() for m in args.methods.split(",")] if args.methods else None)
     overrides = {"seed": args.seed, **({"rounds": args.rounds} if args.rounds else {}),
                  **({"test_images": args.test_images} if args.test_images else {})}
