@@ -16,6 +16,9 @@ Invariants:
    acknowledged answer on disk and comes to the same decision.
 4. ``Decode`` and ``GiveUp`` end the phase (``done``); an event after that changes nothing.
 
+Fewer survivors than the threshold are never unmasked (``GiveUp`` at ``Begin``): their sum would
+say too much about each, and honest sites refuse to answer such a request.
+
 Readiness: with no site missing, every survivor's self-mask seed is known from its own answer or
 from ``threshold`` shares in the others' answers (each answer holds one share of every other
 survivor's seed); with sites missing, every survivor must answer, for only it can name its
@@ -133,6 +136,9 @@ def handle(state: UnmaskState, event: Event, now: float) -> tuple[UnmaskState, l
     if state.done:
         return state, [Ack(event.site)] if isinstance(event, AnswerArrived) else []
     if isinstance(event, Begin):
+        if len(state.survivors) < state.threshold:  # honest sites refuse to answer such a request
+            return replace(state, done=True), [GiveUp(f"{len(state.survivors)} survivor(s), fewer than the "
+                                                      f"threshold {state.threshold}")]
         if state.ready:
             return replace(state, done=True), [Decode()]
         return replace(state, asked_at=now), [Request(state.silent)]

@@ -53,3 +53,8 @@ def test_illegal_states_are_refused():
         up.UnmaskState(round=1, survivors=(), missing=("a",), threshold=1, began_at=0, timeout_s=1, resend_s=1)
     with pytest.raises(IllegalRoundEvent):
         up.handle(phase(), object(), 0.0)  # type: ignore[arg-type]
+
+
+def test_fewer_survivors_than_the_threshold_are_never_unmasked():
+    s, actions = up.handle(phase(threshold=4), up.Begin(), 100.0)
+    assert s.done and isinstance(actions[0], up.GiveUp) and "fewer than the threshold 4" in actions[0].why

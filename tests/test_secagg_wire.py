@@ -248,3 +248,13 @@ def test_round_key_batches_are_signed_and_used_once():
     forged = public[2].__class__(site="site-01", index=9, public=public[2].public, signature=public[2].signature)
     with pytest.raises(RoundKeyError, match="not signed"):
         book.add([forged], fed.registry)
+
+
+def test_a_site_refuses_to_answer_when_fewer_than_the_threshold_survive():
+    fed = Federation(3, threshold=3)
+    payload = make_unmask_request(federation=FED, site="site-00", round=3, survivors=("site-00", "site-01"),
+                                  missing=("site-02",), shares={}, signing_key=COORD_SIGN)
+    request = open_unmask_request(payload, coordinator_verify_key=COORD_SIGN.verify_key, federation=FED, site="site-00")
+    with pytest.raises(SecAggError, match="fewer than the threshold"):
+        answer_request(request, site="site-00", params=fed.params, round_secret=fed.secret["site-00"],
+                       self_seed=bytes(32), federation=FED)
