@@ -40,6 +40,24 @@ def test_the_summary_keeps_each_methods_last_round():
     assert doc["published_fetal_ultrasound"][0] == {"label": "FedNCA", "dice": 0.7895, "mib_per_site_round": 0.0554}
 
 
+def test_runs_made_apart_combine_into_one_result(tmp_path):
+    from fednca_app.cli import main
+    from fednca_app.reproduce.records import read_summary, write_json
+
+    for name, rounds in (("a", [result("fednca", 1, (0.5, 0.7), 10, 30)]),
+                         ("b", [result("unet-small", 1, (0.6, 0.8), 10**6, 10**6)])):
+        (tmp_path / name).mkdir()
+        write_json(tmp_path / name / "results.json", summary(rounds, labels={rounds[0].method: "x"},
+                                                             parameters={rounds[0].method: 7}, plan={}, wall_s={},
+                                                             machine={}))
+    assert main(["reproduce", "--combine", str(tmp_path / "b" / "results.json"), str(tmp_path / "a" / "results.json"),
+                 "--out", str(tmp_path / "all"), "--no-figures"]) == 0
+    results, parameters, _ = read_summary(tmp_path / "all" / "results.json")
+    assert [r.method for r in results] == ["fednca", "unet-small"]  # the table's order, not the arguments'
+    assert results[0].dice == {"site0": 0.5, "site1": 0.7} and results[0].peak_rss["site1"] == 300 * MIB
+    assert parameters == {"fednca": 7, "unet-small": 7}
+
+
 def test_methods_are_picked_by_name_and_unknown_names_are_refused():
     assert [m.name for m in by_name(["unet-paper", "fednca"])] == ["fednca", "unet-paper"]
     with pytest.raises(ConfigError):
@@ -59,6 +77,7 @@ def test_the_figures_are_drawn(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # about 100 s on an idle two-core machine; several times that when it is shared
 def test_quick_shows_fednca_at_least_a_thousand_times_below_the_plain_unet(tmp_path):
     pytest.importorskip("unet")
     pytest.importorskip("matplotlib")

@@ -32,6 +32,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="rounds per method (default 10; the costliest methods run 3)")
     p.add_argument("--test-images", type=int, help="test images per site (default 24)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--combine", type=Path, nargs="+", metavar="RESULTS_JSON",
+                   help="train nothing: put the results.json of runs made apart together in --out, with figures")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures (no matplotlib needed)")
 
 
@@ -47,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from ..reproduce.records import MIB, summary, write_csv, write_json
     from ..reproduce.unet_arm import run_unet, site_test_sets
 
+    if args.combine:
+        return _combine(args)
     import torch
 
     # One thread: the trainers already fill the cores, and two intra-op threads contending with them
@@ -98,4 +102,36 @@ def run(args: argparse.Namespace) -> int:
         for path in draw(out, results, labels):
             print(f"wrote {path}", flush=True)
     print(f"done in {total:.0f} s", flush=True)
+    return 0
+
+
+def _combine(args: argparse.Namespace) -> int:
+    """One results.csv, results.json and set of figures from the runs' results.json files."""
+    import json
+
+    from ..reproduce.methods import METHODS
+    from ..reproduce.records import read_summary, summary, write_csv, write_json
+
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results, parameters, wall, plans, machines = [], {}, {}, [], []
+    for path in args.combine:
+        r, p, w = read_summary(path)
+        results += r
+        parameters.update(p)
+        wall.update(w)
+        doc = json.loads(path.read_text())
+        plans.append(doc["plan"])
+        machines.append(doc["machine"])
+    order = [m.name for m in METHODS]
+    results.sort(key=lambda r: (order.index(r.method) if r.method in order else len(order), r.round))
+    labels = {m.name: m.label for m in METHODS if m.name in parameters}
+    write_csv(out / "results.csv", results)
+    write_json(out / "results.json", summary(results, labels=labels, parameters=parameters,
+                                             plan={"runs": plans}, wall_s=wall, machine={"runs": machines}))
+    if not args.no_figures:
+        from ..reproduce.figures import draw
+
+        for path in draw(out, results, labels):
+            print(f"wrote {path}", flush=True)
     return 0

@@ -105,3 +105,17 @@ def summary(results: Sequence[RoundResult], *, labels: Mapping[str, str], parame
 
 def write_json(path: Path, document: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=1) + "\n")
+
+
+def read_summary(path: Path) -> tuple[list[RoundResult], dict[str, int], dict[str, float]]:
+    """The rounds, parameter counts and wall seconds of a ``results.json`` (to combine runs made
+    apart, e.g. the UNets beside the NCA on a crowded machine)."""
+    doc = json.loads(Path(path).read_text())
+    results, parameters, wall = [], {}, {}
+    for name, m in doc["methods"].items():
+        parameters[name], wall[name] = m["parameters"], m["wall_s"]
+        for r in m["rounds"]:
+            results.append(RoundResult(method=name, round=r["round"], dice=r["dice"], bytes_up=r["bytes_up"],
+                                       bytes_down=r["bytes_down"], train_s=r["train_s"],
+                                       peak_rss={k: int(v * MIB) for k, v in r["peak_rss_mib"].items()}))
+    return results, parameters, wall
