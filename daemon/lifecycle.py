@@ -173,10 +173,13 @@ def _on_announced(s: State, e: Announced, now: float, out: list[Action]) -> Stat
 def _interrupted_work(s: State, newer: RoundInfo) -> Submit | None:
     """Buffered rounds: the work on the current round that ``newer`` interrupts, submitted as a
     partial update (tagged with its round) while the coordinator still counts it, so a site slower
-    than the buffer's cadence still contributes; None when there is not ``min_steps`` of it."""
+    than the buffer's cadence still contributes. Only when at least half the planned steps (and
+    ``min_steps``) are done: less is restarted from the newer model, since a buffer filled with
+    barely begun deltas makes a model that moved little and interrupts every site again at once."""
     r = s.round
     if (r is None or not newer.max_staleness or not newer.keeps(r.round) or not s.needs_work or s.submitting
-            or s.worker_round != r.round or s.planned is None or s.steps < s.policy.min_steps):
+            or s.worker_round != r.round or s.planned is None
+            or s.steps < max(s.policy.min_steps, s.planned / 2)):
         return None
     return Submit(r.round, partial=s.steps < s.planned)
 

@@ -81,7 +81,7 @@ def training(max_staleness, steps, planned=100):
 
 
 def test_a_newer_model_submits_the_interrupted_round_as_a_partial_update_then_trains_the_newest():
-    s, out = lc.handle(training(2, steps=40), lc.Announced(2, DEADLINE, SHA2, 2), T0 + 1)
+    s, out = lc.handle(training(2, steps=60), lc.Announced(2, DEADLINE, SHA2, 2), T0 + 1)
     assert out[0] == lc.Submit(1, partial=True) and any(isinstance(a, lc.StopWorker) for a in out)
     assert s.submitting and s.round.round == 2 and s.steps == 0
     s, out = lc.handle(s, lc.UpdateStored(1, "u1"), T0 + 2)
@@ -93,6 +93,6 @@ def test_a_newer_model_submits_the_interrupted_round_as_a_partial_update_then_tr
 
 
 def test_too_little_work_or_a_synchronous_round_is_dropped_as_before():
-    for state in (training(2, steps=5), training(0, steps=40)):
+    for state in (training(2, steps=5), training(2, steps=49), training(0, steps=60)):
         s, out = lc.handle(state, lc.Announced(2, DEADLINE, SHA2, state.round.max_staleness), T0 + 1)
         assert not any(isinstance(a, lc.Submit) for a in out) and not s.submitting
