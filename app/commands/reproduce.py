@@ -33,7 +33,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-images", type=int, help="test images per site (default 24)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--combine", type=Path, nargs="+", metavar="RESULTS_JSON",
-                   help="train nothing: put the results.json of runs made apart together in --out, with figures")
+                   help="train nothing: put the results.json of runs made apart together in --out, with figures "
+                        "(a method in several runs is taken from the last one named)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures (no matplotlib needed)")
 
 
@@ -114,15 +115,18 @@ def _combine(args: argparse.Namespace) -> int:
 
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results, parameters, wall, plans, machines = [], {}, {}, [], []
-    for path in args.combine:
+    by_method: dict = {}
+    parameters, wall, plans, machines = {}, {}, [], []
+    for path in args.combine:  # a method in several runs: the last run named wins
         r, p, w = read_summary(path)
-        results += r
+        for name in p:
+            by_method[name] = [x for x in r if x.method == name]
         parameters.update(p)
         wall.update(w)
         doc = json.loads(path.read_text())
         plans.append(doc["plan"])
         machines.append(doc["machine"])
+    results = [x for rounds in by_method.values() for x in rounds]
     order = [m.name for m in METHODS]
     results.sort(key=lambda r: (order.index(r.method) if r.method in order else len(order), r.round))
     labels = {m.name: m.label for m in METHODS if m.name in parameters}
