@@ -121,8 +121,8 @@ def _combine(args: argparse.Namespace) -> int:
         r, p, w = read_summary(path)
         for name in p:
             by_method[name] = [x for x in r if x.method == name]
-        parameters.update(p)
-        wall.update(w)
+        parameters.update({k: v for k, v in p.items() if v is not None or k not in parameters})
+        wall.update(w)  # a run stopped in the middle of a method has no parameter count or wall time for it
         doc = json.loads(path.read_text())
         plans.append(doc["plan"])
         machines.append(doc["machine"])
