@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 from .records import MIB, PUBLISHED, RoundResult
 
-MARKERS = "osD^vP*Xh<>"
+MARKERS = "osD^v<>ph8*"  # each one readable hollow as well as filled
 
 
 def _pyplot():
@@ -50,7 +50,8 @@ def draw(folder: Path, results: Sequence[RoundResult], labels: Mapping[str, str]
     for j, (label, dice, mib) in enumerate(PUBLISHED):
         ax.scatter([mib], [dice], marker=MARKERS[j % len(MARKERS)], s=80, facecolors="none", edgecolors="0.35",
                    zorder=2)
-        ax.annotate(label, (mib, dice), textcoords="offset points", xytext=(6, -3), fontsize=7, color="0.35")
+        ax.annotate(label, (mib, dice), textcoords="offset points", xytext=(-4, 8 if j % 2 else -13), fontsize=7,
+                    color="0.35", ha="right")  # above and below in turn: the UNet points lie close together
     ax.scatter([], [], marker="o", facecolors="none", edgecolors="0.35", label="published, fetal ultrasound")
     _axes(ax, "MiB per site per round (up + down, log scale)", "mean test Dice", log=True)
     ax.set_title("Dice against transmission per round: measured here (filled) and published (hollow)")
@@ -85,7 +86,7 @@ def _axes(ax, xlabel: str, ylabel: str, *, log: bool) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower left")  # the published points sit top and right
 
 
 def _save(plt, fig, path: Path) -> Path:
