@@ -240,7 +240,10 @@ def test_a_federation_survives_crashes_a_broker_restart_an_outage_and_duplicates
     assert fed.returncode("coordinator") == -signal.SIGKILL, fed.tails("coordinator")
     assert fed.store.load_state().round == 1
     before_kill = [r["update_id"] for r in fed.records("update_accepted") if r["round"] == 1]
-    assert len(before_kill) == 2, f"the round log lacks an update receipted before the kill: {before_kill}"
+    # Both receipted updates are in the log; a third accepted in the same batch may be too (its line
+    # is written with theirs, before any receipt of the batch). None is there twice.
+    assert len(before_kill) >= 2, f"the round log lacks an update receipted before the kill: {before_kill}"
+    assert len(set(before_kill)) == len(before_kill), before_kill
     fed.start_coordinator()
 
     # 2. Power cut of site0 (daemon and trainer) just after it stored its update of round 2 (or, should
