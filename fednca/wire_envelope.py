@@ -13,18 +13,22 @@ import struct
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from nacl.exceptions import BadSignatureError
-from nacl.public import PrivateKey, PublicKey
-from nacl.signing import VerifyKey
+from nacl.exceptions import BadSignatureError, CryptoError
+from nacl.public import PrivateKey, PublicKey, SealedBox
+from nacl.signing import SigningKey, VerifyKey
 
-from .keys import key_id_bytes
+from .keys import Registry, key_id_bytes
 from .tensorcodec import DTYPES, FLOAT_DTYPES, Document, Reason, WireError, hex_field, int_field, malformed, read_document
 
 MAGIC = b"FNCA"
 VERSION = 1
 ANNOUNCEMENT, UPDATE, RECEIPT = b"A", b"U", b"R"
 LARGE_MODEL = b"M"  # a whole large model, flat (fednca.wire_large)
-KIND_NAMES = {ANNOUNCEMENT: "round announcement", UPDATE: "update", RECEIPT: "receipt", LARGE_MODEL: "large model"}
+MASKED, UNMASK_REQUEST, UNMASK_ANSWER = b"S", b"Q", b"N"  # secure aggregation (fednca.wire_secagg)
+KIND_NAMES = {
+    ANNOUNCEMENT: "round announcement", UPDATE: "update", RECEIPT: "receipt", LARGE_MODEL: "large model",
+    MASKED: "masked update", UNMASK_REQUEST: "unmask request", UNMASK_ANSWER: "unmask answer",
+}
 PREFIX = struct.Struct("<4sBcH8s")  # 16 bytes
 SIGNATURE_BYTES = 64
 SEAL_BYTES = 48  # ephemeral X25519 public key (32) + Poly1305 tag (16)
@@ -87,6 +91,38 @@ def verify(key: VerifyKey, prefix: bytes, body: memoryview, signature: bytes) ->
     except BadSignatureError:
         return False
     return True
+
+
+def seal_signed(kind: bytes, body: bytes, signing_key: SigningKey, box: PublicKey) -> bytes:
+    """A site's message: prefix, then the seal to ``box`` of the signature over prefix || body and body."""
+    prefix = make_prefix(kind, box)
+    return prefix + SealedBox(box).encrypt(signing_key.sign(prefix + body).signature + body)
+
+
+def open_sealed(
+    payload: bytes, kind: bytes, *, topic_site: str, coordinator_keys: Any, registry: Registry, max_bytes: int,
+    explain: Any = None,
+) -> tuple[memoryview, VerifyKey, bytes]:
+    """Open a site's sealed message: size and prefix, the box key its id names, the seal, then the
+    signature of ``topic_site``'s enrolled key; the signed body, that key and the box key id.
+    ``explain(prefix, signature, body)`` may turn a bad signature into a more precise refusal."""
+    view, prefix, kid = open_prefix(payload, kind, max_bytes)
+    box = pick(coordinator_keys, kid, "coordinator box")
+    verify_key = registry.verify_key(topic_site)
+    if verify_key is None:
+        raise WireError(Reason.UNKNOWN_SITE, f"site {topic_site!r} is not enrolled")
+    try:
+        plain = SealedBox(box).decrypt(bytes(view[PREFIX.size :]))
+    except CryptoError:
+        raise WireError(Reason.BAD_SEAL, f"{KIND_NAMES[kind]} does not open with coordinator box key {kid.hex()}") from None
+    if len(plain) < SIGNATURE_BYTES:
+        raise malformed(f"sealed content of {len(plain)} bytes is too short to hold a signature")
+    signature, body = plain[:SIGNATURE_BYTES], memoryview(plain)[SIGNATURE_BYTES:]
+    if not verify(verify_key, prefix, body, signature):
+        if explain is not None:
+            raise explain(prefix, signature, body)
+        raise WireError(Reason.BAD_SIGNATURE, f"{KIND_NAMES[kind]} is not signed by the enrolled key of site {topic_site!r}")
+    return body, verify_key, kid
 
 
 def open_signed(payload: bytes, kind: bytes, keys: Any, max_bytes: int) -> tuple[Document, str]:

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from nacl.exceptions import CryptoError
-from nacl.public import PrivateKey, PublicKey, SealedBox
+from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
 from .keys import Registry, key_id
@@ -39,12 +38,11 @@ from .tensorcodec import (
     read_document, word_field, write_document,
 )
 from .wire_envelope import (
-    MAGIC, MAX_MESSAGE_BYTES, PREFIX, SEAL_BYTES, SIGNATURE_BYTES, VERSION, failer, make_prefix, pick, verify,
+    MAGIC, MASKED, MAX_MESSAGE_BYTES, PREFIX, SEAL_BYTES, SIGNATURE_BYTES, UNMASK_ANSWER, UNMASK_REQUEST, failer, make_prefix,
+    open_sealed, open_signed, seal_signed,
 )
 from .wire_update import UPDATE_FIELDS, UpdateHeader
 
-MASKED, UNMASK_REQUEST, UNMASK_ANSWER = b"S", b"Q", b"N"
-KINDS = {MASKED: "masked update", UNMASK_REQUEST: "unmask request", UNMASK_ANSWER: "unmask answer"}
 SEED_BYTES = 32
 SEALED_SHARE_BYTES = 24 + 16 + SHARE_BYTES  # SecretBox nonce + tag + one Shamir share: 76 bytes
 MAX_REFILL = 16
@@ -122,49 +120,6 @@ def _names(doc: Document, names: set[str], what: str) -> None:
         raise malformed(f"{what}: tensors {sorted(got)[:4]}, expected some of {sorted(names)}")
 
 
-def _open_prefix(payload: bytes, kind: bytes, max_bytes: int) -> tuple[memoryview, bytes, bytes]:
-    if len(payload) > max_bytes:
-        raise WireError(Reason.TOO_LARGE, f"{KINDS[kind]} of {len(payload)} bytes exceeds the limit of {max_bytes}")
-    view = memoryview(bytes(payload))
-    if len(view) < PREFIX.size:
-        raise malformed(f"{len(view)} bytes is shorter than the {PREFIX.size}-byte prefix")
-    prefix = bytes(view[:PREFIX.size])
-    magic, version, got, flags, kid = PREFIX.unpack(prefix)
-    if magic != MAGIC:
-        raise malformed("not a FedNCA message (bad magic)")
-    if version != VERSION:
-        raise WireError(Reason.BAD_VERSION, f"protocol version {version}; this receiver speaks {VERSION}")
-    if got != kind:
-        raise malformed(f"expected a {KINDS[kind]}, got kind {got!r}")
-    if flags:
-        raise malformed(f"unknown flags {flags:#06x}")
-    return view, prefix, kid
-
-
-def _sign_and_seal(kind: bytes, body: bytes, signing_key: SigningKey, box: PublicKey) -> bytes:
-    prefix = make_prefix(kind, box)
-    return prefix + SealedBox(box).encrypt(signing_key.sign(prefix + body).signature + body)
-
-
-def _unseal_and_verify(payload: bytes, kind: bytes, *, topic_site: str, coordinator_keys: Any,
-                       registry: Registry, max_bytes: int) -> tuple[Document, VerifyKey, str]:
-    view, prefix, kid = _open_prefix(payload, kind, max_bytes)
-    box = pick(coordinator_keys, kid, "coordinator box")
-    verify_key = registry.verify_key(topic_site)
-    if verify_key is None:
-        raise WireError(Reason.UNKNOWN_SITE, f"site {topic_site!r} is not enrolled")
-    try:
-        plain = SealedBox(box).decrypt(bytes(view[PREFIX.size:]))
-    except CryptoError:
-        raise WireError(Reason.BAD_SEAL, f"{KINDS[kind]} does not open with coordinator box key {kid.hex()}") from None
-    if len(plain) < SIGNATURE_BYTES:
-        raise malformed(f"sealed content of {len(plain)} bytes is too short to hold a signature")
-    signature, body = plain[:SIGNATURE_BYTES], memoryview(plain)[SIGNATURE_BYTES:]
-    if not verify(verify_key, prefix, body, signature):
-        raise WireError(Reason.BAD_SIGNATURE, f"{KINDS[kind]} is not signed by the enrolled key of site {topic_site!r}")
-    return read_document(body), verify_key, kid.hex()
-
-
 # ------------------------------------------------------------------------------ masked update
 
 
@@ -201,15 +156,16 @@ def make_masked_update(*, federation: str, site: str, round: int, base_sha256: s
     tensors = _tensors(masked=np.ascontiguousarray(masked, dtype=masked.dtype.newbyteorder("<")).view(np.int8),
                        shares=_table(list(shares), SEALED_SHARE_BYTES))
     body = write_document(tensors, format_fields(fields, MASKED_FIELDS, "masked update"))
-    return _sign_and_seal(MASKED, body, signing_key, coordinator_box)
+    return seal_signed(MASKED, body, signing_key, coordinator_box)
 
 
 def verify_masked(payload: bytes, *, topic_site: str, coordinator_keys: PrivateKey | Sequence[PrivateKey],
                   registry: Registry, max_bytes: int = MAX_MESSAGE_BYTES) -> MaskedUpdate:
     """Unseal, verify with ``topic_site``'s enrolled key, parse: a masked update with an authenticated
     header; its round, roster and lengths are :func:`check_masked`'s."""
-    doc, verify_key, kid = _unseal_and_verify(payload, MASKED, topic_site=topic_site, coordinator_keys=coordinator_keys,
-                                         registry=registry, max_bytes=max_bytes)
+    body, verify_key, kid_bytes = open_sealed(payload, MASKED, topic_site=topic_site,
+                                              coordinator_keys=coordinator_keys, registry=registry, max_bytes=max_bytes)
+    doc, kid = read_document(body), kid_bytes.hex()
     fields = parse_fields(doc.metadata, MASKED_FIELDS, "masked update")
     extra = {k: fields.pop(k) for k in ("weight", "ring_bits", "key_index", "refill")}
     header = UpdateHeader(**fields, coordinator_key=kid)
@@ -288,19 +244,12 @@ def make_unmask_request(*, federation: str, site: str, round: int, survivors: Se
 def open_unmask_request(payload: bytes, *, coordinator_verify_key: VerifyKey | Sequence[VerifyKey], federation: str,
                         site: str, max_bytes: int = MAX_MESSAGE_BYTES) -> UnmaskRequest:
     """A verified unmask request for ``site``: signature first, then every field."""
-    view, prefix, kid = _open_prefix(payload, UNMASK_REQUEST, max_bytes)
-    key = pick(coordinator_verify_key, kid, "coordinator signing")
-    if len(view) < PREFIX.size + SIGNATURE_BYTES:
-        raise malformed("unmask request too short to hold a signature")
-    signature, body = bytes(view[PREFIX.size:PREFIX.size + SIGNATURE_BYTES]), view[PREFIX.size + SIGNATURE_BYTES:]
-    if not verify(key, prefix, body, signature):
-        raise WireError(Reason.BAD_SIGNATURE, f"unmask request signature does not verify with key {kid.hex()}")
-    doc = read_document(body)
+    doc, kid = open_signed(payload, UNMASK_REQUEST, coordinator_verify_key, max_bytes)
     f = parse_fields(doc.metadata, REQUEST_FIELDS, "unmask request")
     _names(doc, {"shares"}, "unmask request")
     rows = _byte_rows(doc, "shares", SEALED_SHARE_BYTES, len(f["share_from"]), lambda r, w: WireError(r, w))
     request = UnmaskRequest(federation=f["federation"], site=f["site"], round=f["round"], survivors=f["survivors"],
-                            missing=f["missing"], shares=dict(zip(f["share_from"], rows)), key_id=kid.hex())
+                            missing=f["missing"], shares=dict(zip(f["share_from"], rows)), key_id=kid)
     if request.federation != federation:
         raise WireError(Reason.WRONG_FEDERATION, f"unmask request is for federation {request.federation!r}")
     if request.site != site:
@@ -332,14 +281,15 @@ def make_unmask_answer(*, federation: str, site: str, round: int, self_seed: byt
     tensors = _tensors(self_seed=_table([self_seed], SEED_BYTES), shares=_table([shares[s] for s in share_of], SHARE_BYTES),
                        pair_seeds=_table([pair_seeds[s] for s in pair_with], SEED_BYTES))
     body = write_document(tensors, format_fields(fields, ANSWER_FIELDS, "unmask answer"))
-    return _sign_and_seal(UNMASK_ANSWER, body, signing_key, coordinator_box)
+    return seal_signed(UNMASK_ANSWER, body, signing_key, coordinator_box)
 
 
 def open_unmask_answer(payload: bytes, *, topic_site: str, coordinator_keys: PrivateKey | Sequence[PrivateKey],
                        registry: Registry, federation: str, max_bytes: int = MAX_MESSAGE_BYTES) -> UnmaskAnswer:
     """A verified answer from ``topic_site``; whether it fits the request is the coordinator's check."""
-    doc, verify_key, _ = _unseal_and_verify(payload, UNMASK_ANSWER, topic_site=topic_site,
-                                         coordinator_keys=coordinator_keys, registry=registry, max_bytes=max_bytes)
+    body, verify_key, _ = open_sealed(payload, UNMASK_ANSWER, topic_site=topic_site,
+                                      coordinator_keys=coordinator_keys, registry=registry, max_bytes=max_bytes)
+    doc = read_document(body)
     f = parse_fields(doc.metadata, ANSWER_FIELDS, "unmask answer")
     if f["site"] != topic_site:
         raise WireError(Reason.SITE_MISMATCH, f"unmask answer names site {f['site']!r} but came from {topic_site!r}")

@@ -13,20 +13,19 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from nacl.exceptions import CryptoError
-from nacl.public import PrivateKey, PublicKey, SealedBox
+from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
 from . import wire_q8
 from .keys import Registry, key_id
 from .quantise import Quantised, quantise
 from .tensorcodec import (
-    Document, Entry, Field, Reason, WireError, format_fields, hex_field, id_field, int_field, malformed,
+    Document, Entry, Field, Reason, WireError, format_fields, hex_field, id_field, int_field,
     metrics_field, parse_fields, read_document, word_field, write_document,
 )
 from .wire_envelope import (
     MAX_MESSAGE_BYTES, PREFIX, ROUND, SEAL_BYTES, SIGNATURE_BYTES, UPDATE, UPDATE_ID, VERSION, check_tensors,
-    failer, float32, make_prefix, open_prefix, pick, verify,
+    failer, float32, open_sealed, seal_signed, verify,
 )
 
 UPDATE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -117,10 +116,8 @@ def make_update(
                   update_id=secrets.token_hex(16) if update_id is None else update_id,
                   site_key=key_id(signing_key.verify_key), samples=samples, steps=steps, partial=partial,
                   metrics=metrics)
-    prefix = make_prefix(UPDATE, coordinator_box)
-    body = write_document(arrays, format_fields(fields, UPDATE_FIELDS, "update"))
-    signature = signing_key.sign(prefix + body).signature
-    return prefix + SealedBox(coordinator_box).encrypt(signature + body)
+    return seal_signed(UPDATE, write_document(arrays, format_fields(fields, UPDATE_FIELDS, "update")), signing_key,
+                       coordinator_box)
 
 
 
@@ -149,20 +146,11 @@ def verify_update(
     ``coordinator_keys`` are the box keys still accepted (the current one, and during a rotation
     the previous one); an update sealed to any other key is ``wrong_key``.
     """
-    view, prefix, kid = open_prefix(payload, UPDATE, max_bytes)
-    box = pick(coordinator_keys, kid, "coordinator box")
-    verify_key = registry.verify_key(topic_site)
-    if verify_key is None:
-        raise WireError(Reason.UNKNOWN_SITE, f"site {topic_site!r} is not enrolled")
-    try:
-        plain = SealedBox(box).decrypt(bytes(view[PREFIX.size :]))
-    except CryptoError:
-        raise WireError(Reason.BAD_SEAL, f"update does not open with coordinator box key {kid.hex()}") from None
-    if len(plain) < SIGNATURE_BYTES:
-        raise malformed(f"sealed content of {len(plain)} bytes is too short to hold a signature")
-    signature, body = plain[:SIGNATURE_BYTES], memoryview(plain)[SIGNATURE_BYTES:]
-    if not verify(verify_key, prefix, body, signature):
-        raise _explain_bad_signature(prefix, signature, body, topic_site, registry)
+    body, verify_key, kid = open_sealed(
+        payload, UPDATE, topic_site=topic_site, coordinator_keys=coordinator_keys, registry=registry,
+        max_bytes=max_bytes,
+        explain=lambda prefix, signature, body: _explain_bad_signature(prefix, signature, body, topic_site, registry),
+    )
     doc = read_document(body)
     header = UpdateHeader(**parse_fields(doc.metadata, UPDATE_FIELDS, "update"), coordinator_key=kid.hex())
     if header.site != topic_site:
