@@ -7,34 +7,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pytest
-
-from daemon_support import FakeCoordinator, Federation, tiny_weights, wait_for
+from daemon_support import tiny_weights, wait_for
 from fednca.atomic import write_bytes
 from fednca.transport.base import DEFAULT_MAX_PACKET_SIZE, Message
 from fednca.transport.memory import MemoryBroker, MemoryClient
-from test_daemon_service import Running, Wall
+from test_daemon_service import Running, Wall, broker, coordinator, fed  # noqa: F401  (the same fixtures)
 
 T0 = 2_000_000_000.0
-
-
-@pytest.fixture
-def fed(tmp_path):
-    return Federation(tmp_path, sites=("site-a",))
-
-
-@pytest.fixture
-def broker():
-    return MemoryBroker()
-
-
-@pytest.fixture
-def coordinator(fed, broker):
-    client = broker.client(client_id="coordinator")
-    client.connect()
-    c = FakeCoordinator(client=client, federation=fed.federation, keys=fed.coordinator, registry=fed.registry)
-    yield c.start()
-    c.stop()
 
 
 def test_an_update_cut_off_on_its_way_goes_out_once_after_the_link_returns_and_is_not_trained_again(
