@@ -16,7 +16,7 @@ Invariants:
    acknowledged answer on disk and comes to the same decision.
 4. ``Decode`` and ``GiveUp`` end the phase (``done``); an event after that changes nothing.
 
-Fewer survivors than the threshold are never unmasked (``GiveUp`` at ``Begin``): their sum would
+Fewer survivors than the threshold, or than two, are never unmasked (``GiveUp`` at ``Begin``): their sum would
 say too much about each, and honest sites refuse to answer such a request.
 
 Readiness: with no site missing, every survivor's self-mask seed is known from its own answer or
@@ -136,9 +136,9 @@ def handle(state: UnmaskState, event: Event, now: float) -> tuple[UnmaskState, l
     if state.done:
         return state, [Ack(event.site)] if isinstance(event, AnswerArrived) else []
     if isinstance(event, Begin):
-        if len(state.survivors) < state.threshold:  # honest sites refuse to answer such a request
+        if len(state.survivors) < max(state.threshold, 2):  # honest sites refuse to answer such a request
             return replace(state, done=True), [GiveUp(f"{len(state.survivors)} survivor(s), fewer than the "
-                                                      f"threshold {state.threshold}")]
+                                                      f"threshold {state.threshold} or 2")]
         if state.ready:
             return replace(state, done=True), [Decode()]
         return replace(state, asked_at=now), [Request(state.silent)]

@@ -37,6 +37,7 @@ from .shamir import Share, ShamirError, combine, lagrange_at_zero, split
 from .wire_secagg import SEALED_SHARE_BYTES, SecureParams, UnmaskAnswer, UnmaskRequest
 
 Rand = Callable[[int], bytes]
+MIN_SURVIVORS = 2  # the "sum" of one survivor is its update, whatever the threshold or the roster's size
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,9 @@ def check_request(request: UnmaskRequest, *, site: str, params: SecureParams) ->
         raise SecAggError(f"the request lists {both} as both survivor and missing: answering would open them")
     if site not in request.survivors:
         raise SecAggError(f"the request does not count {site!r} as a survivor")
-    if len(request.survivors) < params.threshold:
+    if len(request.survivors) < max(params.threshold, MIN_SURVIVORS):
         raise SecAggError(f"the request counts {len(request.survivors)} survivor(s), fewer than the threshold "
-                          f"{params.threshold}: a sum of so few would say too much about each")
+                          f"{params.threshold} or {MIN_SURVIVORS}: a sum of so few would say too much about each")
     roster = {e.site for e in params.roster}
     listed = set(request.survivors) | set(request.missing)
     if listed != roster:
@@ -184,8 +185,9 @@ def unmask_mean(*, masked: Mapping[str, np.ndarray], weights: Mapping[str, int],
                 answers: Mapping[str, UnmaskAnswer], params: SecureParams) -> np.ndarray:
     """The survivors' weighted mean delta (float64), from their masked vectors and the answers."""
     survivors = sorted(masked)
-    if len(survivors) < params.threshold:
-        raise SecAggError(f"{len(survivors)} survivor(s), fewer than the threshold {params.threshold}: not decoded")
+    if len(survivors) < max(params.threshold, MIN_SURVIVORS):
+        raise SecAggError(f"{len(survivors)} survivor(s), fewer than the threshold {params.threshold} or "
+                          f"{MIN_SURVIVORS}: not decoded")
     plan = unmask_plan(survivors=survivors, missing=missing, answers=answers, threshold=params.threshold)
     if not plan.ready:
         raise SecAggError("cannot unmask: " + "; ".join(plan.lacking))

@@ -58,3 +58,9 @@ def test_illegal_states_are_refused():
 def test_fewer_survivors_than_the_threshold_are_never_unmasked():
     s, actions = up.handle(phase(threshold=4), up.Begin(), 100.0)
     assert s.done and isinstance(actions[0], up.GiveUp) and "fewer than the threshold 4" in actions[0].why
+
+
+def test_a_lone_survivor_is_given_up_even_with_a_threshold_of_one():
+    state = up.UnmaskState(round=1, survivors=("a",), missing=("b",), threshold=1, began_at=0, timeout_s=1, resend_s=1)
+    after, actions = up.handle(state, up.Begin(), 0.0)
+    assert after.done and len(actions) == 1 and isinstance(actions[0], up.GiveUp)

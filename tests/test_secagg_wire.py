@@ -258,3 +258,18 @@ def test_a_site_refuses_to_answer_when_fewer_than_the_threshold_survive():
     with pytest.raises(SecAggError, match="fewer than the threshold"):
         answer_request(request, site="site-00", params=fed.params, round_secret=fed.secret["site-00"],
                        self_seed=bytes(32), federation=FED)
+
+
+def test_a_lone_survivor_is_never_unmasked_even_with_a_threshold_of_one():
+    # threshold 1 is what a configured `threshold: 1`, or a roster of one site, gives
+    fed = Federation(2, threshold=1)
+    payload = make_unmask_request(federation=FED, site="site-00", round=3, survivors=("site-00",),
+                                  missing=("site-01",), shares={}, signing_key=COORD_SIGN)
+    request = open_unmask_request(payload, coordinator_verify_key=COORD_SIGN.verify_key, federation=FED, site="site-00")
+    with pytest.raises(SecAggError, match="fewer than the threshold"):
+        answer_request(request, site="site-00", params=fed.params, round_secret=fed.secret["site-00"],
+                       self_seed=bytes(32), federation=FED)
+    alone = Federation(1, threshold=1)
+    rows = {"site-00": np.linspace(-0.2, 0.2, N_VALUES)}
+    with pytest.raises(SecAggError, match="fewer than the threshold"):
+        run_round(alone, rows, {"site-00": 10}, missing=set(), silent=set())
