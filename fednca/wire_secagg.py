@@ -181,7 +181,7 @@ def verify_masked(payload: bytes, *, topic_site: str, coordinator_keys: PrivateK
         raise fail(Reason.BAD_SHAPE, f"masked must be I8 bytes of {item.itemsize}-byte ring elements")
     masked = np.frombuffer(doc.data, dtype=item, count=entry.shape[0] // item.itemsize, offset=entry.begin)
     share_entry = next((e for e in doc.entries if e.name == "shares"), None)
-    count = 0 if share_entry is None else share_entry.shape[0] // SEALED_SHARE_BYTES
+    count = 0 if share_entry is None or len(share_entry.shape) != 1 else share_entry.shape[0] // SEALED_SHARE_BYTES
     shares = tuple(_byte_rows(doc, "shares", SEALED_SHARE_BYTES, count, fail))
     try:
         refill = tuple(SignedRoundKey.from_text(topic_site, t) for t in extra["refill"])

@@ -273,3 +273,20 @@ def test_a_lone_survivor_is_never_unmasked_even_with_a_threshold_of_one():
     rows = {"site-00": np.linspace(-0.2, 0.2, N_VALUES)}
     with pytest.raises(SecAggError, match="fewer than the threshold"):
         run_round(alone, rows, {"site-00": 10}, missing=set(), silent=set())
+
+
+def test_a_masked_update_with_a_scalar_shares_tensor_is_refused_not_raised():
+    from fednca.keys import key_id
+    from fednca.tensorcodec import format_fields, write_document
+    from fednca.wire_envelope import seal_signed
+    from fednca.wire_secagg import MASKED_FIELDS
+    fed = Federation(3)
+    fields = dict(federation=FED, site="site-01", round=3, base_sha256="ab" * 32, update_id="cd" * 16,
+                  site_key=key_id(fed.signing["site-01"].verify_key), samples=3, steps=1, partial=False, metrics={},
+                  weight=3, ring_bits=32, key_index=0, refill=())
+    tensors = {"masked": np.zeros(4 * N_VALUES, np.int8), "shares": np.array(7, dtype=np.int8)}  # shape ()
+    body = write_document(tensors, format_fields(fields, MASKED_FIELDS, "masked update"))
+    payload = seal_signed(MASKED, body, fed.signing["site-01"], COORD_BOX.public_key)
+    with pytest.raises(WireError) as e:
+        verify_masked(payload, topic_site="site-01", coordinator_keys=COORD_BOX, registry=fed.registry)
+    assert e.value.reason == Reason.BAD_SHAPE
