@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 from fednca.phantom import best_threshold_dice, phantom_dataset
 
 SITES, TRAIN, TEST, TEST_START = range(5), 16, 24, 10_000
