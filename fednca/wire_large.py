@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from nacl.public import PrivateKey, PublicKey, SealedBox
+from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
 from .keys import Registry, key_id
@@ -39,6 +39,7 @@ from .tensorcodec import (
 )
 from .wire_envelope import (
     LARGE_MODEL, PREFIX, ROUND, SEAL_BYTES, SIGNATURE_BYTES, UPDATE, failer, float32, make_prefix, open_signed,
+    seal_signed,
 )
 from .wire_update import UPDATE_FIELDS, Update, verify_update
 
@@ -171,10 +172,8 @@ def make_large_update(
                   update_id=secrets.token_hex(16) if update_id is None else update_id,
                   site_key=key_id(signing_key.verify_key), samples=samples, steps=steps, partial=partial,
                   metrics=metrics)
-    prefix = make_prefix(UPDATE, coordinator_box)
     body = write_document(arrays, format_fields(fields, UPDATE_FIELDS, "update"))
-    signature = signing_key.sign(prefix + body).signature
-    return prefix + SealedBox(coordinator_box).encrypt(signature + body)
+    return seal_signed(UPDATE, body, signing_key, coordinator_box)
 
 
 def _cast(values: np.ndarray, dtype: Any) -> np.ndarray:
