@@ -225,10 +225,6 @@ class UnmaskRequest:
     key_id: str
 
 
-def max_request_bytes(roster: int) -> int:
-    return PREFIX.size + SIGNATURE_BYTES + 8 + roster * (SEALED_SHARE_BYTES + 2 * 66) + 4096
-
-
 def make_unmask_request(*, federation: str, site: str, round: int, survivors: Sequence[str], missing: Sequence[str],
                         shares: Mapping[str, bytes], signing_key: SigningKey) -> bytes:
     """The coordinator's signed request to ``site``: survivors, missing sites, and its shares."""
