@@ -122,9 +122,11 @@ class SecureRounds:
             fp = FixedPoint(bound=float(self._cfg.bound), frac_bits=self._cfg.frac_bits_for(n), ring_bits=self._cfg.ring_bits)
             params = SecureParams(fixed_point=fp, max_weight=self._cfg.max_weight,
                                   threshold=self._cfg.threshold_for(n), roster=roster)
+            # The keys are spent first: a crash between the two writes then wastes one key per
+            # site, where the other order would let the next round's roster name the same key.
+            write_book(self._book_path, book.mark_used({e.site: e.key_index for e in roster}))
             path.parent.mkdir(parents=True, exist_ok=True)
             write_bytes(path, secagg_field.format(params).encode())
-            write_book(self._book_path, book.mark_used({e.site: e.key_index for e in roster}))
         with self._lock:
             self._params[round] = params
         return params
