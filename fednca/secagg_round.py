@@ -133,16 +133,17 @@ def answer_request(request: UnmaskRequest, *, site: str, params: SecureParams, r
 def check_answer(answer: UnmaskAnswer, *, round_no: int, survivors: Sequence[str], missing: Sequence[str],
                  params: SecureParams) -> None:
     """Raise :class:`SecAggError` unless ``answer`` answers this round's request as asked: from a
-    survivor, shares only of other survivors' seeds and at its own position, a seed for exactly
+    survivor, a share of each other survivor's seed (no more, no fewer) at its own position, a seed for exactly
     each missing site. Anything else could give the coordinator what it must not hold."""
     site = answer.site
     if answer.round != round_no:
         raise SecAggError(f"answer of {site!r} is for round {answer.round}, the unmasking is of round {round_no}")
     if site not in survivors:
         raise SecAggError(f"answer from {site!r}, which the request does not count as a survivor")
-    extra = sorted(set(answer.shares) - (set(survivors) - {site}))
-    if extra:
-        raise SecAggError(f"answer of {site!r} holds shares of sites that are not other survivors: {extra}")
+    others = set(survivors) - {site}
+    if set(answer.shares) != others:  # the request forwarded one of each; the phase counts on all of them
+        raise SecAggError(f"answer of {site!r} holds shares of {sorted(answer.shares)}, the other survivors are "
+                          f"{sorted(others)}")
     if sorted(answer.pair_seeds) != sorted(missing):
         raise SecAggError(f"answer of {site!r} names pair seeds with {sorted(answer.pair_seeds)}, "
                           f"the missing sites are {sorted(missing)}")

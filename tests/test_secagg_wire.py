@@ -290,3 +290,20 @@ def test_a_masked_update_with_a_scalar_shares_tensor_is_refused_not_raised():
     with pytest.raises(WireError) as e:
         verify_masked(payload, topic_site="site-01", coordinator_keys=COORD_BOX, registry=fed.registry)
     assert e.value.reason == Reason.BAD_SHAPE
+
+
+def test_an_answer_missing_a_share_is_refused():
+    # The unmasking phase counts an answer as holding a share of every other survivor's seed: one
+    # that holds fewer would let it decide "ready" when unmask_mean cannot decode.
+    from fednca.shamir import Share
+    from fednca.wire_secagg import UnmaskAnswer
+    fed = Federation(3)
+    mine = Share(x=1, y=5).to_bytes()  # site-00 holds position 1
+    survivors = ("site-00", "site-01", "site-02")
+    full = UnmaskAnswer(federation=FED, site="site-00", round=3, self_seed=bytes(32),
+                        shares={"site-01": mine, "site-02": mine}, pair_seeds={})
+    check_answer(full, round_no=3, survivors=survivors, missing=(), params=fed.params)
+    short = UnmaskAnswer(federation=FED, site="site-00", round=3, self_seed=bytes(32),
+                         shares={"site-01": mine}, pair_seeds={})
+    with pytest.raises(SecAggError, match="other survivors"):
+        check_answer(short, round_no=3, survivors=survivors, missing=(), params=fed.params)
