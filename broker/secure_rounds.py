@@ -163,16 +163,27 @@ class SecureRounds:
             h = update.header
             if h.federation != self._federation:
                 raise WireError(Reason.WRONG_FEDERATION, f"for federation {h.federation!r}", header=h)
-            with self._lock:
-                params = self._params.get(h.round)
-            if params is not None:  # another round's is the policy's to refuse
-                check_masked(update, params=params, n_values=n_values)
+            params = self._stored_params(h.round)
+            if params is None:  # a round announced without a roster: nothing could unmask it at the close
+                raise WireError(RoundReason.NOT_ON_ROSTER, f"round {h.round} has no secure-aggregation roster",
+                                header=h)
+            check_masked(update, params=params, n_values=n_values)  # another round's is then the policy's to refuse
         except WireError as e:
             log.debug("masked update from %s refused: %s", site, e)
             h = e.header if isinstance(e.header, UpdateHeader) else None
             return Opened(UpdateRejected(site, h.update_id if h else None, e.reason, h.round if h else None))
         event = UpdateVerified(site, h.update_id, h.round, h.base_sha256, h.samples, h.steps, h.partial, dict(h.metrics))
         return Opened(event)
+
+    def _stored_params(self, round: int) -> SecureParams | None:
+        """The parameters of ``round`` if they were ever made (in memory, else in the store)."""
+        with self._lock:
+            params = self._params.get(round)
+        if params is None:
+            path = self._folder / str(round) / "params.json"
+            if path.exists():
+                params = secagg_field.parse(path.read_text())
+        return params
 
     # -- unmasking -----------------------------------------------------------------------------
 

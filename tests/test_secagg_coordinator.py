@@ -304,3 +304,28 @@ def test_config_turns_it_on_and_refuses_rules_that_need_single_updates(tmp_path)
         parse_config({**base, "secure_aggregation": True, "round": {"mode": "async"}}, folder=tmp_path)
     with pytest.raises(ConfigError, match="secure_aggregation.bogus"):
         parse_config({**base, "secure_aggregation": {"bogus": 1}}, folder=tmp_path)
+
+
+def test_a_masked_update_for_a_round_without_a_roster_is_refused(world, tmp_path):
+    # No site handed over round keys: round 1 is announced without secagg. A masked update that a
+    # site made up anyway must not be counted (nothing could unmask it at the close).
+    from types import SimpleNamespace
+
+    from fednca.secagg_params import RosterEntry, SecureParams
+    from nacl.bindings import crypto_scalarmult_base
+
+    rand = random.Random(5)
+    sites = {s: Site(s, world, lambda n: bytes(rand.getrandbits(8) for _ in range(n))) for s in SITES}
+    fed = Federation(world, tmp_path, sites=sites)
+    fed.coordinator.start()
+    fed.step()
+    ann = fed.announcement()
+    assert ann.header.secagg is None
+    roster = tuple(RosterEntry(site=s, x=i + 1, key_index=0, public=crypto_scalarmult_base(sites[s].secrets[0]))
+                   for i, s in enumerate(SITES))
+    made_up = SecureParams(fixed_point=SECURE_FP(), max_weight=200, threshold=2, roster=roster)
+    fake = SimpleNamespace(header=SimpleNamespace(secagg=made_up, round=ann.header.round,
+                                                  model_sha256=ann.header.model_sha256))
+    fed.send("a", sites["a"].masked_update(fake))
+    fed.step()
+    assert len(fed.coordinator.state.accepted) == 0
