@@ -321,10 +321,14 @@ class SecureRounds:
         self._done("UnmaskRequested")
 
     def _take_refills(self, registry: Registry) -> None:
-        refills = [k for u in self._updates.values() for k in u.refill]
-        if not refills:
+        """Add each site's refill on its own: one site's refused keys (revoked since, or over the
+        per-site limit) must not cost the other sites theirs, or they would run out of round keys."""
+        if not any(u.refill for u in self._updates.values()):
             return
-        try:
-            write_book(self._book_path, read_book(self._book_path).add(refills, registry))
-        except RoundKeyError as e:
-            log.warning("round keys sent with the round's updates not taken: %s", e)
+        book = read_book(self._book_path)
+        for site, update in sorted(self._updates.items()):
+            try:
+                book = book.add(update.refill, registry)
+            except RoundKeyError as e:
+                log.warning("round keys sent by %s with its update not taken: %s", site, e)
+        write_book(self._book_path, book)

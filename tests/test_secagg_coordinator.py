@@ -329,3 +329,22 @@ def test_a_masked_update_for_a_round_without_a_roster_is_refused(world, tmp_path
     fed.send("a", sites["a"].masked_update(fake))
     fed.step()
     assert len(fed.coordinator.state.accepted) == 0
+
+
+def test_one_sites_refused_refill_does_not_cost_the_others_theirs(world, tmp_path):
+    from types import SimpleNamespace
+
+    from fednca.round_keys import read_book
+    from fednca_broker.secure_rounds import SecureRounds
+
+    rand = random.Random(9)
+    r = lambda n: bytes(rand.getrandbits(8) for _ in range(n))  # noqa: E731
+    _, keys_a = make_batch(site="a", signing_key=world["sites"]["a"].signing, start=0, count=2, rand=r)
+    _, keys_b = make_batch(site="b", signing_key=world["sites"]["b"].signing, start=0, count=2, rand=r)
+    registry = Registry(sites={"a": world["sites"]["a"].verify_key})  # b was revoked since its update
+    store = RoundStore(root=tmp_path, federation=FED)
+    secure = SecureRounds(config=SECURE, federation=FED, store=store, keys=world["keys"],
+                          book_path=tmp_path / "book.json", client=None, clock=Clock())  # type: ignore[arg-type]
+    secure._updates = {"a": SimpleNamespace(refill=tuple(keys_a)), "b": SimpleNamespace(refill=tuple(keys_b))}
+    secure._take_refills(registry)
+    assert read_book(tmp_path / "book.json").unused("a") == 2
