@@ -32,7 +32,9 @@ Invariants:
    file was found damaged (then the round needs work again and is submitted anew). In buffered
    asynchronous rounds (the announcement's ``max_staleness``) an update stays while its round is
    at most that many rounds old: the coordinator still counts it, and the daemon meanwhile
-   trains the newest round, whose update is a second one in the outbox.
+   trains the newest round, whose update is a second one in the outbox. One refused there as
+   ``duplicate_site`` (the buffer already counts another update of this site) is held, not
+   dropped, and published again when the next model is announced: the next buffer counts it.
 6. Stopping interrupts a running chunk, waits for the trainer to exit, then emits ``Exit``.
 7. An update without a receipt is published again (same update id: the coordinator acknowledges
    a re-delivery without counting it twice) after :func:`resend_after`: a tenth of the time the
@@ -46,6 +48,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Callable
+
+from fednca.rounds_vocab import RoundReason
 
 from .budget import backoff_seconds, rest_seconds
 from .errors import IllegalTransition
@@ -108,7 +112,7 @@ def handle(state: State, event: Event, now: float) -> tuple[State, list[Action]]
 def next_wakeup(state: State, now: float) -> float | None:
     """The next time after ``now`` at which the machine wants a ``Tick``, if any (rest end,
     deadline, re-send). A time already past has had its tick; waiting for it again would spin."""
-    times = [p.sent_at + resend_after(state, p) for p in state.outbox]
+    times = [p.sent_at + resend_after(state, p) for p in state.outbox if not p.held]
     if state.rest_until is not None:
         times.append(state.rest_until)
     if state.needs_work and state.round is not None:
@@ -157,6 +161,9 @@ def _on_announced(s: State, e: Announced, now: float, out: list[Action]) -> Stat
     for p in s.outbox:
         if not info.keeps(p.round):
             out.append(DropUpdate(p.round, p.update_id))  # its round has closed (and is too old to count)
+        elif p.held:  # refused from the last buffer as duplicate_site: the next one counts it
+            out.append(Publish(p.round, p.update_id))
+            keep.append(dataclasses.replace(p, held=False, sent_at=now, resends=0))
         else:
             keep.append(p)  # a newer round, or in buffered rounds one still counted: keep sending it
     s = _r(s, round=info, outbox=tuple(keep), steps=0,
@@ -272,6 +279,10 @@ def _on_receipt(s: State, e: ReceiptArrived, now: float, out: list[Action]) -> S
     match = [p for p in s.outbox if p.round == e.round and p.update_id == e.update_id]
     if not match:
         return s  # a repeated receipt, or one for an update we no longer hold
+    if not e.accepted and e.reason == RoundReason.DUPLICATE_SITE.value and s.round is not None and s.round.max_staleness > 0:
+        out.append(Telemetry())  # buffered rounds: held for the next buffer, not dropped
+        return _r(s, last_receipt=e.reason, outbox=tuple(dataclasses.replace(p, held=True) if p in match else p
+                                                         for p in s.outbox))
     result = "accepted" if e.accepted else (e.reason or "rejected")
     if e.round > s.done_round:
         out.append(SaveDone(e.round, result))
@@ -330,7 +341,7 @@ def _schedule(s: State, now: float, out: list[Action]) -> State:
             out.append(Exit())
             s = _r(s, exited=True)
         return s
-    due_again = [x for x in s.outbox if now - x.sent_at >= resend_after(s, x)]
+    due_again = [x for x in s.outbox if not x.held and now - x.sent_at >= resend_after(s, x)]
     if due_again:
         out.extend(Publish(x.round, x.update_id) for x in due_again)
         s = _r(s, outbox=tuple(dataclasses.replace(x, sent_at=now, resends=x.resends + 1) if x in due_again else x

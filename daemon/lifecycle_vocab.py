@@ -62,6 +62,9 @@ class Pending:
     update_id: str
     sent_at: float
     resends: int = 0  # published again this many times without a receipt
+    # Buffered rounds: refused as ``duplicate_site`` (the buffer already counts another update of
+    # this site), so it waits for the next model, when it counts in the next buffer; never lost.
+    held: bool = False
 
 
 @dataclass(frozen=True)

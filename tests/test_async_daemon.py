@@ -47,6 +47,25 @@ def test_the_receipt_of_the_older_update_does_not_end_the_newest_round():
     assert s.outbox == () and s.last_receipt == "too_stale"
 
 
+def test_an_update_refused_as_a_second_one_in_the_buffer_waits_for_the_next_model_then_goes_again():
+    s, out = lc.handle(waiting(2), lc.ReceiptArrived(1, "u1", False, "duplicate_site"), T0 + 2)
+    assert not any(isinstance(a, (lc.DropUpdate, lc.SaveDone)) for a in out)
+    assert [(p.update_id, p.held) for p in s.outbox] == [("u1", True)] and s.done_round == -1
+    assert not s.needs_work  # its work is not lost, so the round is not trained again
+    s, out = lc.handle(s, lc.Tick(), T0 + 2 + 10 * P.resend_s)
+    assert lc.Publish(1, "u1") not in out  # no resending into the buffer that refused it
+    assert lc.next_wakeup(s, T0 + 3) is None or lc.next_wakeup(s, T0 + 3) >= DEADLINE - P.deadline_margin_s
+    s, out = lc.handle(s, lc.Announced(2, DEADLINE, SHA2, 2), T0 + 20)
+    assert lc.Publish(1, "u1") in out and [(p.update_id, p.held) for p in s.outbox] == [("u1", False)]
+    s, out = lc.handle(s, lc.ReceiptArrived(1, "u1", True), T0 + 21)
+    assert lc.SaveDone(1, "accepted") in out and s.outbox == ()
+
+
+def test_in_synchronous_rounds_a_duplicate_refusal_still_ends_the_update():
+    s, out = lc.handle(waiting(0), lc.ReceiptArrived(1, "u1", False, "duplicate_site"), T0 + 2)
+    assert lc.DropUpdate(1, "u1") in out and s.outbox == ()
+
+
 def test_an_update_stored_after_a_newer_model_came_is_kept_while_it_counts():
     s, _ = lc.initial(P, now=T0, round=lc.RoundInfo(3, DEADLINE, SHA3, 1), done_round=-1, outbox=[])
     s, out = lc.handle(s, lc.UpdateStored(2, "late"), T0)
