@@ -5,7 +5,7 @@
       enabled: on
       bound: 0.5                      # B: each delta value is clipped to [-B, B] by the site
       max_weight: 200                 # a site's weight is min(samples, max_weight)
-      threshold: null                 # t of the Shamir sharing; null: half the roster plus one
+      threshold: null                 # t of the Shamir sharing (at least 2); null: half the roster plus one
       unmask_timeout_s: 600           # after the close, how long answers are waited for
       resend_s: 60                    # how often an unanswered unmask request is published again
 
@@ -52,8 +52,9 @@ class SecureAggregationConfig:
         if isinstance(self.max_weight, bool) or not isinstance(self.max_weight, int) or not 1 <= self.max_weight <= 10**6:
             raise ConfigError("secure_aggregation.max_weight", f"must be a whole number 1..1000000, got {self.max_weight!r}")
         t = self.threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
-            raise ConfigError("secure_aggregation.threshold", f"must be a whole number >= 1 or null, got {t!r}")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 2):
+            # One answer would unmask a lone survivor's update: the sum of one is that update.
+            raise ConfigError("secure_aggregation.threshold", f"must be a whole number >= 2 or null, got {t!r}")
         for name in ("unmask_timeout_s", "resend_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):

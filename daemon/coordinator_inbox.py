@@ -191,7 +191,8 @@ class CoordinatorInbox:
         self.folder.save_announcement(held.payload)
         self.folder.save_timing(Timing(round=h.round, model_sha256=h.model_sha256, deadline=held.deadline))
         self._held = None
-        self.previous = self.announcement
+        if self.announcement is None or self.announcement.header.round != h.round:
+            self.previous = self.announcement  # a re-announcement (deadline moved) keeps the round before
         self.announcement, self._announcement_bytes = held.announcement, held.payload
         log.info("round %d announced (deadline %s by the coordinator's clock, model %s)", h.round,
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.deadline)), h.model_sha256[:12])

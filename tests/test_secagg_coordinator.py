@@ -304,6 +304,8 @@ def test_config_turns_it_on_and_refuses_rules_that_need_single_updates(tmp_path)
         parse_config({**base, "secure_aggregation": True, "round": {"mode": "async"}}, folder=tmp_path)
     with pytest.raises(ConfigError, match="secure_aggregation.bogus"):
         parse_config({**base, "secure_aggregation": {"bogus": 1}}, folder=tmp_path)
+    with pytest.raises(ConfigError, match="secure_aggregation.threshold"):  # one answer would open a lone survivor
+        parse_config({**base, "secure_aggregation": {"threshold": 1}}, folder=tmp_path)
 
 
 def test_a_masked_update_for_a_round_without_a_roster_is_refused(world, tmp_path):
