@@ -26,6 +26,7 @@ What lives where, in ``<state>/secagg/`` (0700, files 0600, each written atomica
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -123,7 +124,15 @@ class SecureSite:
                 write_secrets(self._ring_path, ring)  # from now on the state folder's copy is erased as rounds end
         except RoundKeyError as e:
             raise SecureAggregationRefused(str(e)) from None
+        delta = {k: progress.weights[k].astype(np.float32) - announcement.tensors[k] for k in announcement.tensors}
+        row = flatten(delta, layout_of({k: v.shape for k, v in announcement.tensors.items()}))
+        digest = hashlib.sha256(row.tobytes()).hexdigest()
         kept = self._round_file(h.round)
+        if kept is not None and kept.get("delta_sha256") not in (None, digest):
+            # The same masks over other work: the coordinator, given both, would read their difference.
+            raise SecureAggregationRefused(f"round {h.round} was masked already from other work; a second masked "
+                                           "update under the same masks would reveal the difference, so this "
+                                           "site sits the round out")
         if kept is not None and kept["key_index"] == me.key_index:
             secret, self_seed = bytes.fromhex(kept["secret"]), bytes.fromhex(kept["self_seed"])
         elif me.key_index in ring:
@@ -135,10 +144,8 @@ class SecureSite:
             raise SecureAggregationRefused(f"round key {me.key_index} on the roster is not this site's")
         ring, refill = self._refill(ring, me.key_index)
         record = {"round": h.round, "key_index": me.key_index, "secret": secret.hex(), "self_seed": self_seed.hex(),
-                  "params": secagg_field.format(params)}
+                  "params": secagg_field.format(params), "delta_sha256": digest}
         write_bytes(self._round_path(h.round), json.dumps(record).encode(), mode=0o600)  # before the outbox
-        delta = {k: progress.weights[k].astype(np.float32) - announcement.tensors[k] for k in announcement.tensors}
-        row = flatten(delta, layout_of({k: v.shape for k, v in announcement.tensors.items()}))
         try:
             m = mask_delta(row, site=self.site, samples=progress.samples, params=params, round_secret=secret,
                            self_seed=self_seed, federation=self.federation, round_no=h.round, rand=self._rand)

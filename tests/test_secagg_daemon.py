@@ -125,3 +125,42 @@ def test_a_site_keeps_what_its_answer_needs_across_a_restart_and_answers_one_req
     site().forget_before(2)
     assert not (site().folder / "round-1.json").exists() and not (site().folder / "answer-1.bin").exists()
     assert list(read_secrets(site().folder / ROUND_KEYS_SECRET_FILE)) == [1]  # the spent round key is erased
+
+
+def test_a_round_masked_once_is_never_masked_again_over_other_work(tmp_path):
+    # The same self-mask seed and round key over two different deltas would hand a coordinator that
+    # saw both updates their difference: a second build of a round from other work is refused.
+    from fednca.train import Trainer
+    from fednca.phantom import phantom_dataset
+    from fednca.wire import model_sha256, open_announcement
+    from fednca.wire_round import make_announcement
+    from fednca_daemon.secure_site import SecureAggregationRefused
+
+    keys = Federation(tmp_path, sites=("site-a", "site-b"))
+    secrets = {s: {0: nacl_random(32)} for s in ("site-a", "site-b")}
+    write_secrets(tmp_path / "site-a" / "keys" / ROUND_KEYS_SECRET_FILE, secrets["site-a"])
+    roster = tuple(RosterEntry(site=s, x=i + 1, key_index=0, public=crypto_scalarmult_base(secrets[s][0]))
+                   for i, s in enumerate(("site-a", "site-b")))
+    params = SecureParams(fixed_point=FixedPoint(bound=0.5, frac_bits=20), max_weight=200, threshold=2, roster=roster)
+    weights = tiny_weights()
+    ann = open_announcement(
+        make_announcement(federation="fed", round=3, deadline=2_000_000_000, quorum=2, train=TINY_TRAIN,
+                          model=TINY_MODEL, tensors=weights, signing_key=keys.coordinator.signing, secagg=params),
+        coordinator_verify_key=keys.coordinator.signing.verify_key, federation="fed")
+    trainer = Trainer(model_cfg=TINY_MODEL, train_cfg=TINY_TRAIN, data=phantom_dataset(site=0, count=8, size=16),
+                      low_memory=True, weights={k: np.array(v) for k, v in weights.items()})
+    extra = dict(round=3, base_sha256=model_sha256(weights), round_start=0, planned=40, loss_sum=3.0, loss_steps=2)
+    trainer.run(max_steps=2)
+    first = trainer.checkpoint(**extra)
+    trainer.run(max_steps=2)
+    later = trainer.checkpoint(**extra)
+
+    def site() -> SecureSite:  # a new object each time: as after a restart
+        return SecureSite(state_dir=tmp_path / "site-a" / "state", key_dir=tmp_path / "site-a" / "keys",
+                          site="site-a", federation="fed", signing_key=keys.site_keys["site-a"].signing,
+                          coordinator=keys.coordinator.public)
+
+    site().build(announcement=ann, checkpoint=first)
+    site().build(announcement=ann, checkpoint=first)  # the same work again: the same masked vector, nothing new
+    with pytest.raises(SecureAggregationRefused, match="round 3 was masked already"):
+        site().build(announcement=ann, checkpoint=later)
