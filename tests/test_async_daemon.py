@@ -115,3 +115,32 @@ def test_too_little_work_or_a_synchronous_round_is_dropped_as_before():
     for state in (training(2, steps=5), training(2, steps=49), training(0, steps=60)):
         s, out = lc.handle(state, lc.Announced(2, DEADLINE, SHA2, state.round.max_staleness), T0 + 1)
         assert not any(isinstance(a, lc.Submit) for a in out) and not s.submitting
+
+
+def test_a_re_announcement_of_the_same_round_keeps_the_round_before_as_previous(tmp_path):
+    # The interrupted work of round 1 is submitted against round 1's announcement ("previous"): a
+    # deadline extension of round 2 (announced again) must not make round 2 its own "previous".
+    import numpy as np
+    from daemon_support import TINY_MODEL, TINY_TRAIN, Federation, tiny_weights
+    from fednca.wire_round import make_announcement
+    from fednca_daemon.coordinator_inbox import CoordinatorInbox
+    from fednca_daemon.outbox import StateFolder
+
+    keys = Federation(tmp_path)
+    inbox = CoordinatorInbox(federation="fed", site="site-a", coordinator=keys.coordinator.public,
+                             folder=StateFolder(path=tmp_path / "state"))
+    inbox.folder.open()
+    weights = tiny_weights()
+
+    def announce(rnd: int, deadline: int, tensors) -> bytes:
+        return make_announcement(federation="fed", round=rnd, deadline=deadline, quorum=1, train=TINY_TRAIN,
+                                 model=TINY_MODEL, tensors=tensors, signing_key=keys.coordinator.signing)
+
+    state = lc.State(policy=P)
+    wall = 1_900_000_000.0
+    assert inbox.announcement_arrived(announce(1, 2_000_000_000, weights), state=state, now=wall, wall=wall, live=True)
+    newer = {k: np.asarray(v) + 0.01 for k, v in weights.items()}
+    assert inbox.announcement_arrived(announce(2, 2_000_000_000, newer), state=state, now=wall, wall=wall, live=True)
+    assert inbox.previous.header.round == 1
+    assert inbox.announcement_arrived(announce(2, 2_000_003_600, newer), state=state, now=wall, wall=wall, live=True)
+    assert inbox.announcement.header.deadline == 2_000_003_600 and inbox.previous.header.round == 1
