@@ -328,7 +328,11 @@ class MqttClient(Client):
             _, mid = client.subscribe(topic_filter, qos)
             if mid is not None:
                 with self._lock:
-                    self._sub_waits[mid] = _SubscribeWait(topic_filter, threading.Event())
+                    # A subscribe() still waiting for its answer on the lost connection waits for
+                    # this one instead: the broker never answers the old message id now.
+                    old = next((m for m, w in self._sub_waits.items() if w.topic_filter == topic_filter), None)
+                    wait = self._sub_waits.pop(old) if old is not None else None
+                    self._sub_waits[mid] = wait or _SubscribeWait(topic_filter, threading.Event())
 
     def _on_disconnect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if client is self._paho:
