@@ -171,12 +171,7 @@ class RoundKeyBook:
 
     @classmethod
     def from_json(cls, text: str, *, where: str = "round-key book") -> "RoundKeyBook":
-        try:
-            data = loads_strict(text)
-        except ValueError as e:
-            raise RoundKeyError(f"{where}: not valid JSON ({e})") from None
-        if not isinstance(data, dict) or set(data) != {"format", "sites", "used"} or data["format"] != BOOK_FORMAT:
-            raise RoundKeyError(f"{where}: must be an object with format {BOOK_FORMAT!r}, sites and used")
+        data = _document(text, where=where, format=BOOK_FORMAT, fields=("sites", "used"))
         if not isinstance(data["sites"], dict) or not isinstance(data["used"], dict):
             raise RoundKeyError(f"{where}: sites and used must be objects")
         keys: dict[str, dict[int, SignedRoundKey]] = {}
@@ -201,15 +196,21 @@ def batch_to_json(site: str, entries: Iterable[SignedRoundKey]) -> str:
 
 
 def batch_from_json(text: str, *, where: str = "round-key batch") -> list[SignedRoundKey]:
+    data = _document(text, where=where, format=BATCH_FORMAT, fields=("site", "keys"))
+    if not isinstance(data["site"], str) or not isinstance(data["keys"], list):
+        raise RoundKeyError(f"{where}: site must be a string and keys a list")
+    return [SignedRoundKey.from_text(data["site"], str(e)) for e in data["keys"]]
+
+
+def _document(text: str, *, where: str, format: str, fields: tuple[str, str]) -> dict:
+    """A JSON object of exactly ``format`` and ``fields``, or a RoundKeyError naming ``where``."""
     try:
         data = loads_strict(text)
     except ValueError as e:
         raise RoundKeyError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or set(data) != {"format", "site", "keys"} or data["format"] != BATCH_FORMAT:
-        raise RoundKeyError(f"{where}: must be an object with format {BATCH_FORMAT!r}, site and keys")
-    if not isinstance(data["site"], str) or not isinstance(data["keys"], list):
-        raise RoundKeyError(f"{where}: site must be a string and keys a list")
-    return [SignedRoundKey.from_text(data["site"], str(e)) for e in data["keys"]]
+    if not isinstance(data, dict) or set(data) != {"format", *fields} or data["format"] != format:
+        raise RoundKeyError(f"{where}: must be an object with format {format!r}, {fields[0]} and {fields[1]}")
+    return data
 
 
 def _read(path: Path) -> str:
